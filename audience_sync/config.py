@@ -1,0 +1,325 @@
+"""The one validated configuration object, built once at start and passed down.
+
+Sources, highest priority first: ``AUDIENCE_SYNC_*`` environment variables (``__`` for nesting), then
+the TOML file. Nothing else in the project reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from audience_sync.errors import ConfigError
+from audience_sync.naming import trait_key
+
+ENV_PREFIX = "AUDIENCE_SYNC_"
+DEFAULT_CONFIG_PATH = Path("audience-sync.toml")
+REGIONS = ("US", "EU", "AU")
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(d|h|m|s|ms))+\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s|ms)")
+_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(value: object) -> timedelta:
+    """``"2h"``, ``"1h30m"``, ``"90s"``, ``"500ms"`` or a number of seconds -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return timedelta(seconds=float(value))
+    if isinstance(value, str) and _DURATION.match(value):
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(value))
+        return timedelta(seconds=seconds)
+    raise ValueError(f"{value!r} is not a duration (use e.g. 2h, 30m, 90s)")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OdpSettings(_Section):
+    api_key: SecretStr | None = None
+    region: str = "US"
+    endpoint: str | None = None
+    batch_size: int = Field(default=100, ge=1, le=500)
+    max_requests_per_second: float = Field(default=10.0, ge=0)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+
+    @field_validator("region", mode="before")
+    @classmethod
+    def _region(cls, value: object) -> str:
+        if not isinstance(value, str) or value.upper() not in REGIONS:
+            raise ValueError(f"must be one of {', '.join(REGIONS)}")
+        return value.upper()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///audience_sync.db"
+
+
+class ScheduleSettings(_Section):
+    interval: Duration = timedelta(hours=2)
+    jitter: Duration = timedelta(hours=1)
+    cron: str | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return _check_cron(value)
+
+
+def _check_cron(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(value, timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
+    return value
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8787, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    write_keys: list[SecretStr] = Field(default_factory=list)
+
+
+class SourceSettings(_Section):
+    type: Literal["sql", "file"]
+    url: str | None = None
+    query: str | None = None
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _required(self) -> SourceSettings:
+        if self.type == "sql" and not (self.query and self.query.strip()):
+            raise ValueError("query: required for a sql source")
+        if self.type == "file":
+            if self.path is None:
+                raise ValueError("path: required for a file source")
+            if self.path.suffix.lower() not in (".csv", ".jsonl"):
+                raise ValueError(f"path: {self.path} must end in .csv or .jsonl")
+        return self
+
+
+class AudienceSettings(_Section):
+    name: str = Field(min_length=1)
+    key: str = ""
+    kind: Literal["audience", "trait"] = "audience"
+    delivery: Literal["upsert_contact", "sync_audience"] = "upsert_contact"
+    enabled: bool = True
+    interval: Duration | None = None
+    jitter: Duration | None = None
+    cron: str | None = None
+    max_exit_ratio: float = Field(default=0.5, ge=0, le=1)
+    source: SourceSettings
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return _check_cron(value)
+
+    @model_validator(mode="after")
+    def _key(self) -> AudienceSettings:
+        if not self.key:
+            object.__setattr__(self, "key", trait_key(self.name))
+        elif not re.fullmatch(r"[A-Za-z0-9_]+", self.key):
+            raise ValueError(f"key: {self.key!r} may only hold letters, digits and underscores")
+        if self.kind == "trait" and self.delivery == "sync_audience":
+            raise ValueError("delivery: sync_audience sends memberships; a trait needs upsert_contact")
+        return self
+
+
+class MappingSettings(_Section):
+    name: str = Field(min_length=1)
+    trigger: str
+    action: str
+    enabled: bool = True
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class PresetSettings(_Section):
+    disabled: list[str] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    odp: OdpSettings = OdpSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    server: ServerSettings = ServerSettings()
+    audiences: list[AudienceSettings] = Field(default_factory=list)
+    mappings: list[MappingSettings] = Field(default_factory=list)
+    presets: PresetSettings = PresetSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> Settings:
+        seen: dict[str, str] = {}
+        for audience in self.audiences:
+            if audience.key in seen:
+                raise ValueError(
+                    f"audiences: {audience.name!r} and {seen[audience.key]!r} both use the trait key "
+                    f"{audience.key!r}; give one an explicit key"
+                )
+            seen[audience.key] = audience.name
+        return self
+
+    def audience(self, key: str) -> AudienceSettings:
+        for audience in self.audiences:
+            if audience.key == key:
+                return audience
+        from audience_sync.errors import UnknownAudience
+
+        known = ", ".join(a.key for a in self.audiences) or "none configured"
+        raise UnknownAudience(f"unknown audience {key!r} (known: {known})")
+
+
+class Config:
+    """A loaded configuration: the validated settings plus where they came from."""
+
+    def __init__(self, settings: Settings, path: Path | None) -> None:
+        self.settings = settings
+        self.path = path
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+
+def _relative_sqlite(url: str, base: Path) -> str:
+    prefix = next((p for p in ("sqlite:///", "sqlite+pysqlite:///") if url.startswith(p)), None)
+    if prefix is None:
+        return url
+    rest = url[len(prefix) :]
+    if not rest or rest.startswith("/") or rest.startswith(":memory:"):
+        return url
+    return prefix + str((base / rest).resolve())
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required"
+        # A model validator names its own field first ("query: required ..."): fold it into the path.
+        head = re.match(r"^([a-z_]+): (.*)$", msg, re.S)
+        if err["type"] == "value_error" and head and loc:
+            loc, msg = f"{loc}.{head.group(1)}", head.group(2)
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def resolve_config_path(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """``--config`` beats ``AUDIENCE_SYNC_CONFIG`` beats ``./audience-sync.toml`` (when it exists)."""
+    env = os.environ if environ is None else environ
+    if path:
+        return Path(path)
+    if env.get(ENV_PREFIX + "CONFIG"):
+        return Path(env[ENV_PREFIX + "CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read, merge and validate the configuration once; raise ConfigError naming the bad key."""
+    config_path = resolve_config_path(path)
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            with open(config_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_path}: {exc}") from None
+        config_path = config_path.resolve()
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    except ValueError as exc:  # raised by trait_key for a name without letters
+        raise ConfigError(str(exc)) from None
+    base = config_path.parent if config_path else Path.cwd()
+    settings = _resolve_paths(settings, base)
+    return Config(settings, config_path)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    database = settings.database.model_copy(update={"url": _relative_sqlite(settings.database.url, base)})
+    audiences = []
+    for audience in settings.audiences:
+        source = audience.source
+        update: dict[str, Any] = {}
+        if source.path is not None and not source.path.is_absolute():
+            update["path"] = (base / source.path).resolve()
+        if source.url:
+            update["url"] = _relative_sqlite(source.url, base)
+        if update:
+            audience = audience.model_copy(update={"source": source.model_copy(update=update)})
+        audiences.append(audience)
+    return settings.model_copy(update={"database": database, "audiences": audiences})
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced, for logs and JSON output."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
