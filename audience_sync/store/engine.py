@@ -1,0 +1,103 @@
+"""Engines and every dialect difference (pragmas, upserts, bulk loads, advisory locks) in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.dml import Insert
+
+# Any stable 64-bit number: the key of the PostgreSQL advisory lock held while migrating.
+MIGRATION_LOCK_KEY = 0x6175_6469_656E_6365
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the project's own store: SQLite (WAL, busy timeout) or PostgreSQL (psycopg 3)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA cache_size=-32000")
+    cursor.close()
+
+
+def is_sqlite(conn: Connection | Engine) -> bool:
+    return conn.dialect.name == "sqlite"
+
+
+def insert_for(conn: Connection, table: Table) -> Any:
+    """The dialect's INSERT construct, which knows ON CONFLICT."""
+    if is_sqlite(conn):
+        return sqlite.insert(table)
+    return postgresql.insert(table)
+
+
+def upsert(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    update: Sequence[str] | dict[str, Any],
+) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE, for both dialects.
+
+    ``update`` is a list of columns taken from the new row, or a mapping of column -> SQL expression that
+    may refer to ``excluded``.
+    """
+    if not rows:
+        return
+    stmt: Insert = insert_for(conn, table)
+    excluded = stmt.excluded  # type: ignore[attr-defined]
+    if isinstance(update, dict):
+        set_ = {k: (v(excluded) if callable(v) else v) for k, v in update.items()}
+    else:
+        set_ = {c: excluded[c] for c in update}
+    conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=set_), rows)  # type: ignore[attr-defined]
+
+
+def bulk_load(
+    conn: Connection, table_name: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Load many rows fast: ``COPY`` on PostgreSQL, ``executemany`` on the raw SQLite cursor."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    if is_sqlite(conn):
+        marks = ", ".join("?" for _ in columns)
+        cursor = raw.cursor()
+        cursor.executemany(f"INSERT INTO {table_name} ({', '.join(columns)}) VALUES ({marks})", rows)
+        cursor.close()
+        return
+    with raw.cursor() as cur, cur.copy(f"COPY {table_name} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+@contextmanager
+def migration_lock(conn: Connection) -> Iterator[None]:
+    """Serialise migrations of replicas starting together.
+
+    PostgreSQL: a session advisory lock. SQLite: the file lock of the migration's own transaction.
+    """
+    if is_sqlite(conn):
+        yield
+        return
+    conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")

@@ -1,0 +1,289 @@
+"""Snapshots, the set-based diff against acknowledged state, and writing acknowledgements per batch.
+
+The snapshot is staged in a temporary table of the planning connection, the plan is computed with two
+anti-joins and written to ``run_changes`` (which is also the run's change log), and the sender streams
+it back by keyset pages. Python never holds a whole audience.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, bindparam, select, text, update
+from sqlalchemy.engine import Connection
+
+from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode, Outcome
+from audience_sync.store.engine import bulk_load, is_sqlite, upsert
+from audience_sync.store.tables import IDENTIFIER_COLUMNS, members, run_changes, runs
+
+STAGE = "stage_members"
+_STAGE_COLUMNS = ("member", *IDENTIFIER_COLUMNS, "value")
+_IDS = ", ".join(IDENTIFIER_COLUMNS)
+_IDS_S = ", s.".join(IDENTIFIER_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will send: counts of the rows it wrote to ``run_changes``."""
+
+    members: int
+    entered: int
+    exited: int
+    quarantined: int
+    acknowledged: int  # members ODP held as in the audience before this run
+
+
+def has_acknowledged(engine: Engine, audience: str) -> bool:
+    """True once ODP acknowledged anything for the audience (so the next run is not ``initial``)."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(members.c.member)
+            .where(members.c.audience == audience, members.c.acked.is_not(None))
+            .limit(1)
+        ).first()
+    return row is not None
+
+
+def acknowledged_count(conn: Connection | Engine, audience: str, exit_value: str) -> int:
+    """Members ODP currently holds as in the audience (acknowledged with a value other than the exit)."""
+    sql = text("SELECT count(*) FROM members WHERE audience = :a AND acked IS NOT NULL AND acked <> :x")
+    if isinstance(conn, Engine):
+        with conn.connect() as c:
+            return int(c.execute(sql, {"a": audience, "x": exit_value}).scalar_one())
+    return int(conn.execute(sql, {"a": audience, "x": exit_value}).scalar_one())
+
+
+def acknowledged_counts(engine: Engine, keys: Sequence[str]) -> dict[str, int]:
+    """Members acknowledged as ``true`` (or with a trait value) per audience, for ``audiences``."""
+    if not keys:
+        return {}
+    sql = text(
+        "SELECT audience, count(*) FROM members WHERE audience IN :keys AND acked IS NOT NULL "
+        "AND acked NOT IN ('false', 'null') GROUP BY audience"
+    ).bindparams(bindparam("keys", expanding=True))
+    with engine.connect() as conn:
+        return {a: int(n) for a, n in conn.execute(sql, {"keys": list(keys)})}
+
+
+def stage_snapshot(
+    conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk: Callable[[int], None]
+) -> int:
+    """Load the source's rows into a fresh temporary table; duplicate member keys count once (first wins).
+
+    Returns the number of distinct members. ``on_chunk`` gets the running count of rows loaded.
+    """
+    cols = ", ".join(_STAGE_COLUMNS)
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
+    loaded = 0
+    if is_sqlite(conn):
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE {STAGE} (member TEXT PRIMARY KEY, user_id TEXT, email TEXT, "
+            "anonymous_id TEXT, optimizely_vuid TEXT, value TEXT) WITHOUT ROWID"
+        )
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        for chunk in chunks:
+            cursor.executemany(f"INSERT OR IGNORE INTO {STAGE} ({cols}) VALUES (?, ?, ?, ?, ?, ?)", chunk)
+            loaded += len(chunk)
+            on_chunk(loaded)
+        cursor.close()
+    else:
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE {STAGE}_raw (seq BIGSERIAL, member TEXT, user_id TEXT, email TEXT, "
+            "anonymous_id TEXT, optimizely_vuid TEXT, value TEXT)"
+        )
+        for chunk in chunks:
+            bulk_load(conn, f"{STAGE}_raw", _STAGE_COLUMNS, chunk)
+            loaded += len(chunk)
+            on_chunk(loaded)
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE {STAGE} AS SELECT DISTINCT ON (member) {cols} FROM {STAGE}_raw "
+            "ORDER BY member, seq"
+        )
+        conn.exec_driver_sql(f"DROP TABLE {STAGE}_raw")
+        conn.exec_driver_sql(f"ALTER TABLE {STAGE} ADD PRIMARY KEY (member)")
+        conn.exec_driver_sql(f"ANALYZE {STAGE}")
+    return int(conn.exec_driver_sql(f"SELECT count(*) FROM {STAGE}").scalar_one())
+
+
+def drop_snapshot(conn: Connection) -> None:
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
+
+
+def write_plan(
+    conn: Connection, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool
+) -> tuple[int, int, int]:
+    """Diff the staged snapshot against acknowledged state into ``run_changes``.
+
+    Returns (entered, exited, quarantined).
+
+    initial/delta: members whose value differs from what ODP acknowledged, and acknowledged members
+    missing from the snapshot (their exit); members ODP rejected in QUARANTINE_AFTER runs are recorded
+    as quarantined and not sent. full: every current member, plus the exits. reconcile: full, plus the
+    exit value again for every known non-member.
+    """
+    pending = Outcome.PLANNED if dry_run else Outcome.PENDING
+    manual = mode in (Mode.FULL, Mode.RECONCILE)
+    outcome = (
+        "'" + pending + "'"
+        if manual
+        else f"CASE WHEN m.rejections >= {QUARANTINE_AFTER} THEN '{Outcome.QUARANTINED}' ELSE '{pending}' END"
+    )
+    params = {"run": run_id, "a": audience, "x": exit_value}
+    due = "" if manual else "WHERE m.member IS NULL OR m.acked IS NULL OR m.acked <> s.value"
+    entered = conn.execute(
+        text(
+            f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome) "
+            f"SELECT :run, s.member, s.value, s.{_IDS_S}, {outcome} "
+            f"FROM {STAGE} s LEFT JOIN members m ON m.audience = :a AND m.member = s.member {due} "
+            "ORDER BY s.member"
+        ),
+        params,
+    ).rowcount
+    known = "" if mode == Mode.RECONCILE else "AND m.acked IS NOT NULL AND m.acked <> :x"
+    exited = conn.execute(
+        text(
+            f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome) "
+            f"SELECT :run, m.member, :x, m.user_id, m.email, m.anonymous_id, m.optimizely_vuid, {outcome} "
+            f"FROM members m WHERE m.audience = :a {known} "
+            f"AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.member = m.member) ORDER BY m.member"
+        ),
+        params,
+    ).rowcount
+    quarantined = 0
+    if not manual:
+        quarantined = int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM run_changes WHERE run_id = :run AND outcome = :q "
+                    "AND id >= (SELECT min(id) FROM run_changes WHERE run_id = :run)"
+                ),
+                {"run": run_id, "q": Outcome.QUARANTINED},
+            ).scalar_one()
+        )
+    return entered, exited, quarantined
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One planned item: its ``run_changes`` id, member key, value JSON and identifiers."""
+
+    id: int
+    member: str
+    value: str
+    ids: dict[str, str | None]
+
+
+def pending_changes(engine: Engine, run_id: int, page: int = 5000) -> Iterator[Change]:
+    """Stream a run's pending changes in plan order, a short read per page (keyset pagination)."""
+    last = 0
+    query = text(
+        f"SELECT id, member, value, {_IDS} FROM run_changes "
+        "WHERE run_id = :run AND id > :last AND outcome = 'pending' ORDER BY id LIMIT :n"
+    )
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(query, {"run": run_id, "last": last, "n": page}).all()
+        for r in rows:
+            yield Change(
+                r[0],
+                r[1],
+                r[2],
+                {"user_id": r[3], "email": r[4], "anonymous_id": r[5], "optimizely_vuid": r[6]},
+            )
+        if len(rows) < page:
+            return
+        last = rows[-1][0]
+
+
+def record_batch(
+    engine: Engine,
+    *,
+    run_id: int,
+    audience: str,
+    acknowledged: Sequence[Change],
+    rejected: Sequence[tuple[Change, str]],
+    failed: Sequence[tuple[Change, str]],
+    requests: int,
+    now: datetime,
+) -> None:
+    """Write one batch's outcome in one transaction, right after ODP answered.
+
+    Acknowledged items become the members' acknowledged state; rejected items count towards quarantine;
+    items that failed retryably leave acknowledged state alone (the next run sends them again).
+    """
+    with engine.begin() as conn:
+        if acknowledged:
+            conn.execute(
+                update(run_changes).where(run_changes.c.id == bindparam("cid")).values(outcome=Outcome.SENT),
+                [{"cid": c.id} for c in acknowledged],
+            )
+            upsert(
+                conn,
+                members,
+                [
+                    {
+                        "audience": audience,
+                        "member": c.member,
+                        **c.ids,
+                        "acked": c.value,
+                        "acked_at": now,
+                        "rejections": 0,
+                        "last_error": None,
+                    }
+                    for c in acknowledged
+                ],
+                keys=("audience", "member"),
+                update=(*IDENTIFIER_COLUMNS, "acked", "acked_at", "rejections", "last_error"),
+            )
+        if rejected or failed:
+            conn.execute(
+                update(run_changes)
+                .where(run_changes.c.id == bindparam("cid"))
+                .values(outcome=bindparam("o"), error=bindparam("e")),
+                [{"cid": c.id, "o": Outcome.REJECTED, "e": msg} for c, msg in rejected]
+                + [{"cid": c.id, "o": Outcome.FAILED, "e": msg} for c, msg in failed],
+            )
+        if rejected:
+            upsert(
+                conn,
+                members,
+                [
+                    {
+                        "audience": audience,
+                        "member": c.member,
+                        "acked": None,
+                        "rejections": 1,
+                        "last_error": msg,
+                    }
+                    for c, msg in rejected
+                ],
+                keys=("audience", "member"),
+                update={
+                    "rejections": lambda ex: members.c.rejections + 1,
+                    "last_error": lambda ex: ex.last_error,
+                },
+            )
+        conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(
+                sent=runs.c.sent + len(acknowledged),
+                failed=runs.c.failed + len(rejected) + len(failed),
+                requests=runs.c.requests + requests,
+                heartbeat_at=now,
+            )
+        )
+
+
+def mark_unsent(engine: Engine, run_id: int, message: str) -> int:
+    """Pending changes of a run that stopped early become ``failed`` with the reason; returns how many."""
+    with engine.begin() as conn:
+        return conn.execute(
+            update(run_changes)
+            .where(run_changes.c.run_id == run_id, run_changes.c.outcome == Outcome.PENDING)
+            .values(outcome=Outcome.FAILED, error=message)
+        ).rowcount

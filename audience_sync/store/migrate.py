@@ -1,0 +1,47 @@
+"""Apply the Alembic migrations in ``migrations/`` (``audience-sync db upgrade``, and at every start)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+from audience_sync.store.engine import migration_lock
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def _alembic_config() -> AlembicConfig:
+    if not (MIGRATIONS_DIR / "env.py").exists():
+        raise RuntimeError(f"migrations not found at {MIGRATIONS_DIR}; install with `pip install -e .`")
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str | None]:
+    """Bring the schema to the newest revision; returns (before, after). Safe for replicas at once."""
+    cfg = _alembic_config()
+    head = head_revision()
+    before = current_revision(engine)
+    if before == head:
+        return before, head
+    with engine.connect() as conn, migration_lock(conn):
+        conn.commit()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        conn.commit()
+    return before, current_revision(engine)

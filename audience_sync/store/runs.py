@@ -1,0 +1,243 @@
+"""Run records (the sync history) and their per-member changes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from audience_sync.audiences.rules import Status
+from audience_sync.errors import RunInProgress
+from audience_sync.store.tables import run_changes, runs
+
+RUN_FIELDS = (
+    "id",
+    "audience",
+    "mode",
+    "trigger",
+    "status",
+    "started_at",
+    "finished_at",
+    "members",
+    "entered",
+    "exited",
+    "invalid",
+    "sent",
+    "failed",
+    "requests",
+    "error",
+)
+COUNTERS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
+DEFAULT_LEASE = timedelta(seconds=60)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 UTC with a ``Z``, as in every JSON output."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who runs a run: this host and process, plus a token that tells two lives of one pid apart."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:12])
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}:{self.token}"
+
+    @staticmethod
+    def is_alive(owner: str | None) -> bool | None:
+        """True/False for an owner on this host; None when it lives elsewhere (only a lease can tell)."""
+        if not owner:
+            return False
+        host, _, rest = owner.partition(":")
+        if host != socket.gethostname():
+            return None
+        try:
+            pid = int(rest.split(":", 1)[0])
+        except ValueError:
+            return False
+        if pid == os.getpid():
+            return owner == str(PROCESS_OWNER)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+PROCESS_OWNER = Owner.this_process()
+
+
+def run_record(row: Any) -> dict[str, Any]:
+    """A run row as the JSON object of product.md 5.5."""
+    record = {name: getattr(row, name) for name in RUN_FIELDS}
+    record["started_at"] = iso(record["started_at"])
+    record["finished_at"] = iso(record["finished_at"])
+    return record
+
+
+def start_run(
+    engine: Engine,
+    *,
+    audience: str,
+    mode: str,
+    trigger: str,
+    slot: datetime | None = None,
+    owner: Owner = PROCESS_OWNER,
+) -> tuple[int, datetime]:
+    """Insert a ``running`` run. The partial unique index makes this the per-audience lock."""
+    now = utcnow()
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(
+                runs.insert().values(
+                    audience=audience,
+                    mode=mode,
+                    trigger=trigger,
+                    status=Status.RUNNING,
+                    started_at=now,
+                    owner=str(owner),
+                    heartbeat_at=now,
+                    slot=slot,
+                )
+            )
+            assert result.inserted_primary_key is not None
+            run_id = int(result.inserted_primary_key[0])
+    except IntegrityError:
+        raise RunInProgress(f"a run of audience {audience!r} is already in progress") from None
+    return run_id, now
+
+
+def heartbeat(engine: Engine, run_id: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == run_id).values(heartbeat_at=utcnow()))
+
+
+def set_counts(engine: Engine, run_id: int, **counts: int | str) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == run_id).values(**counts))
+
+
+def finish_run(engine: Engine, run_id: int, status: str, *, error: str | None = None, **counts: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(status=status, finished_at=utcnow(), error=error, heartbeat_at=None, **counts)
+        )
+
+
+def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> list[int]:
+    """Mark ``running`` runs whose process is gone as ``interrupted``; returns their ids.
+
+    A run on this host is dead when its pid is; a run elsewhere when its heartbeat is older than the lease.
+    """
+    now = utcnow()
+    with engine.begin() as conn:
+        rows = conn.execute(
+            select(runs.c.id, runs.c.owner, runs.c.heartbeat_at).where(runs.c.status == Status.RUNNING)
+        ).all()
+        dead = []
+        for row in rows:
+            alive = Owner.is_alive(row.owner)
+            if alive is None:
+                alive = row.heartbeat_at is not None and now - row.heartbeat_at < lease
+            if not alive:
+                dead.append(row.id)
+        if dead:
+            conn.execute(
+                update(runs)
+                .where(runs.c.id.in_(dead), runs.c.status == Status.RUNNING)
+                .values(
+                    status=Status.INTERRUPTED,
+                    finished_at=now,
+                    heartbeat_at=None,
+                    error="the process running this sync stopped before it finished",
+                )
+            )
+    return dead
+
+
+def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+    return run_record(row) if row else None
+
+
+def list_runs(
+    engine: Engine, *, audience: str | None = None, status: str | None = None, limit: int = 20
+) -> list[dict[str, Any]]:
+    """Sync history, newest first."""
+    query = select(runs)
+    if audience:
+        query = query.where(runs.c.audience == audience)
+    if status:
+        query = query.where(runs.c.status == status)
+    with engine.connect() as conn:
+        rows = conn.execute(query.order_by(runs.c.id.desc()).limit(limit)).all()
+    return [run_record(r) for r in rows]
+
+
+def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The newest run of each audience."""
+    if not audiences:
+        return {}
+    newest = select(func.max(runs.c.id)).where(runs.c.audience.in_(list(audiences))).group_by(runs.c.audience)
+    with engine.connect() as conn:
+        rows = conn.execute(select(runs).where(runs.c.id.in_(newest))).all()
+    return {r.audience: run_record(r) for r in rows}
+
+
+def changes(
+    engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """A run's per-member changes in plan order: member key, value sent, outcome, error."""
+    import json
+
+    query = (
+        select(run_changes.c.member, run_changes.c.value, run_changes.c.outcome, run_changes.c.error)
+        .where(run_changes.c.run_id == run_id)
+        .order_by(run_changes.c.id)
+        .offset(offset)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        return [
+            {
+                "member": r.member,
+                "value": json.loads(r.value) if r.value is not None else None,
+                "outcome": r.outcome,
+                "error": r.error,
+            }
+            for r in conn.execute(query)
+        ]
+
+
+def running_run(engine: Engine, audience: str) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(runs.c.id).where(and_(runs.c.audience == audience, runs.c.status == Status.RUNNING))
+        ).scalar()

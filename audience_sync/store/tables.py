@@ -1,0 +1,132 @@
+"""Table definitions (SQLAlchemy Core). The migrations in ``migrations/`` create exactly these."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants a BIGINT for a big table.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+IDENTIFIER_COLUMNS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps are stored as naive UTC everywhere and read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        moment: datetime = value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _identifiers() -> list[Column[Any]]:
+    return [Column(name, String(512), nullable=True) for name in IDENTIFIER_COLUMNS]
+
+
+audiences = Table(
+    "audiences",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("name", String(500), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("delivery", String(30), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+# What ODP acknowledged, per audience and member. ``acked`` is the JSON text of the last value ODP
+# answered 2xx for (NULL: never acknowledged); the identifiers are the ones it was sent with, so that an
+# exit can be sent after the member left the source.
+members = Table(
+    "members",
+    metadata,
+    Column("audience", String(200), nullable=False),
+    Column("member", String(512), nullable=False),
+    *_identifiers(),
+    Column("acked", Text, nullable=True),
+    Column("acked_at", UTCDateTime(), nullable=True),
+    Column("rejections", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text, nullable=True),
+    PrimaryKeyConstraint("audience", "member", name="pk_members"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("audience", String(200), nullable=False),
+    Column("mode", String(20), nullable=False),
+    Column("trigger", String(20), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("members", BigInteger, nullable=False, server_default=text("0")),
+    Column("entered", BigInteger, nullable=False, server_default=text("0")),
+    Column("exited", BigInteger, nullable=False, server_default=text("0")),
+    Column("invalid", BigInteger, nullable=False, server_default=text("0")),
+    Column("sent", BigInteger, nullable=False, server_default=text("0")),
+    Column("failed", BigInteger, nullable=False, server_default=text("0")),
+    Column("requests", BigInteger, nullable=False, server_default=text("0")),
+    Column("error", Text, nullable=True),
+    Column("owner", String(200), nullable=True),
+    Column("heartbeat_at", UTCDateTime(), nullable=True),
+    Column("slot", UTCDateTime(), nullable=True),
+    UniqueConstraint("audience", "slot", name="uq_runs_audience_slot"),
+    Index("ix_runs_audience_id", "audience", "id"),
+    Index("ix_runs_status", "status"),
+    # At most one running run per audience: the database is the per-audience lock.
+    Index(
+        "uq_runs_one_running",
+        "audience",
+        unique=True,
+        sqlite_where=text("status = 'running'"),
+        postgresql_where=text("status = 'running'"),
+    ),
+)
+
+run_changes = Table(
+    "run_changes",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("run_id", BigId, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("member", String(512), nullable=False),
+    Column("value", Text, nullable=True),
+    *_identifiers(),
+    Column("outcome", String(20), nullable=False),
+    Column("error", Text, nullable=True),
+    Index("ix_run_changes_run_id_id", "run_id", "id"),
+)
