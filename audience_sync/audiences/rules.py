@@ -1,0 +1,212 @@
+"""The audience-sync domain rules: members, modes, run states, the circuit breaker, item bodies.
+
+Pure Python: no database and no HTTP here, so every rule is tested without I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+IDENTIFIER_FIELDS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
+MEMBER_KEY_FIELDS = ("user_id", "email", "anonymous_id")
+TRUE = "true"
+FALSE = "false"
+NULL = "null"
+QUARANTINE_AFTER = 5  # runs in which ODP rejected a member before it is left alone
+
+
+class Mode(StrEnum):
+    INITIAL = "initial"
+    DELTA = "delta"
+    FULL = "full"
+    RECONCILE = "reconcile"
+
+
+class Status(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    HELD = "held"
+    INTERRUPTED = "interrupted"
+    PLANNED = "planned"
+
+
+class Trigger(StrEnum):
+    SCHEDULE = "schedule"
+    MANUAL = "manual"
+    API = "api"
+
+
+class Outcome(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    REJECTED = "rejected"  # ODP answered a permanent 4xx for this very item
+    FAILED = "failed"  # retryable failures outlasted the run's attempts
+    QUARANTINED = "quarantined"  # rejected in QUARANTINE_AFTER runs; not sent by delta runs
+    PLANNED = "planned"  # dry run
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One row of an audience snapshot: its key, its identifiers, and the JSON text of its value."""
+
+    key: str
+    user_id: str | None
+    email: str | None
+    anonymous_id: str | None
+    optimizely_vuid: str | None
+    value: str
+
+    def as_row(self) -> tuple[str, str | None, str | None, str | None, str | None, str]:
+        return (self.key, self.user_id, self.email, self.anonymous_id, self.optimizely_vuid, self.value)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def encode_value(value: Any) -> str:
+    """The canonical JSON text of a trait value (what is stored and compared)."""
+    if isinstance(value, Decimal):
+        value = int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"value {value!r} is not a finite number")
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+MemberRow = tuple[str, str | None, str | None, str | None, str | None, str]
+
+
+def member_row(
+    user_id: Any,
+    email: Any,
+    anonymous_id: Any,
+    vuid: Any,
+    value: Any,
+    *,
+    kind: str,
+    needs_user_or_anonymous: bool,
+) -> MemberRow | None:
+    """A snapshot row ``(key, user_id, email, anonymous_id, optimizely_vuid, value_json)``, or None.
+
+    The member key is the first non-empty of user_id, email, anonymous_id; a row with none of them is
+    invalid. ``sync_audience`` delivery also needs a user_id or anonymous_id. Audiences store ``true``;
+    traits store the JSON text of their value.
+    """
+    uid, mail, anon = _text(user_id), _text(email), _text(anonymous_id)
+    key = uid or mail or anon
+    if key is None or (needs_user_or_anonymous and not (uid or anon)):
+        return None
+    return (key, uid, mail, anon, _text(vuid), encode_value(value) if kind == "trait" else TRUE)
+
+
+def member_from_row(row: Mapping[str, Any], *, kind: str, needs_user_or_anonymous: bool) -> Member | None:
+    """A Member from a source row keyed by column name (see member_row)."""
+    user_id, email, anonymous_id, vuid = (row.get(name) for name in IDENTIFIER_FIELDS)
+    values = member_row(
+        user_id,
+        email,
+        anonymous_id,
+        vuid,
+        row.get("value"),
+        kind=kind,
+        needs_user_or_anonymous=needs_user_or_anonymous,
+    )
+    return Member(*values) if values else None
+
+
+def exit_value(kind: str) -> str:
+    """What a member who left is sent: ``false`` for an audience, ``null`` (cleared) for a trait."""
+    return NULL if kind == "trait" else FALSE
+
+
+def user_identifiers(ids: Mapping[str, str | None]) -> dict[str, str]:
+    """ODP ``user_identifiers`` from stored identifiers; empty ones are omitted."""
+    out: dict[str, str] = {}
+    user_id = ids.get("user_id")
+    if user_id:
+        out["userId"] = user_id
+        out["fs_user_id"] = user_id
+        out["web_user_id"] = user_id
+    if ids.get("email"):
+        out["email"] = ids["email"]  # type: ignore[assignment]
+    if ids.get("anonymous_id"):
+        out["anonymousId"] = ids["anonymous_id"]  # type: ignore[assignment]
+    if ids.get("optimizely_vuid"):
+        out["optimizely_vuid"] = ids["optimizely_vuid"]  # type: ignore[assignment]
+    return out
+
+
+def upsert_contact_body(key: str, value_json: str, ids: Mapping[str, str | None]) -> dict[str, Any]:
+    """``batch_upsert_contact`` item: ``{"user_identifiers": {...}, "<trait_key>": value}``."""
+    return {"user_identifiers": user_identifiers(ids), key: json.loads(value_json)}
+
+
+def sync_audience_body(
+    key: str, value_json: str, ids: Mapping[str, str | None], timestamp: str
+) -> dict[str, Any]:
+    """``batch_sync_audience`` item (Advanced Audience Targeting format)."""
+    return {
+        "audienceId": key,
+        "audienceName": key,
+        "timestamp": timestamp,
+        "subscription": value_json == TRUE,
+        "userId": ids.get("user_id") or ids.get("anonymous_id"),
+    }
+
+
+@dataclass(frozen=True)
+class BreakerVerdict:
+    hold: bool
+    reason: str | None = None
+
+
+def circuit_breaker(
+    *, members: int, exits: int, acknowledged: int, max_exit_ratio: float, min_members: int = 100
+) -> BreakerVerdict:
+    """Hold a run that would remove too many members at once (a broken source, not a real exodus).
+
+    ``acknowledged`` is the number of members ODP currently holds as in the audience.
+    """
+    if members == 0 and acknowledged > 0:
+        return BreakerVerdict(
+            True, f"the source returned no rows while {acknowledged} members are in the audience"
+        )
+    if acknowledged >= min_members and exits > max_exit_ratio * acknowledged:
+        return BreakerVerdict(
+            True,
+            f"{exits} of {acknowledged} members would exit ({exits / acknowledged:.0%}), "
+            f"above max_exit_ratio {max_exit_ratio:g}",
+        )
+    return BreakerVerdict(False)
+
+
+def final_status(*, sent: int, failed: int) -> Status:
+    """succeeded: nothing left unacknowledged; partial: some sent, some not; failed: none sent."""
+    if failed == 0:
+        return Status.SUCCEEDED
+    return Status.PARTIAL if sent > 0 else Status.FAILED
+
+
+def exit_code(statuses: list[str]) -> int:
+    """CLI exit code for a set of runs: 1 any failed/partial, 3 any held, else 0."""
+    if any(s in (Status.FAILED, Status.PARTIAL, Status.INTERRUPTED) for s in statuses):
+        return 1
+    if any(s == Status.HELD for s in statuses):
+        return 3
+    return 0

@@ -1,0 +1,178 @@
+"""Audience sources: a SQL query on any SQLAlchemy database, or a CSV / JSONL file.
+
+Every source is streamed in chunks; nothing holds a whole audience in memory. Problems with the source
+itself (bad query, missing file, missing columns, unreadable line) raise SourceError, which fails the
+run before anything is sent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from audience_sync.audiences.rules import IDENTIFIER_FIELDS, MEMBER_KEY_FIELDS, MemberRow, member_row
+from audience_sync.config import AudienceSettings, redact_url
+from audience_sync.errors import SourceError
+
+CHUNK_ROWS = 10_000
+
+
+@dataclass
+class SourceStats:
+    """Counters kept while a source streams: rows read and rows skipped as invalid."""
+
+    rows: int = 0
+    invalid: int = 0
+
+
+def describe(audience: AudienceSettings) -> dict[str, Any]:
+    """A JSON-safe description of an audience's source (no passwords)."""
+    source = audience.source
+    if source.type == "file":
+        return {"type": "file", "path": str(source.path)}
+    out: dict[str, Any] = {"type": "sql", "query": source.query}
+    if source.url:
+        out["url"] = redact_url(source.url)
+    return out
+
+
+class _Normaliser:
+    def __init__(self, audience: AudienceSettings, columns: Sequence[str], origin: str) -> None:
+        names = [c.lower() for c in columns]
+        if not any(name in names for name in MEMBER_KEY_FIELDS):
+            raise SourceError(
+                f"{origin} has none of the identifier columns {', '.join(MEMBER_KEY_FIELDS)} "
+                f"(columns: {', '.join(columns) or 'none'})"
+            )
+        if audience.kind == "trait" and "value" not in names:
+            raise SourceError(f"{origin} has no 'value' column, which a trait audience needs")
+        if audience.delivery == "sync_audience" and not ({"user_id", "anonymous_id"} & set(names)):
+            raise SourceError(f"{origin} needs a user_id or anonymous_id column for sync_audience delivery")
+        self.positions = [names.index(n) if n in names else None for n in (*IDENTIFIER_FIELDS, "value")]
+        self.kind = audience.kind
+        self.needs = audience.delivery == "sync_audience"
+
+    def __call__(self, values: Sequence[Any]) -> MemberRow | None:
+        picked = [None if p is None else values[p] for p in self.positions]
+        return member_row(*picked, kind=self.kind, needs_user_or_anonymous=self.needs)
+
+
+def stream_members(
+    audience: AudienceSettings,
+    stats: SourceStats,
+    engine_for: Callable[[str | None], Engine],
+) -> Iterator[list[MemberRow]]:
+    """Yield chunks of valid snapshot rows; count rows and invalid rows in ``stats``."""
+    source = audience.source
+    if source.type == "sql":
+        yield from _sql(audience, stats, engine_for(source.url))
+    elif source.path is not None and source.path.suffix.lower() == ".csv":
+        yield from _csv(audience, source.path, stats)
+    elif source.path is not None:
+        yield from _jsonl(audience, source.path, stats)
+
+
+def _chunks(
+    rows: Iterator[Sequence[Any]], normalise: _Normaliser, stats: SourceStats
+) -> Iterator[list[MemberRow]]:
+    chunk: list[MemberRow] = []
+    for values in rows:
+        stats.rows += 1
+        try:
+            member = normalise(values)
+        except ValueError:  # a trait value that cannot be stored (NaN, infinity)
+            member = None
+        if member is None:
+            stats.invalid += 1
+            continue
+        chunk.append(member)
+        if len(chunk) >= CHUNK_ROWS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _sql(audience: AudienceSettings, stats: SourceStats, engine: Engine) -> Iterator[list[MemberRow]]:
+    query = audience.source.query or ""
+    origin = "the source query"
+    try:
+        with engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(text(query))
+            normalise = _Normaliser(audience, list(result.keys()), origin)
+            rows = (tuple(row) for part in result.partitions() for row in part)
+            yield from _chunks(rows, normalise, stats)
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise SourceError(f"source query of audience {audience.key!r} failed: {detail}") from None
+
+
+def _open(path: Path) -> Any:
+    try:
+        return open(path, encoding="utf-8-sig", newline="")
+    except FileNotFoundError:
+        raise SourceError(f"source file {path} does not exist") from None
+    except OSError as exc:
+        raise SourceError(f"source file {path} cannot be read: {exc.strerror}") from None
+
+
+def _csv(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
+    with _open(path) as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise SourceError(f"source file {path} is empty (a CSV source needs a header row)") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise SourceError(f"source file {path}: {exc}") from None
+        normalise = _Normaliser(audience, [h.strip() for h in header], f"source file {path}")
+        width = len(header)
+
+        def rows() -> Iterator[Sequence[Any]]:
+            try:
+                for row in reader:
+                    if not row:
+                        continue
+                    yield row if len(row) >= width else row + [""] * (width - len(row))
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise SourceError(f"source file {path} line {reader.line_num}: {exc}") from None
+
+        yield from _chunks(rows(), normalise, stats)
+
+
+def _jsonl(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
+    fields = (*IDENTIFIER_FIELDS, "value")
+    origin = f"source file {path}"
+    seen_identifier = False
+    with _open(path) as fh:
+
+        def rows() -> Iterator[Sequence[Any]]:
+            nonlocal seen_identifier
+            try:
+                for number, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise SourceError(f"{origin} line {number}: invalid JSON ({exc.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise SourceError(f"{origin} line {number}: expected a JSON object")
+                    lowered = {str(k).lower(): v for k, v in obj.items()}
+                    seen_identifier = seen_identifier or any(k in lowered for k in MEMBER_KEY_FIELDS)
+                    yield [lowered.get(f) for f in fields]
+            except UnicodeDecodeError as exc:
+                raise SourceError(f"{origin}: {exc}") from None
+
+        # JSONL has no header: the normaliser sees every field and validation of rows does the rest.
+        normalise = _Normaliser(audience, list(fields), origin)
+        yield from _chunks(rows(), normalise, stats)
+    if stats.rows and not seen_identifier:
+        raise SourceError(f"{origin} has none of the identifier fields {', '.join(MEMBER_KEY_FIELDS)}")
