@@ -1,0 +1,720 @@
+"""The five ODP actions of the real-time path: field mappings in, request items out.
+
+Each action mirrors the Segment "Optimizely Data Platform" / "Advanced Audience Targeting" action of
+the same name (see ``odp-destination.md``): default field mappings, declared field types, the
+normalisation of section 2.1 (resolve, drop nulls, coerce, validate) and the item layout of section 3.
+Everything here is pure: no I/O, no clock, no configuration lookups.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+from audience_sync.realtime.mapping import UNDEFINED, resolve_fields, to_js_string, validate_mapping
+
+__all__ = [
+    "ACTIONS",
+    "ALIASES",
+    "PRODUCTS_ITEM",
+    "REGIONS",
+    "Action",
+    "BuildResult",
+    "Field",
+    "ValidationError",
+    "base_url",
+    "build_requests",
+    "merge_fields",
+    "parse_date_like",
+    "resolve_action",
+]
+
+REGIONS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "US": "https://function.zaius.app/twilio_segment",
+        "EU": "https://function.eu1.ocp.optimizely.com/twilio_segment",
+        "AU": "https://function.au1.ocp.optimizely.com/twilio_segment",
+    }
+)
+
+
+def base_url(region: str, endpoint: str | None = None) -> str:
+    """The ODP base URL of ``region``, or ``endpoint`` (emulator, proxy) when one is configured.
+
+    The region is checked even with an endpoint: any region other than US, EU, AU is a config error.
+    """
+    if region not in REGIONS:
+        raise ValueError(f"must be one of {', '.join(REGIONS)}")
+    if endpoint:
+        return endpoint.rstrip("/")
+    return REGIONS[region]
+
+
+class ValidationError(ValueError):
+    """An event cannot be sent with this mapping; ``str()`` is the exact message reported to users."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+FieldType = Literal["string", "number", "datetime", "object"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """A declared field of an action (or a declared property of an object field).
+
+    ``properties`` is ``None`` for scalars and for free-form objects (``data``, ``additional_traits``);
+    for declared objects it lists the known keys, and unknown keys are stripped. ``multiple`` makes
+    the field an array of such objects (``products``). ``choices`` restricts the value to a set; a
+    missing value does not satisfy it either.
+    """
+
+    name: str
+    label: str
+    type: FieldType = "string"
+    required: bool = False
+    properties: tuple[Field, ...] | None = None
+    multiple: bool = False
+    choices: tuple[str, ...] | None = None
+
+
+Builder = Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One ODP action: declared fields, default mappings, endpoint path and item layout."""
+
+    name: str
+    title: str
+    slug: str
+    path: str
+    fields: tuple[Field, ...]
+    default_fields: Mapping[str, Any]
+    default_trigger: str | None = None
+    _builder: Builder = field(repr=False, compare=False, kw_only=True)
+
+    def field_named(self, name: str) -> Field | None:
+        """The declared field ``name`` or ``None``."""
+        return next((f for f in self.fields if f.name == name), None)
+
+    def build_item(self, event: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+        """The request item for ``event`` under the (already merged) field mappings ``fields``.
+
+        Raises :class:`ValidationError` with the exact message when the event cannot be sent, and
+        :class:`~audience_sync.realtime.mapping.MappingError` when a mapping is malformed.
+        """
+        if not isinstance(event, Mapping):
+            raise ValidationError(f"The event must be an object but it was {_describe(event)}.")
+        values = self.normalise(resolve_fields(fields, event))
+        self.validate(values)
+        return self._builder(values, event)
+
+    def normalise(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
+        """Steps 2 and 3 of the normalisation: drop missing values, coerce, strip unknown keys."""
+        values: dict[str, Any] = {}
+        for spec in self.fields:
+            if spec.name not in resolved:
+                continue
+            value = resolved[spec.name]
+            if value is None or value is UNDEFINED or value == "":
+                continue
+            if spec.properties is not None:
+                value = _drop_nulls(value)
+            values[spec.name] = _coerce(spec, value)
+        return values
+
+    def validate(self, values: Mapping[str, Any]) -> None:
+        """Step 4: required fields (in declaration order), then each field's type and format."""
+        for spec in self.fields:
+            if spec.required and spec.name not in values:
+                raise ValidationError(f"The root value is missing the required field '{spec.name}'.")
+        for spec in self.fields:
+            if spec.choices is not None and values.get(spec.name) not in spec.choices:
+                raise ValidationError(f"{spec.label} must be one of: {_or_list(spec.choices)}.")
+            if spec.name in values:
+                _check(spec, values[spec.name])
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return f"a {type(value).__name__}"
+
+
+def _or_list(choices: Sequence[str]) -> str:
+    quoted = [f'"{c}"' for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None and v is not UNDEFINED}
+    if isinstance(value, list | tuple):
+        return [_drop_nulls(v) for v in value if v is not None and v is not UNDEFINED]
+    return value
+
+
+_JS_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _to_number(text: str) -> int | float | None:
+    candidate = text.strip()
+    if not _JS_NUMBER.fullmatch(candidate):
+        return None
+    number = float(candidate)
+    if not math.isfinite(number):
+        return None
+    if number.is_integer() and abs(number) < 2**53:
+        return int(number)
+    return number
+
+
+def _coerce(spec: Field, value: Any) -> Any:
+    if spec.type == "string":
+        if isinstance(value, bool | int | float):
+            return to_js_string(value)
+        return value
+    if spec.type == "number":
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, str):
+            number = _to_number(value)
+            return value if number is None else number
+        return value
+    if spec.type == "object" and spec.properties is not None:
+        if spec.multiple:
+            items = [value] if isinstance(value, Mapping) else value
+            if isinstance(items, list | tuple):
+                return [_coerce_object(spec.properties, item) for item in items]
+            return value
+        return _coerce_object(spec.properties, value)
+    return value
+
+
+def _coerce_object(properties: tuple[Field, ...], value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        return value
+    known = {p.name: p for p in properties}
+    return {k: _coerce(known[k], v) for k, v in value.items() if k in known}
+
+
+def _check(spec: Field, value: Any) -> None:
+    if spec.type == "string":
+        if not isinstance(value, str):
+            raise ValidationError(f"{spec.label} must be a string but it was {_describe(value)}.")
+    elif spec.type == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValidationError(f"{spec.label} must be a number but it was {_describe(value)}.")
+    elif spec.type == "datetime":
+        if parse_date_like(value) is None:
+            raise ValidationError(f"{spec.label} must be a valid date-like string but it was not.")
+    elif spec.multiple:
+        if not isinstance(value, list):
+            raise ValidationError(f"{spec.label} must be an array but it was {_describe(value)}.")
+        for item in value:
+            _check_object(spec, item)
+    else:
+        _check_object(spec, value)
+
+
+def _check_object(spec: Field, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{spec.label} must be an object but it was {_describe(value)}.")
+    for prop in spec.properties or ():
+        if prop.required and prop.name not in value:
+            raise ValidationError(f"{spec.label} is missing the required field '{prop.name}'.")
+    for prop in spec.properties or ():
+        if prop.name in value:
+            _check(prop, value[prop.name])
+
+
+_MDY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")
+_EPOCH_MS = re.compile(r"-?\d+")
+_ISO_START = re.compile(r"\d{4}-\d{2}")
+
+
+def parse_date_like(value: Any) -> date | None:
+    """The UTC calendar date of a birthday value, or ``None`` when it is not date-like.
+
+    Accepted: ISO 8601 dates and datetimes (an offset is converted to UTC; no offset means UTC),
+    ``MM/DD/YYYY``, and numbers (or strings of digits) as epoch milliseconds.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return _from_epoch_ms(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if _EPOCH_MS.fullmatch(text):
+        return _from_epoch_ms(int(text))
+    if match := _MDY.fullmatch(text):
+        month, day, year = (int(part) for part in match.groups())
+        try:
+            return date(year, month, day)
+        except ValueError:
+            return None
+    if not _ISO_START.match(text):
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC)
+    return parsed.date()
+
+
+def _from_epoch_ms(millis: float) -> date | None:
+    if not math.isfinite(millis):
+        return None
+    try:
+        return datetime.fromtimestamp(millis / 1000, UTC).date()
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _put(item: dict[str, Any], key: str, values: Mapping[str, Any], source: str) -> None:
+    """Set ``item[key]`` from ``values[source]``, or remove ``key`` when the value is missing."""
+    item.pop(key, None)
+    if source in values:
+        item[key] = values[source]
+
+
+# -- fields shared by the ODP actions ---------------------------------------------------------------
+
+_IDENTIFIER_PROPERTIES: Final = (
+    Field("anonymousId", "Segment Anonymous ID"),
+    Field("userId", "Segment User ID"),
+    Field("email", "Email"),
+    Field("optimizely_vuid", "Optimizely VUID"),
+    Field("fs_user_id", "Optimizely Feature Experimentation User ID"),
+    Field("web_user_id", "Optimizely Web User ID"),
+)
+
+_USER_IDENTIFIERS: Final = Field(
+    "user_identifiers", "User identifiers", "object", required=True, properties=_IDENTIFIER_PROPERTIES
+)
+
+_EMAIL_USER_IDENTIFIERS: Final = Field(
+    "user_identifiers",
+    "User identifiers",
+    "object",
+    required=True,
+    properties=tuple(
+        Field(p.name, p.label, required=True) if p.name == "email" else p for p in _IDENTIFIER_PROPERTIES
+    ),
+)
+
+_TIMESTAMP: Final = Field("timestamp", "Timestamp", required=True)
+
+
+def _first_existing(primary: str, fallback: str) -> dict[str, Any]:
+    return {"@if": {"exists": {"@path": primary}, "then": {"@path": primary}, "else": {"@path": fallback}}}
+
+
+def _identifier_defaults(traits: str) -> dict[str, Any]:
+    return {
+        "anonymousId": {"@path": "$.anonymousId"},
+        "userId": {"@path": "$.userId"},
+        "email": _first_existing("$.properties.email", f"{traits}.email"),
+        "optimizely_vuid": _first_existing("$.properties.optimizely_vuid", f"{traits}.optimizely_vuid"),
+        "fs_user_id": {"@path": "$.userId"},
+        "web_user_id": {"@path": "$.userId"},
+    }
+
+
+def _defaults(mapping: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(mapping)
+
+
+PRODUCTS_ITEM: Final[Mapping[str, Any]] = MappingProxyType(
+    {"product_id": {"@path": "$.product_id"}, "qty": {"@path": "$.quantity"}}
+)
+
+
+# -- upsert_contact ---------------------------------------------------------------------------------
+
+
+def _personas_traits(event: Mapping[str, Any]) -> dict[str, Any]:
+    """Extension: an Engage audience or computed trait on an identify becomes a user property."""
+    if event.get("type") != "identify":
+        return {}
+    context = event.get("context")
+    personas = context.get("personas") if isinstance(context, Mapping) else None
+    traits = event.get("traits")
+    if not isinstance(personas, Mapping) or not isinstance(traits, Mapping):
+        return {}
+    key = personas.get("computation_key")
+    if personas.get("computation_class") not in ("audience", "trait") or not isinstance(key, str):
+        return {}
+    if traits.get(key) is None:
+        return {}
+    return {key: traits[key]}
+
+
+def _upsert_contact_item(values: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
+    extra = values.get("additional_traits")
+    item: dict[str, Any] = dict(extra) if isinstance(extra, Mapping) else {}
+    item.update(_personas_traits(event))
+    for key, source in (
+        ("user_identifiers", "user_identifiers"),
+        ("title", "title"),
+        ("name", "name"),
+        ("first_name", "firstname"),
+        ("last_name", "lastname"),
+        ("age", "age"),
+    ):
+        _put(item, key, values, source)
+    birthday = parse_date_like(values["DOB"]) if "DOB" in values else None
+    if birthday is not None:
+        for key, part in (
+            ("dob_year", birthday.year),
+            ("dob_month", birthday.month),
+            ("dob_day", birthday.day),
+        ):
+            item.pop(key, None)
+            item[key] = part
+    for key, source in (
+        ("gender", "gender"),
+        ("phone", "phone"),
+        ("address", "address"),
+        ("company", "company"),
+        ("image_url", "avatar"),
+    ):
+        _put(item, key, values, source)
+    return item
+
+
+_TRAITS_PATH = "$.traits"
+_UPSERT_CONTACT: Final = Action(
+    name="upsert_contact",
+    title="Upsert Contact",
+    slug="upsertContact",
+    path="/batch_upsert_contact",
+    default_trigger='type = "identify"',
+    fields=(
+        _USER_IDENTIFIERS,
+        Field("company", "Company Name"),
+        Field("title", "Title"),
+        Field("name", "Name"),
+        Field("firstname", "First Name"),
+        Field("lastname", "Last Name"),
+        Field("gender", "Gender"),
+        Field("DOB", "Birthday", "datetime"),
+        Field("phone", "Phone"),
+        Field("age", "Age", "number"),
+        Field("avatar", "Avatar"),
+        Field(
+            "address",
+            "Address",
+            "object",
+            properties=(
+                Field("street", "Street"),
+                Field("city", "City"),
+                Field("state", "State"),
+                Field("zip", "Zip code"),
+                Field("country", "Country"),
+            ),
+        ),
+        Field("additional_traits", "Additional User Traits", "object"),
+    ),
+    default_fields=_defaults(
+        {
+            "user_identifiers": _identifier_defaults(_TRAITS_PATH),
+            "company": {"@path": "$.traits.company"},
+            "title": {"@path": "$.traits.title"},
+            "name": {"@path": "$.traits.name"},
+            "firstname": {"@path": "$.traits.first_name"},
+            "lastname": {"@path": "$.traits.last_name"},
+            "gender": {"@path": "$.traits.gender"},
+            "DOB": {"@path": "$.traits.birthday"},
+            "phone": {"@path": "$.traits.phone"},
+            "age": {"@path": "$.traits.age"},
+            "avatar": {"@path": "$.traits.avatar"},
+            "address": {
+                "street": {"@path": "$.traits.address.street"},
+                "city": {"@path": "$.traits.address.city"},
+                "state": {"@path": "$.traits.address.state"},
+                "zip": {"@path": "$.traits.address.postalCode"},
+                "country": {"@path": "$.traits.address.country"},
+            },
+        }
+    ),
+    _builder=_upsert_contact_item,
+)
+
+
+# -- email_event ------------------------------------------------------------------------------------
+
+
+def _email_event_item(values: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "email"}
+    _put(item, "action", values, "event_action")
+    _put(item, "campaign", values, "campaign")
+    _put(item, "campaign_id", values, "campaign_id")
+    _put(item, "user_identifiers", values, "user_identifiers")
+    item["campaign_event_value"] = values.get("link_url")
+    _put(item, "timestamp", values, "timestamp")
+    return item
+
+
+_EMAIL_EVENT: Final = Action(
+    name="email_event",
+    title="Email Event",
+    slug="emailEvent",
+    path="/batch_email_event",
+    fields=(
+        _EMAIL_USER_IDENTIFIERS,
+        Field("event_action", "Optimizely Event Action", required=True),
+        Field("campaign", "Campaign Name", required=True),
+        Field("campaign_id", "Campaign ID"),
+        Field("link_url", "Link URL"),
+        _TIMESTAMP,
+    ),
+    default_fields=_defaults(
+        {
+            "user_identifiers": _identifier_defaults("$.context.traits"),
+            "campaign": {"@path": "$.properties.campaign_name"},
+            "campaign_id": {"@path": "$.properties.campaign_id"},
+            "link_url": {"@path": "$.properties.link_url"},
+            "timestamp": {"@path": "$.timestamp"},
+        }
+    ),
+    _builder=_email_event_item,
+)
+
+
+# -- ecommerce_event and custom_event (both /batch_custom_event) ------------------------------------
+
+
+def _event_head(values: Mapping[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    _put(item, "user_identifiers", values, "user_identifiers")
+    _put(item, "action", values, "event_action")
+    item["type"] = values.get("event_type", "custom")
+    _put(item, "timestamp", values, "timestamp")
+    return item
+
+
+def _ecommerce_event_item(values: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
+    item = _event_head(values)
+    for key in ("order_id", "total", "products"):
+        _put(item, key, values, key)
+    return item
+
+
+def _custom_event_item(values: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
+    item = _event_head(values)
+    _put(item, "data", values, "data")
+    return item
+
+
+_ECOMMERCE_EVENT: Final = Action(
+    name="ecommerce_event",
+    title="Ecommerce Event",
+    slug="customEvent",
+    path="/batch_custom_event",
+    fields=(
+        _USER_IDENTIFIERS,
+        Field("event_type", "Optimizely Event Type"),
+        Field("event_action", "Optimizely Event Action", required=True),
+        Field(
+            "products",
+            "Product details",
+            "object",
+            multiple=True,
+            properties=(Field("product_id", "Product ID"), Field("qty", "Quantity", "number")),
+        ),
+        Field("order_id", "Order ID"),
+        Field("total", "Order Total"),
+        _TIMESTAMP,
+    ),
+    default_fields=_defaults(
+        {
+            "user_identifiers": _identifier_defaults(_TRAITS_PATH),
+            "event_type": {"@path": "$.event"},
+            "products": {"@arrayPath": ["$.properties.products", dict(PRODUCTS_ITEM)]},
+            "order_id": {"@path": "$.properties.order_id"},
+            "total": {"@path": "$.properties.total"},
+            "timestamp": {"@path": "$.timestamp"},
+        }
+    ),
+    _builder=_ecommerce_event_item,
+)
+
+_CUSTOM_EVENT: Final = Action(
+    name="custom_event",
+    title="Custom Event",
+    slug="nonEcommCustomEvent",
+    path="/batch_custom_event",
+    fields=(
+        _USER_IDENTIFIERS,
+        Field("event_type", "Optimizely Event Type"),
+        Field("event_action", "Optimizely Event Action"),
+        Field("data", "Event Properties", "object"),
+        _TIMESTAMP,
+    ),
+    default_fields=_defaults(
+        {
+            "user_identifiers": _identifier_defaults(_TRAITS_PATH),
+            "event_type": {"@path": "$.event"},
+            "data": {"@path": "$.properties"},
+            "timestamp": {"@path": "$.timestamp"},
+        }
+    ),
+    _builder=_custom_event_item,
+)
+
+
+# -- sync_audience ----------------------------------------------------------------------------------
+
+
+def _subscription(key: Any, event: Mapping[str, Any]) -> Any:
+    """``traits[key]`` when the event's top-level traits hold it, else ``properties[key]``."""
+    if not isinstance(key, str):
+        return UNDEFINED
+    for container_name in ("traits", "properties"):
+        container = event.get(container_name)
+        if isinstance(container, Mapping) and container.get(key) is not None:
+            return container[key]
+    return UNDEFINED
+
+
+def _sync_audience_item(values: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    _put(item, "audienceId", values, "segment_computation_id")
+    _put(item, "audienceName", values, "custom_audience_name")
+    _put(item, "timestamp", values, "timestamp")
+    subscription = _subscription(values.get("custom_audience_name"), event)
+    if subscription is not UNDEFINED:
+        item["subscription"] = subscription
+    _put(item, "userId", values, "optimizelyUserId")
+    return item
+
+
+_SYNC_AUDIENCE: Final = Action(
+    name="sync_audience",
+    title="Sync Audience",
+    slug="syncAudience",
+    path="/batch_sync_audience",
+    fields=(
+        Field("custom_audience_name", "Custom Audience Name"),
+        Field(
+            "segment_computation_action", "Segment Computation Action", choices=("audience", "journey_step")
+        ),
+        Field("segment_computation_id", "Segment Computation ID"),
+        Field("optimizelyUserId", "Optimizely User ID", required=True),
+        _TIMESTAMP,
+    ),
+    default_fields=_defaults(
+        {
+            "custom_audience_name": {"@path": "$.context.personas.computation_key"},
+            "segment_computation_action": {"@path": "$.context.personas.computation_class"},
+            "segment_computation_id": {"@path": "$.context.personas.computation_id"},
+            "optimizelyUserId": _first_existing("$.userId", "$.anonymousId"),
+            "timestamp": {"@path": "$.timestamp"},
+        }
+    ),
+    _builder=_sync_audience_item,
+)
+
+
+# -- registry ---------------------------------------------------------------------------------------
+
+ACTIONS: Final[Mapping[str, Action]] = MappingProxyType(
+    {a.name: a for a in (_UPSERT_CONTACT, _EMAIL_EVENT, _ECOMMERCE_EVENT, _CUSTOM_EVENT, _SYNC_AUDIENCE)}
+)
+"""Canonical action name -> action."""
+
+ALIASES: Final[Mapping[str, str]] = MappingProxyType({a.slug: a.name for a in ACTIONS.values()})
+"""Segment's action slugs -> canonical names (``customEvent`` is the Ecommerce Event action)."""
+
+
+def resolve_action(name: str) -> Action:
+    """The action called ``name`` (canonical or Segment slug); ``ValueError`` naming the valid ones."""
+    canonical = ALIASES.get(name, name)
+    if canonical not in ACTIONS:
+        raise ValueError(
+            f"unknown action {name!r}: must be one of {', '.join(ACTIONS)} "
+            f"(or Segment's {', '.join(ALIASES)})"
+        )
+    return ACTIONS[canonical]
+
+
+def merge_fields(
+    action: Action, user_fields: Mapping[str, Any] | None, use_defaults: bool = True
+) -> dict[str, Any]:
+    """The field mappings to resolve: ``user_fields`` shallow-merged over the action's defaults.
+
+    A user's object (``user_identifiers``, ``address``) replaces the whole default object. With
+    ``use_defaults=False`` the user's fields are used alone.
+    """
+    merged: dict[str, Any] = copy.deepcopy(dict(action.default_fields)) if use_defaults else {}
+    merged.update(copy.deepcopy(dict(user_fields or {})))
+    return merged
+
+
+@dataclass
+class BuildResult:
+    """The outcome of building one batch: at most one request, plus the invalid events by index."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"requests": [...], "errors": [...]}`` as ``test-event --json`` prints it."""
+        return {"requests": self.requests, "errors": self.errors}
+
+
+def build_requests(
+    action: str,
+    events: Sequence[Mapping[str, Any]],
+    fields: Mapping[str, Any] | None,
+    *,
+    use_defaults: bool,
+    base: str,
+) -> BuildResult:
+    """Build the ODP request for ``events`` as one batch.
+
+    Every valid event becomes one item of a single ``POST {base}{action.path}`` whose body is the
+    array of items; invalid events are reported as ``{"index", "message"}`` and left out. No request
+    is built when no event is valid. Raises ``ValueError`` for an unknown action and
+    :class:`~audience_sync.realtime.mapping.MappingError` for a malformed mapping.
+    """
+    resolved_action = resolve_action(action)
+    mapping = merge_fields(resolved_action, fields, use_defaults)
+    validate_mapping(mapping)
+    result = BuildResult()
+    items: list[dict[str, Any]] = []
+    for index, event in enumerate(events):
+        try:
+            items.append(resolved_action.build_item(event, mapping))
+        except ValidationError as exc:
+            result.errors.append({"index": index, "message": str(exc)})
+    if items:
+        url = base.rstrip("/") + resolved_action.path
+        result.requests.append({"method": "POST", "url": url, "body": items})
+    return result
