@@ -218,8 +218,9 @@ def record_batch(
     with engine.begin() as conn:
         if acknowledged:
             conn.execute(
-                update(run_changes).where(run_changes.c.id == bindparam("cid")).values(outcome=Outcome.SENT),
-                [{"cid": c.id} for c in acknowledged],
+                update(run_changes)
+                .where(run_changes.c.id.in_([c.id for c in acknowledged]))
+                .values(outcome=Outcome.SENT)
             )
             upsert(
                 conn,

@@ -1,0 +1,249 @@
+"""The audience sync end to end: the real CLI in a subprocess, the real emulator over HTTP, and the
+store on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import Project
+
+AUDIENCE = "Order Completed Last 30days"
+KEY = "order_completed_last_30days"
+
+
+def make_customers(project: Project, ids: range | list[int]) -> None:
+    project.sql("DROP TABLE IF EXISTS customers")
+    project.sql("CREATE TABLE customers (user_id VARCHAR(50), email VARCHAR(100))")
+    add_customers(project, ids)
+
+
+def add_customers(project: Project, ids: range | list[int]) -> None:
+    rows = [{"u": f"u{i}", "e": f"u{i}@example.com"} for i in ids]
+    for start in range(0, len(rows), 20000):
+        project.sql("INSERT INTO customers (user_id, email) VALUES (:u, :e)", rows[start : start + 20000])
+
+
+def remove_customers(project: Project, ids: range | list[int]) -> None:
+    project.sql("DELETE FROM customers WHERE user_id IN :ids".replace(":ids", "(" + ",".join(f"'u{i}'" for i in ids) + ")"))
+
+
+def sql_audience(project: Project, **extra: Any) -> None:
+    project.audiences = [
+        {"name": AUDIENCE, **extra, "source": {"type": "sql", "query": "SELECT user_id, email FROM customers"}}
+    ]
+
+
+def trait_values(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {item["user_identifiers"]["userId"]: item[KEY] for item in items}
+
+
+def test_initial_then_delta_then_nothing(project: Project) -> None:
+    make_customers(project, range(1000))
+    sql_audience(project)
+
+    [run1] = project.cli_json("sync")
+    requests = project.emulator.requests("batch_upsert_contact")
+    assert [r["count"] for r in requests] == [100] * 10
+    assert all(r["headers"]["authorization"] == "Bearer test-key" for r in requests)
+    items = project.emulator.items()
+    assert len(items) == 1000
+    assert set(trait_values(items).values()) == {True}
+    assert items[0]["user_identifiers"] == {
+        "userId": items[0]["user_identifiers"]["userId"],
+        "fs_user_id": items[0]["user_identifiers"]["userId"],
+        "web_user_id": items[0]["user_identifiers"]["userId"],
+        "email": items[0]["user_identifiers"]["userId"] + "@example.com",
+    }
+    assert {i["user_identifiers"]["userId"] for i in items} == {f"u{i}" for i in range(1000)}
+    assert (run1["mode"], run1["status"], run1["members"], run1["entered"], run1["sent"]) == (
+        "initial", "succeeded", 1000, 1000, 1000
+    )  # fmt: skip
+
+    project.emulator.reset()
+    add_customers(project, range(1000, 1030))
+    remove_customers(project, range(20))
+    [run2] = project.cli_json("sync")
+    values = trait_values(project.emulator.items())
+    assert values == {**{f"u{i}": True for i in range(1000, 1030)}, **{f"u{i}": False for i in range(20)}}
+    assert (run2["mode"], run2["entered"], run2["exited"], run2["sent"], run2["members"]) == ("delta", 30, 20, 50, 1010)
+
+    project.emulator.reset()
+    [run3] = project.cli_json("sync")
+    assert project.emulator.requests() == []
+    assert (run3["status"], run3["entered"], run3["exited"], run3["sent"], run3["requests"]) == ("succeeded", 0, 0, 0, 0)
+
+    history = project.cli_json("history")
+    assert [(h["id"], h["mode"], h["entered"], h["exited"], h["sent"]) for h in history] == [
+        (run3["id"], "delta", 0, 0, 0), (run2["id"], "delta", 30, 20, 50), (run1["id"], "initial", 1000, 0, 1000)
+    ]  # fmt: skip
+    shown = project.cli_json("show", str(run2["id"]), "--changes")
+    assert sorted((c["member"], c["value"], c["outcome"]) for c in shown["changes"]) == sorted(
+        [(f"u{i}", True, "sent") for i in range(1000, 1030)] + [(f"u{i}", False, "sent") for i in range(20)]
+    )
+    text = project.cli("history")
+    assert text.returncode == 0 and "initial" in text.stdout and str(run1["id"]) in text.stdout
+    audiences = project.cli_json("audiences")
+    assert audiences[0]["key"] == KEY and audiences[0]["members"] == 1010
+    assert audiences[0]["last_run"]["id"] == run3["id"]
+
+
+def test_server_errors_are_retried_within_the_run(project: Project) -> None:
+    make_customers(project, range(300))
+    sql_audience(project)
+    project.emulator.faults(status=500, status_count=2)
+    [run] = project.cli_json("sync")
+    assert run["status"] == "succeeded" and run["sent"] == 300
+    assert run["requests"] == 5  # 3 batches + 2 retried 500s
+    assert len(project.emulator.items()) == 300
+
+
+def test_outage_for_the_whole_run_then_the_next_run_sends_what_was_not_acknowledged(project: Project) -> None:
+    make_customers(project, range(1000))
+    sql_audience(project)
+    project.odp.update(concurrency=1, max_attempts=1)
+    project.emulator.faults(status=503, status_count=3)  # the first three batches fail, the rest pass
+    result = project.cli("sync", "--json")
+    assert result.returncode == 1
+    import json
+
+    [run] = json.loads(result.stdout)
+    assert (run["status"], run["sent"], run["failed"]) == ("partial", 700, 300)
+    first = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+
+    project.emulator.reset()
+    project.emulator.faults(status=503)
+    [down] = project.cli_json("sync", expect=1)
+    assert (down["status"], down["sent"], down["failed"]) == ("failed", 0, 300)
+
+    project.emulator.reset()
+    [run2] = project.cli_json("sync")
+    second = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    assert run2["status"] == "succeeded" and run2["sent"] == 300
+    assert second == {f"u{i}" for i in range(1000)} - first
+
+
+def test_rate_limit_retry_after_delays_the_next_request(project: Project) -> None:
+    make_customers(project, range(200))
+    sql_audience(project)
+    project.odp.update(concurrency=1)
+    project.emulator.faults(status=429, status_count=1, retry_after=1)
+    [run] = project.cli_json("sync")
+    assert run["status"] == "succeeded" and run["sent"] == 200
+    requests = project.emulator.requests("batch_upsert_contact", summary=True)
+    assert [r["status"] for r in requests] == [429, 200, 200]
+    assert requests[1]["received_at"] - requests[0]["received_at"] >= 1.0
+
+
+def test_one_rejected_item_does_not_stop_the_rest(project: Project) -> None:
+    make_customers(project, range(100))
+    sql_audience(project)
+    project.emulator.faults(reject_items=[{"user_identifiers": {"userId": "u42"}}])
+    [run] = project.cli_json("sync", expect=1)
+    assert (run["status"], run["sent"], run["failed"]) == ("partial", 99, 1)
+    acknowledged = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    assert acknowledged == {f"u{i}" for i in range(100)} - {"u42"}
+    changes = project.cli_json("show", str(run["id"]), "--changes")["changes"]
+    [bad] = [c for c in changes if c["outcome"] != "sent"]
+    assert bad["member"] == "u42" and bad["outcome"] == "rejected"
+    assert "HTTP 400" in bad["error"] and "invalid item" in bad["error"]
+
+    project.emulator.reset()
+    project.emulator.faults(reject_items=[{"user_identifiers": {"userId": "u42"}}])
+    [again] = project.cli_json("sync", expect=1)
+    assert (again["sent"], again["failed"], again["requests"]) == (0, 1, 1)  # only the rejected member is retried
+    project.emulator.reset()
+    [fixed] = project.cli_json("sync")
+    assert (fixed["sent"], fixed["failed"]) == (1, 0)
+    assert trait_values(project.emulator.items()) == {"u42": True}
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_mid_initial_sync_then_the_next_sync_completes(project: Project) -> None:
+    total = 100_000
+    make_customers(project, range(total))
+    sql_audience(project)
+    project.odp.update(batch_size=100, concurrency=2)
+    project.emulator.faults(latency_ms=15)
+    process = project.popen("sync")
+    deadline = time.monotonic() + 240
+    while project.emulator.stats()["items"] < 20_000:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the sync did not get going"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    first = project.sql("SELECT count(*) FROM members WHERE acked = 'true'")[0][0]
+    assert 0 < first < total
+
+    project.emulator.faults()
+    [run] = project.cli_json("sync")
+    history = project.cli_json("history")
+    assert [h["status"] for h in history] == ["succeeded", "interrupted"]
+    assert run["mode"] == "delta" and run["sent"] == total - first
+
+    reached = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    assert reached == {f"u{i}" for i in range(total)}
+    acked = {r[0] for r in project.sql("SELECT member FROM members WHERE acked = 'true'")}
+    assert acked == {f"u{i}" for i in range(total)}
+
+
+def test_bad_query_fails_the_run_and_sends_nothing(project: Project) -> None:
+    project.audiences = [{"name": "Broken", "source": {"type": "sql", "query": "SELECT user_id FROM no_such_table"}}]
+    result = project.cli("sync")
+    assert result.returncode == 1
+    assert "source query of audience 'broken' failed" in result.stderr and "no_such_table" in result.stderr
+    [run] = project.cli_json("history")
+    assert run["status"] == "failed" and "no_such_table" in run["error"]
+    assert project.emulator.requests() == []
+
+
+def test_missing_file_and_missing_identifier_columns_fail_clearly(project: Project) -> None:
+    (project.dir / "no_ids.csv").write_text("name,plan\nann,pro\n")
+    project.audiences = [
+        {"name": "Missing", "source": {"type": "file", "path": "missing.csv"}},
+        {"name": "No Ids", "source": {"type": "file", "path": "no_ids.csv"}},
+    ]
+    runs = project.cli_json("sync", expect=1)
+    assert [r["status"] for r in runs] == ["failed", "failed"]
+    assert "missing.csv does not exist" in runs[0]["error"]
+    assert "none of the identifier columns user_id, email, anonymous_id" in runs[1]["error"]
+    assert project.emulator.requests() == []
+    assert project.sql("SELECT count(*) FROM members")[0][0] == 0
+
+
+def test_mass_exit_is_held_until_forced(project: Project) -> None:
+    make_customers(project, range(200))
+    sql_audience(project)
+    project.cli_json("sync")
+    remove_customers(project, range(150))
+    project.emulator.reset()
+    result = project.cli("sync", "--json")
+    assert result.returncode == 3
+    import json
+
+    [held] = json.loads(result.stdout)
+    assert held["status"] == "held" and held["exited"] == 150 and "max_exit_ratio" in held["error"]
+    assert project.emulator.requests() == []
+    [forced] = project.cli_json("sync", "--force")
+    assert forced["status"] == "succeeded" and forced["sent"] == 150
+    assert set(trait_values(project.emulator.items()).values()) == {False}
+
+
+def test_dry_run_sends_nothing_and_reports_the_real_counts(project: Project) -> None:
+    make_customers(project, range(500))
+    sql_audience(project)
+    project.cli_json("sync")
+    add_customers(project, range(500, 540))
+    remove_customers(project, range(25))
+    project.emulator.reset()
+    [dry] = project.cli_json("sync", "--dry-run")
+    assert dry["status"] == "planned" and project.emulator.requests() == []
+    [real] = project.cli_json("sync")
+    assert (dry["members"], dry["entered"], dry["exited"]) == (real["members"], real["entered"], real["exited"]) == (
+        515, 40, 25
+    )  # fmt: skip
+    assert real["sent"] == 65
