@@ -48,7 +48,9 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
     problem = _pg_reachable()
     if problem is not None:
         if REQUIRE_PG:
-            pytest.fail(f"PostgreSQL is required (AUDIENCE_SYNC_REQUIRE_POSTGRES=1) but unreachable: {problem}")
+            pytest.fail(
+                f"PostgreSQL is required (AUDIENCE_SYNC_REQUIRE_POSTGRES=1) but unreachable: {problem}"
+            )
         pytest.skip(f"PostgreSQL unreachable: {problem}")
     import psycopg
 
@@ -160,14 +162,20 @@ class Project:
         return self.dir / "audience-sync.toml"
 
     def write(self) -> Path:
-        self.config_path.write_text(render_toml(
-            {"odp": self.odp, "database": {"url": self.database.url}, "audiences": self.audiences}
-        ))  # fmt: skip
+        self.config_path.write_text(
+            render_toml(
+                {"odp": self.odp, "database": {"url": self.database.url}, "audiences": self.audiences}
+            )
+        )
         return self.config_path
 
-    def cli(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         self.write()
-        return run_cli("--config", str(self.config_path), *args, cwd=self.dir, timeout=timeout, env=env, first=args[0])
+        return run_cli(
+            "--config", str(self.config_path), *args, cwd=self.dir, timeout=timeout, env=env, first=args[0]
+        )
 
     def cli_json(self, *args: str, expect: int | None = 0) -> Any:
         result = self.cli(*args, "--json")
@@ -179,8 +187,11 @@ class Project:
         self.write()
         return subprocess.Popen(
             [sys.executable, "-m", "audience_sync", args[0], "--config", str(self.config_path), *args[1:]],
-            cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            cwd=self.dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def engine(self) -> Any:
         from audience_sync.store.engine import make_engine
@@ -199,8 +210,13 @@ class Project:
             engine.dispose()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None,
-            first: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    first: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m audience_sync`` with the command first, then the given arguments."""
     argv = list(args)
     if first is not None:
@@ -210,8 +226,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "audience_sync", *argv],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 def render_toml(data: dict[str, Any]) -> str:
@@ -259,7 +279,13 @@ def project(tmp_path: Path, database: Database, emulator: Emulator) -> Project:
         dir=tmp_path,
         database=database,
         emulator=emulator,
-        odp={"api_key": "test-key", "endpoint": emulator.base, "batch_size": 100, "max_requests_per_second": 0,
-             "concurrency": 4, "max_attempts": 3},
+        odp={
+            "api_key": "test-key",
+            "endpoint": emulator.base,
+            "batch_size": 100,
+            "max_requests_per_second": 0,
+            "concurrency": 4,
+            "max_attempts": 3,
+        },
         audiences=[],
-    )  # fmt: skip
+    )

@@ -28,12 +28,20 @@ def add_customers(project: Project, ids: range | list[int]) -> None:
 
 
 def remove_customers(project: Project, ids: range | list[int]) -> None:
-    project.sql("DELETE FROM customers WHERE user_id IN :ids".replace(":ids", "(" + ",".join(f"'u{i}'" for i in ids) + ")"))
+    project.sql(
+        "DELETE FROM customers WHERE user_id IN :ids".replace(
+            ":ids", "(" + ",".join(f"'u{i}'" for i in ids) + ")"
+        )
+    )
 
 
 def sql_audience(project: Project, **extra: Any) -> None:
     project.audiences = [
-        {"name": AUDIENCE, **extra, "source": {"type": "sql", "query": "SELECT user_id, email FROM customers"}}
+        {
+            "name": AUDIENCE,
+            **extra,
+            "source": {"type": "sql", "query": "SELECT user_id, email FROM customers"},
+        }
     ]
 
 
@@ -60,8 +68,12 @@ def test_initial_then_delta_then_nothing(project: Project) -> None:
     }
     assert {i["user_identifiers"]["userId"] for i in items} == {f"u{i}" for i in range(1000)}
     assert (run1["mode"], run1["status"], run1["members"], run1["entered"], run1["sent"]) == (
-        "initial", "succeeded", 1000, 1000, 1000
-    )  # fmt: skip
+        "initial",
+        "succeeded",
+        1000,
+        1000,
+        1000,
+    )
 
     project.emulator.reset()
     add_customers(project, range(1000, 1030))
@@ -69,17 +81,31 @@ def test_initial_then_delta_then_nothing(project: Project) -> None:
     [run2] = project.cli_json("sync")
     values = trait_values(project.emulator.items())
     assert values == {**{f"u{i}": True for i in range(1000, 1030)}, **{f"u{i}": False for i in range(20)}}
-    assert (run2["mode"], run2["entered"], run2["exited"], run2["sent"], run2["members"]) == ("delta", 30, 20, 50, 1010)
+    assert (run2["mode"], run2["entered"], run2["exited"], run2["sent"], run2["members"]) == (
+        "delta",
+        30,
+        20,
+        50,
+        1010,
+    )
 
     project.emulator.reset()
     [run3] = project.cli_json("sync")
     assert project.emulator.requests() == []
-    assert (run3["status"], run3["entered"], run3["exited"], run3["sent"], run3["requests"]) == ("succeeded", 0, 0, 0, 0)
+    assert (run3["status"], run3["entered"], run3["exited"], run3["sent"], run3["requests"]) == (
+        "succeeded",
+        0,
+        0,
+        0,
+        0,
+    )
 
     history = project.cli_json("history")
     assert [(h["id"], h["mode"], h["entered"], h["exited"], h["sent"]) for h in history] == [
-        (run3["id"], "delta", 0, 0, 0), (run2["id"], "delta", 30, 20, 50), (run1["id"], "initial", 1000, 0, 1000)
-    ]  # fmt: skip
+        (run3["id"], "delta", 0, 0, 0),
+        (run2["id"], "delta", 30, 20, 50),
+        (run1["id"], "initial", 1000, 0, 1000),
+    ]
     shown = project.cli_json("show", str(run2["id"]), "--changes")
     assert sorted((c["member"], c["value"], c["outcome"]) for c in shown["changes"]) == sorted(
         [(f"u{i}", True, "sent") for i in range(1000, 1030)] + [(f"u{i}", False, "sent") for i in range(20)]
@@ -154,7 +180,11 @@ def test_one_rejected_item_does_not_stop_the_rest(project: Project) -> None:
     project.emulator.reset()
     project.emulator.faults(reject_items=[{"user_identifiers": {"userId": "u42"}}])
     [again] = project.cli_json("sync", expect=1)
-    assert (again["sent"], again["failed"], again["requests"]) == (0, 1, 1)  # only the rejected member is retried
+    assert (again["sent"], again["failed"], again["requests"]) == (
+        0,
+        1,
+        1,
+    )  # only the rejected member is retried
     project.emulator.reset()
     [fixed] = project.cli_json("sync")
     assert (fixed["sent"], fixed["failed"]) == (1, 0)
@@ -192,7 +222,9 @@ def test_sigkill_mid_initial_sync_then_the_next_sync_completes(project: Project)
 
 
 def test_bad_query_fails_the_run_and_sends_nothing(project: Project) -> None:
-    project.audiences = [{"name": "Broken", "source": {"type": "sql", "query": "SELECT user_id FROM no_such_table"}}]
+    project.audiences = [
+        {"name": "Broken", "source": {"type": "sql", "query": "SELECT user_id FROM no_such_table"}}
+    ]
     result = project.cli("sync")
     assert result.returncode == 1
     assert "source query of audience 'broken' failed" in result.stderr and "no_such_table" in result.stderr
@@ -243,7 +275,9 @@ def test_dry_run_sends_nothing_and_reports_the_real_counts(project: Project) -> 
     [dry] = project.cli_json("sync", "--dry-run")
     assert dry["status"] == "planned" and project.emulator.requests() == []
     [real] = project.cli_json("sync")
-    assert (dry["members"], dry["entered"], dry["exited"]) == (real["members"], real["entered"], real["exited"]) == (
-        515, 40, 25
-    )  # fmt: skip
+    assert (
+        (dry["members"], dry["entered"], dry["exited"])
+        == (real["members"], real["entered"], real["exited"])
+        == (515, 40, 25)
+    )
     assert real["sent"] == 65

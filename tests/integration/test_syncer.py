@@ -1,0 +1,190 @@
+"""The syncer in-process against a real store (SQLite and PostgreSQL) and the emulator over HTTP:
+modes, duplicates, traits, sync_audience delivery, quarantine, the per-audience lock, interruptions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+
+from audience_sync.audiences.rules import Mode
+from audience_sync.audiences.syncer import Syncer, SyncOptions
+from audience_sync.config import Config, load_config
+from audience_sync.errors import RunInProgress
+from audience_sync.odp.client import ClientOptions, OdpClient
+from audience_sync.store import migrate
+from audience_sync.store import runs as run_store
+from audience_sync.store.engine import make_engine
+from tests.conftest import Database, Emulator, render_toml
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, database: Database, emulator: Emulator) -> None:
+        self.tmp_path = tmp_path
+        self.database = database
+        self.emulator = emulator
+        self.engine: Engine = make_engine(database.url)
+        migrate.upgrade(self.engine)
+        self.client = OdpClient(
+            ClientOptions(base_url=emulator.base, api_key="test-key", max_requests_per_second=0, max_attempts=2,
+                          backoff_base_seconds=0.01)
+        )  # fmt: skip
+
+    def config(self, *audiences: dict[str, Any], batch_size: int = 100) -> Config:
+        path = self.tmp_path / "audience-sync.toml"
+        path.write_text(
+            render_toml({"odp": {"api_key": "test-key", "endpoint": self.emulator.base, "batch_size": batch_size},
+                         "database": {"url": self.database.url}, "audiences": list(audiences)})
+        )  # fmt: skip
+        return load_config(path)
+
+    def csv(self, name: str, rows: list[str], header: str = "user_id,email") -> str:
+        (self.tmp_path / name).write_text("\n".join([header, *rows]) + "\n")
+        return name
+
+    def sync(self, config: Config, key: str | None = None, **options: Any) -> dict[str, Any]:
+        audience = config.settings.audiences[0] if key is None else config.settings.audience(key)
+        syncer = Syncer(config, self.engine, self.client)
+        return syncer.sync(audience, SyncOptions(**options))
+
+    def acked(self, audience: str) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT member, acked FROM members WHERE audience = :a"), {"a": audience}
+            )
+            return {r[0]: r[1] for r in rows}
+
+
+@pytest.fixture
+def h(tmp_path: Path, database: Database, emulator: Emulator) -> Iterator[Harness]:
+    harness = Harness(tmp_path, database, emulator)
+    yield harness
+    harness.client.close()
+    harness.engine.dispose()
+
+
+def file_audience(name: str, path: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, **extra, "source": {"type": "file", "path": path}}
+
+
+def test_duplicates_count_once_and_invalid_rows_are_counted(h: Harness) -> None:
+    path = h.csv("m.csv", ["u1,a@x", "u1,other@x", ",b@x", ",", "u2,"])
+    run = h.sync(h.config(file_audience("Dupes", path)))
+    assert (run["members"], run["invalid"], run["entered"], run["sent"]) == (3, 1, 3, 3)
+    sent = {
+        i["user_identifiers"].get("userId") or i["user_identifiers"]["email"]: i for i in h.emulator.items()
+    }
+    assert sent["u1"]["user_identifiers"]["email"] == "a@x"  # the first row of a duplicate key wins
+    assert set(sent) == {"u1", "b@x", "u2"}
+
+
+def test_full_and_reconcile_modes(h: Harness) -> None:
+    config = h.config(file_audience("Modes", h.csv("m.csv", [f"u{i},u{i}@x" for i in range(5)])))
+    h.sync(config)
+    h.csv("m.csv", ["u0,u0@x", "u1,u1@x", "u2,u2@x", "u3,u3@x"])  # u4 leaves
+    h.sync(config)
+    h.emulator.reset()
+    full = h.sync(config, mode=Mode.FULL)
+    assert (full["mode"], full["entered"], full["exited"]) == ("full", 4, 0)
+    assert {i["user_identifiers"]["userId"]: i["modes"] for i in h.emulator.items()} == {
+        f"u{i}": True for i in range(4)
+    }
+    h.emulator.reset()
+    reconcile = h.sync(config, mode=Mode.RECONCILE)
+    assert (reconcile["entered"], reconcile["exited"]) == (4, 1)
+    values = {i["user_identifiers"]["userId"]: i["modes"] for i in h.emulator.items()}
+    assert values == {**{f"u{i}": True for i in range(4)}, "u4": False}
+
+
+def test_entered_then_exited_before_any_send_sends_nothing(h: Harness) -> None:
+    config = h.config(file_audience("Blink", h.csv("m.csv", ["u1,a@x"])))
+    h.emulator.faults(status=503)
+    assert h.sync(config)["status"] == "failed"
+    h.csv("m.csv", ["u2,b@x"])
+    h.emulator.reset()
+    run = h.sync(config)
+    assert run["mode"] == "initial"  # nothing was ever acknowledged
+    assert [i["user_identifiers"]["userId"] for i in h.emulator.items()] == ["u2"]
+
+
+def test_trait_audience_sends_values_and_clears_on_exit(h: Harness) -> None:
+    path = h.csv("t.csv", ["u1,10", "u2,20"], header="user_id,value")
+    config = h.config(file_audience("Lifetime Value", path, kind="trait"))
+    h.sync(config)
+    assert {i["user_identifiers"]["userId"]: i["lifetime_value"] for i in h.emulator.items()} == {
+        "u1": "10",
+        "u2": "20",
+    }
+    h.csv("t.csv", ["u1,15"], header="user_id,value")
+    h.emulator.reset()
+    run = h.sync(config)
+    assert (run["entered"], run["exited"]) == (1, 1)
+    assert {i["user_identifiers"]["userId"]: i["lifetime_value"] for i in h.emulator.items()} == {
+        "u1": "15",
+        "u2": None,
+    }
+
+
+def test_sync_audience_delivery(h: Harness) -> None:
+    path = h.csv("s.csv", ["u1,,", ",an2,", ",,c@x"], header="user_id,anonymous_id,email")
+    config = h.config(file_audience("VIP", path, delivery="sync_audience"))
+    run = h.sync(config)
+    assert (run["members"], run["invalid"]) == (2, 1)
+    items = h.emulator.items("batch_sync_audience")
+    assert sorted(i["userId"] for i in items) == ["an2", "u1"]
+    assert {(i["audienceId"], i["audienceName"], i["subscription"]) for i in items} == {("vip", "vip", True)}
+    assert items[0]["timestamp"] == run["started_at"]
+
+
+def test_rejected_member_is_quarantined_after_five_runs(h: Harness) -> None:
+    config = h.config(file_audience("Q", h.csv("q.csv", ["u1,a@x", "bad,b@x"])))
+    for _ in range(5):
+        h.emulator.reset()
+        h.emulator.faults(reject_items=[{"user_identifiers": {"userId": "bad"}}])
+        run = h.sync(config)
+        assert run["failed"] == 1
+    h.emulator.reset()
+    run = h.sync(config)
+    assert (run["status"], run["sent"], run["failed"], run["requests"]) == ("succeeded", 0, 0, 0)
+    changes = run_store.changes(h.engine, run["id"])
+    assert changes == [{"member": "bad", "value": True, "outcome": "quarantined", "error": None}]
+    full = h.sync(config, mode=Mode.FULL)  # a manual full run tries quarantined members again
+    assert full["sent"] == 2
+
+
+def test_one_run_per_audience_at_a_time(h: Harness) -> None:
+    config = h.config(file_audience("Locked", h.csv("l.csv", ["u1,a@x"])))
+    run_id, _ = run_store.start_run(h.engine, audience="locked", mode="delta", trigger="manual")
+    with pytest.raises(RunInProgress, match="already in progress"):
+        h.sync(config)
+    run_store.finish_run(h.engine, run_id, "succeeded")
+    assert h.sync(config)["status"] == "succeeded"
+
+
+def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
+    dead = run_store.Owner(run_store.PROCESS_OWNER.host, 2**22 + 12345, "gone")
+    live = run_store.Owner("other-host", 1, "far")
+    dead_id, _ = run_store.start_run(h.engine, audience="a", mode="delta", trigger="manual", owner=dead)
+    live_id, _ = run_store.start_run(h.engine, audience="b", mode="delta", trigger="manual", owner=live)
+    assert run_store.mark_interrupted(h.engine) == [dead_id]
+    assert run_store.get_run(h.engine, dead_id)["status"] == "interrupted"  # type: ignore[index]
+    assert run_store.get_run(h.engine, live_id)["status"] == "running"  # type: ignore[index]
+    with h.engine.begin() as conn:  # the other host stopped renewing its lease
+        conn.execute(text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
+                     {"t": run_store.utcnow().replace(tzinfo=None) - run_store.DEFAULT_LEASE * 2, "i": live_id})  # fmt: skip
+    assert run_store.mark_interrupted(h.engine) == [live_id]
+
+
+def test_jsonl_source_and_bad_line(h: Harness) -> None:
+    (h.tmp_path / "m.jsonl").write_text('{"user_id": "u1"}\n\n{"EMAIL": "b@x"}\n{"user_id": 7}\n')
+    config = h.config(file_audience("J", "m.jsonl"))
+    run = h.sync(config)
+    assert (run["members"], run["sent"]) == (3, 3)
+    (h.tmp_path / "m.jsonl").write_text('{"user_id": "u1"}\n{"user_id": \n')
+    h.emulator.reset()
+    run = h.sync(config)
+    assert run["status"] == "failed" and "m.jsonl line 2: invalid JSON" in run["error"]
+    assert h.emulator.requests() == []

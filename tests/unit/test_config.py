@@ -1,0 +1,104 @@
+"""Configuration: TOML + env overrides, validation messages naming the key, relative paths, secrets."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from audience_sync.config import load_config, parse_duration, redact_url
+from audience_sync.errors import ConfigError
+
+MINIMAL = """
+[odp]
+api_key = "s3cret-key"
+[[audiences]]
+name = "Order Completed Last 30days"
+[audiences.source]
+type = "file"
+path = "members.csv"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "audience-sync.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_derived_values(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    s = config.settings
+    assert (s.odp.region, s.odp.batch_size, s.odp.max_requests_per_second, s.odp.concurrency) == (
+        "US",
+        100,
+        10,
+        4,
+    )
+    assert (s.schedule.interval, s.schedule.jitter) == (timedelta(hours=2), timedelta(hours=1))
+    audience = s.audiences[0]
+    assert audience.key == "order_completed_last_30days"
+    assert audience.source.path == tmp_path / "members.csv"
+    assert s.database.url == f"sqlite:///{tmp_path / 'audience_sync.db'}"
+
+
+def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDIENCE_SYNC_ODP__REGION", "eu")
+    monkeypatch.setenv("AUDIENCE_SYNC_ODP__BATCH_SIZE", "250")
+    monkeypatch.setenv("AUDIENCE_SYNC_DATABASE__URL", "postgresql+psycopg://app:pw@db/audiences")
+    s = load_config(write(tmp_path, MINIMAL)).settings
+    assert (s.odp.region, s.odp.batch_size) == ("EU", 250)
+    assert s.odp.api_key is not None and s.odp.api_key.get_secret_value() == "s3cret-key"
+    assert s.database.url == "postgresql+psycopg://app:pw@db/audiences"
+
+
+def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, MINIMAL)
+    monkeypatch.setenv("AUDIENCE_SYNC_CONFIG", str(path))
+    assert load_config().path == path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[odp]\nregion = "XX"\n', "odp.region: must be one of US, EU, AU"),
+        ("[odp]\nbatch_size = 501\n", "odp.batch_size: Input should be less than or equal to 500"),
+        ("[odp]\nregoin = 'US'\n", "odp.regoin: unknown key"),
+        ('[schedule]\ninterval = "soon"\n', "schedule.interval: 'soon' is not a duration"),
+        ('[schedule]\ncron = "61 * * * *"\n', "schedule.cron: invalid cron expression"),
+        ('[[audiences]]\nname = "A"\n[audiences.source]\ntype = "sql"\n', "audiences[0].source.query: required"),
+        ('[[audiences]]\nname = "A"\n[audiences.source]\ntype = "file"\npath = "a.xlsx"\n',
+         "audiences[0].source.path: a.xlsx must end in .csv or .jsonl"),
+        ('[[audiences]]\nname = "A"\n', "audiences[0].source: required"),
+        ('[[audiences]]\nname = "Big Spenders"\n[audiences.source]\ntype = "file"\npath = "a.csv"\n'
+         '[[audiences]]\nname = "big-spenders"\n[audiences.source]\ntype = "file"\npath = "b.csv"\n',
+         "both use the trait key 'big_spenders'"),
+        ("[odp\n", "audience-sync.toml"),
+    ],
+)  # fmt: skip
+def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, '[odp]\napi_key = "s3cret-key"\nregion = "XX"\n'))
+    assert "s3cret" not in str(info.value)
+    config = load_config(write(tmp_path, MINIMAL))
+    assert "s3cret" not in repr(config.settings)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_durations_and_url_redaction() -> None:
+    assert parse_duration("1h30m") == timedelta(minutes=90)
+    assert parse_duration("500ms") == timedelta(milliseconds=500)
+    assert parse_duration(2) == timedelta(seconds=2)
+    assert redact_url("postgresql+psycopg://app:pw@db/x") == "postgresql+psycopg://app:***@db/x"
+    assert redact_url("sqlite:///a.db") == "sqlite:///a.db"

@@ -1,0 +1,118 @@
+"""The pure domain rules: trait keys, member rows, item bodies, the circuit breaker, statuses."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from audience_sync.audiences import rules
+from audience_sync.naming import trait_key
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("Order Completed Last 30days", "order_completed_last_30days"),
+        ("High-Value  Customers!", "high_value_customers"),
+        ("churnRiskScore", "churn_risk_score"),
+        ("  VIP ", "vip"),
+    ],
+)
+def test_trait_key_is_snake_case_of_the_name(name: str, key: str) -> None:
+    assert trait_key(name) == key
+
+
+def test_trait_key_needs_letters_or_digits() -> None:
+    with pytest.raises(ValueError, match="no letters or digits"):
+        trait_key("!!!")
+
+
+def row(**values: object) -> rules.MemberRow | None:
+    kind = str(values.pop("kind", "audience"))
+    needs = bool(values.pop("needs", False))
+    return rules.member_row(
+        values.get("user_id"), values.get("email"), values.get("anonymous_id"), values.get("optimizely_vuid"),
+        values.get("value"), kind=kind, needs_user_or_anonymous=needs,
+    )  # fmt: skip
+
+
+def test_member_key_is_first_non_empty_of_user_id_email_anonymous_id() -> None:
+    assert row(user_id="u1", email="a@x", anonymous_id="an") == ("u1", "u1", "a@x", "an", None, "true")
+    assert row(user_id="  ", email="a@x", anonymous_id="an") == ("a@x", None, "a@x", "an", None, "true")
+    assert row(anonymous_id="an", optimizely_vuid="v") == ("an", None, None, "an", "v", "true")
+    assert row(user_id=1234, email=None) == ("1234", "1234", None, None, None, "true")
+    assert row(user_id=12.0) == ("12", "12", None, None, None, "true")
+
+
+def test_rows_without_identifiers_are_invalid() -> None:
+    assert row(optimizely_vuid="v") is None
+    assert row(user_id="", email=" ") is None
+    assert row(email="a@x", needs=True) is None  # sync_audience needs user_id or anonymous_id
+    assert row(anonymous_id="an", needs=True) == ("an", None, None, "an", None, "true")
+
+
+def test_trait_values_are_stored_as_canonical_json() -> None:
+    assert row(user_id="u", value=Decimal("42"), kind="trait") == ("u", "u", None, None, None, "42")
+    assert row(user_id="u", value=Decimal("1.5"), kind="trait")[5] == "1.5"  # type: ignore[index]
+    assert row(user_id="u", value="gold", kind="trait")[5] == '"gold"'  # type: ignore[index]
+    assert row(user_id="u", value=None, kind="trait")[5] == "null"  # type: ignore[index]
+    with pytest.raises(ValueError, match="finite"):
+        row(user_id="u", value=float("nan"), kind="trait")
+
+
+def test_upsert_contact_body_maps_identifiers_and_omits_empty_ones() -> None:
+    body = rules.upsert_contact_body(
+        "vip", "true", {"user_id": "u1", "email": "a@x", "anonymous_id": None, "optimizely_vuid": "v1"}
+    )
+    assert body == {
+        "user_identifiers": {"userId": "u1", "fs_user_id": "u1", "web_user_id": "u1", "email": "a@x",
+                             "optimizely_vuid": "v1"},
+        "vip": True,
+    }  # fmt: skip
+    assert rules.upsert_contact_body("vip", "false", {"email": "a@x"}) == {
+        "user_identifiers": {"email": "a@x"},
+        "vip": False,
+    }
+    assert rules.upsert_contact_body("ltv", "12.5", {"anonymous_id": "an"})["ltv"] == 12.5
+
+
+def test_sync_audience_body() -> None:
+    ids = {"user_id": None, "anonymous_id": "an"}
+    assert rules.sync_audience_body("vip", "false", ids, "2026-01-01T00:00:00.000Z") == {
+        "audienceId": "vip",
+        "audienceName": "vip",
+        "timestamp": "2026-01-01T00:00:00.000Z",
+        "subscription": False,
+        "userId": "an",
+    }
+
+
+@pytest.mark.parametrize(
+    ("members", "exits", "acknowledged", "ratio", "hold"),
+    [
+        (0, 0, 0, 0.5, False),  # empty source, empty audience
+        (0, 10, 10, 0.5, True),  # the source returned nothing while members exist
+        (100, 51, 100, 0.5, True),
+        (100, 50, 100, 0.5, False),  # exactly the ratio is allowed
+        (50, 60, 99, 0.5, False),  # under 100 acknowledged members the ratio is not applied
+        (10, 90, 100, 1.0, False),
+    ],
+)
+def test_circuit_breaker(members: int, exits: int, acknowledged: int, ratio: float, hold: bool) -> None:
+    verdict = rules.circuit_breaker(
+        members=members, exits=exits, acknowledged=acknowledged, max_exit_ratio=ratio
+    )
+    assert verdict.hold is hold
+    assert (verdict.reason is not None) is hold
+
+
+def test_final_status_and_exit_codes() -> None:
+    assert rules.final_status(sent=10, failed=0) == "succeeded"
+    assert rules.final_status(sent=0, failed=0) == "succeeded"
+    assert rules.final_status(sent=5, failed=1) == "partial"
+    assert rules.final_status(sent=0, failed=3) == "failed"
+    assert rules.exit_code(["succeeded", "planned"]) == 0
+    assert rules.exit_code(["succeeded", "held"]) == 3
+    assert rules.exit_code(["held", "partial"]) == 1
+    assert rules.exit_code(["failed"]) == 1
