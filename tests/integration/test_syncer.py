@@ -29,16 +29,26 @@ class Harness:
         self.engine: Engine = make_engine(database.url)
         migrate.upgrade(self.engine)
         self.client = OdpClient(
-            ClientOptions(base_url=emulator.base, api_key="test-key", max_requests_per_second=0, max_attempts=2,
-                          backoff_base_seconds=0.01)
-        )  # fmt: skip
+            ClientOptions(
+                base_url=emulator.base,
+                api_key="test-key",
+                max_requests_per_second=0,
+                max_attempts=2,
+                backoff_base_seconds=0.01,
+            )
+        )
 
     def config(self, *audiences: dict[str, Any], batch_size: int = 100) -> Config:
         path = self.tmp_path / "audience-sync.toml"
         path.write_text(
-            render_toml({"odp": {"api_key": "test-key", "endpoint": self.emulator.base, "batch_size": batch_size},
-                         "database": {"url": self.database.url}, "audiences": list(audiences)})
-        )  # fmt: skip
+            render_toml(
+                {
+                    "odp": {"api_key": "test-key", "endpoint": self.emulator.base, "batch_size": batch_size},
+                    "database": {"url": self.database.url},
+                    "audiences": list(audiences),
+                }
+            )
+        )
         return load_config(path)
 
     def csv(self, name: str, rows: list[str], header: str = "user_id,email") -> str:
@@ -173,8 +183,10 @@ def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
     assert run_store.get_run(h.engine, dead_id)["status"] == "interrupted"  # type: ignore[index]
     assert run_store.get_run(h.engine, live_id)["status"] == "running"  # type: ignore[index]
     with h.engine.begin() as conn:  # the other host stopped renewing its lease
-        conn.execute(text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
-                     {"t": run_store.utcnow().replace(tzinfo=None) - run_store.DEFAULT_LEASE * 2, "i": live_id})  # fmt: skip
+        conn.execute(
+            text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
+            {"t": run_store.utcnow().replace(tzinfo=None) - run_store.DEFAULT_LEASE * 2, "i": live_id},
+        )
     assert run_store.mark_interrupted(h.engine) == [live_id]
 
 

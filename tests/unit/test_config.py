@@ -67,16 +67,23 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ("[odp]\nregoin = 'US'\n", "odp.regoin: unknown key"),
         ('[schedule]\ninterval = "soon"\n', "schedule.interval: 'soon' is not a duration"),
         ('[schedule]\ncron = "61 * * * *"\n', "schedule.cron: invalid cron expression"),
-        ('[[audiences]]\nname = "A"\n[audiences.source]\ntype = "sql"\n', "audiences[0].source.query: required"),
-        ('[[audiences]]\nname = "A"\n[audiences.source]\ntype = "file"\npath = "a.xlsx"\n',
-         "audiences[0].source.path: a.xlsx must end in .csv or .jsonl"),
+        (
+            '[[audiences]]\nname = "A"\n[audiences.source]\ntype = "sql"\n',
+            "audiences[0].source.query: required",
+        ),
+        (
+            '[[audiences]]\nname = "A"\n[audiences.source]\ntype = "file"\npath = "a.xlsx"\n',
+            "audiences[0].source.path: a.xlsx must end in .csv or .jsonl",
+        ),
         ('[[audiences]]\nname = "A"\n', "audiences[0].source: required"),
-        ('[[audiences]]\nname = "Big Spenders"\n[audiences.source]\ntype = "file"\npath = "a.csv"\n'
-         '[[audiences]]\nname = "big-spenders"\n[audiences.source]\ntype = "file"\npath = "b.csv"\n',
-         "both use the trait key 'big_spenders'"),
+        (
+            '[[audiences]]\nname = "Big Spenders"\n[audiences.source]\ntype = "file"\npath = "a.csv"\n'
+            '[[audiences]]\nname = "big-spenders"\n[audiences.source]\ntype = "file"\npath = "b.csv"\n',
+            "both use the trait key 'big_spenders'",
+        ),
         ("[odp\n", "audience-sync.toml"),
     ],
-)  # fmt: skip
+)
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))

@@ -32,9 +32,14 @@ def row(**values: object) -> rules.MemberRow | None:
     kind = str(values.pop("kind", "audience"))
     needs = bool(values.pop("needs", False))
     return rules.member_row(
-        values.get("user_id"), values.get("email"), values.get("anonymous_id"), values.get("optimizely_vuid"),
-        values.get("value"), kind=kind, needs_user_or_anonymous=needs,
-    )  # fmt: skip
+        values.get("user_id"),
+        values.get("email"),
+        values.get("anonymous_id"),
+        values.get("optimizely_vuid"),
+        values.get("value"),
+        kind=kind,
+        needs_user_or_anonymous=needs,
+    )
 
 
 def test_member_key_is_first_non_empty_of_user_id_email_anonymous_id() -> None:
@@ -66,10 +71,15 @@ def test_upsert_contact_body_maps_identifiers_and_omits_empty_ones() -> None:
         "vip", "true", {"user_id": "u1", "email": "a@x", "anonymous_id": None, "optimizely_vuid": "v1"}
     )
     assert body == {
-        "user_identifiers": {"userId": "u1", "fs_user_id": "u1", "web_user_id": "u1", "email": "a@x",
-                             "optimizely_vuid": "v1"},
+        "user_identifiers": {
+            "userId": "u1",
+            "fs_user_id": "u1",
+            "web_user_id": "u1",
+            "email": "a@x",
+            "optimizely_vuid": "v1",
+        },
         "vip": True,
-    }  # fmt: skip
+    }
     assert rules.upsert_contact_body("vip", "false", {"email": "a@x"}) == {
         "user_identifiers": {"email": "a@x"},
         "vip": False,
