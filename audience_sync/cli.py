@@ -452,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_emulator, no_config=True)
+
+    from audience_sync.realtime import commands as realtime_commands
+
+    realtime_commands.register(sub, common, json_flag)
     return parser
 
 

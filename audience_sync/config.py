@@ -92,6 +92,7 @@ class ScheduleSettings(_Section):
     interval: Duration = timedelta(hours=2)
     jitter: Duration = timedelta(hours=1)
     cron: str | None = None
+    lease: Duration = timedelta(seconds=60)  # a run whose heartbeat is older belongs to a dead replica
 
     @field_validator("cron")
     @classmethod
