@@ -28,3 +28,7 @@ class RunInProgress(AudienceSyncError):
 
 class UnknownAudience(AudienceSyncError):
     """No audience has this key."""
+
+
+class SlotTaken(AudienceSyncError):
+    """This scheduled slot was already claimed by another run."""

@@ -7,7 +7,7 @@ batch right after ODP's 2xx, so a crash at any point loses at most the batches i
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +43,17 @@ class SyncOptions:
     slot: datetime | None = None
 
 
+@dataclass(frozen=True)
+class PreparedRun:
+    """A claimed run, recorded ``running``, not yet staged or sent."""
+
+    audience: AudienceSettings
+    run_id: int
+    started: datetime
+    mode: Mode
+    options: SyncOptions
+
+
 class Syncer:
     """Runs audience syncs against one store and one ODP client."""
 
@@ -61,39 +72,51 @@ class Syncer:
         self.progress = progress or (lambda _msg: None)
         self.should_stop = should_stop or (lambda: False)
         self._source_engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()  # the daemon runs several audiences' syncs at once
 
     def _engine_for(self, url: str | None) -> Engine:
         if url is None or url == self.config.settings.database.url:
             return self.engine
-        if url not in self._source_engines:
-            self._source_engines[url] = make_engine(url)
-        return self._source_engines[url]
+        with self._lock:
+            if url not in self._source_engines:
+                self._source_engines[url] = make_engine(url)
+            return self._source_engines[url]
 
     def close(self) -> None:
         for engine in self._source_engines.values():
             engine.dispose()
 
     def sync(self, audience: AudienceSettings, options: SyncOptions = SyncOptions()) -> dict[str, Any]:
-        """Run one sync of ``audience`` and return its run record. Raises RunInProgress."""
-        mode = options.mode or (
-            Mode.DELTA if member_store.has_acknowledged(self.engine, audience.key) else Mode.INITIAL
-        )
+        """Run one sync of ``audience`` and return its run record. Raises RunInProgress / SlotTaken."""
+        return self.complete(self.begin(audience, options))
+
+    def begin(self, audience: AudienceSettings, options: SyncOptions = SyncOptions()) -> PreparedRun:
+        """Claim the run (the per-audience lock; the slot of a scheduled run) and record it ``running``."""
+        has_state = member_store.has_acknowledged(self.engine, audience.key)
+        mode = options.mode or (Mode.DELTA if has_state else Mode.INITIAL)
         run_id, started = run_store.start_run(
             self.engine, audience=audience.key, mode=mode, trigger=options.trigger, slot=options.slot
         )
         log.info("run %s of %s started (%s, %s)", run_id, audience.key, mode, options.trigger)
+        return PreparedRun(audience, run_id, started, mode, options)
+
+    def complete(self, prepared: PreparedRun) -> dict[str, Any]:
+        """Stage, plan, send and record a claimed run; returns its run record."""
+        audience, run_id = prepared.audience, prepared.run_id
+        lease = _LeaseKeeper(self.engine, run_id)
+        lease.start()
         try:
             self._register(audience)
-            status, error, counts = self._run(audience, run_id, started, mode, options)
+            status, error, counts = self._run(prepared)
         except BaseException as exc:
-            detail = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            detail = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
             run_store.finish_run(
-                self.engine,
-                run_id,
-                Status.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else Status.FAILED,
-                error=detail,
+                self.engine, run_id, Status.INTERRUPTED if interrupted else Status.FAILED, error=detail
             )
             raise
+        finally:
+            lease.stop()
         run_store.finish_run(self.engine, run_id, status, error=error, **counts)
         record = run_store.get_run(self.engine, run_id)
         assert record is not None
@@ -133,16 +156,14 @@ class Syncer:
                 update=("name", "kind", "delivery", "updated_at"),
             )
 
-    def _run(
-        self, audience: AudienceSettings, run_id: int, started: datetime, mode: Mode, options: SyncOptions
-    ) -> tuple[str, str | None, dict[str, int]]:
+    def _run(self, prepared: PreparedRun) -> tuple[str, str | None, dict[str, int]]:
+        audience, run_id, started = prepared.audience, prepared.run_id, prepared.started
+        mode, options = prepared.mode, prepared.options
         stats = SourceStats()
         exit_value = rules.exit_value(audience.kind)
-        beat = _Heartbeat(self.engine, run_id)
 
         def staged(count: int) -> None:
             self.progress(f"{audience.key}: staged {count:,} rows")
-            beat()
 
         with self.engine.connect() as conn:
             try:
@@ -180,6 +201,9 @@ class Syncer:
             return Status.PLANNED, None, counts
         run_store.set_counts(self.engine, run_id, **counts)
         sent, failed = self._send(audience, run_id, started, entered + exited - quarantined)
+        if self.should_stop():
+            note = "stopped before it finished (shutdown); the next run sends what is left"
+            return Status.INTERRUPTED, note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 
     def _send(
@@ -228,9 +252,6 @@ class Syncer:
 
         path = "/batch_sync_audience" if delivery == "sync_audience" else "/batch_upsert_contact"
         self.client.send(path, batches(), on_report, should_stop=self.should_stop)
-        if self.should_stop():
-            unsent = member_store.mark_unsent(self.engine, run_id, "not sent: the process was asked to stop")
-            done["failed"] += unsent
         return done["sent"], done["failed"]
 
 
@@ -240,16 +261,25 @@ def _failure_note(failed: int) -> str | None:
     return f"{failed} items were not acknowledged by ODP; the next run sends them again (see show --changes)"
 
 
-class _Heartbeat:
-    """Renews a run's lease at most every HEARTBEAT_SECONDS while it stages a long source."""
+class _LeaseKeeper:
+    """Renews a run's lease every HEARTBEAT_SECONDS from a background thread while the run lasts."""
 
     def __init__(self, engine: Engine, run_id: int) -> None:
         self.engine = engine
         self.run_id = run_id
-        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id}", daemon=True)
 
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if now - self.last >= HEARTBEAT_SECONDS:
-            run_store.heartbeat(self.engine, self.run_id)
-            self.last = now
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                run_store.heartbeat(self.engine, self.run_id)
+            except Exception:  # a missed beat is retried; the lease is several beats long
+                log.warning("could not renew the lease of run %s", self.run_id, exc_info=True)

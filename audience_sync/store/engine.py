@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import Engine, Select, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Insert
@@ -91,9 +91,11 @@ def bulk_load(
 def migration_lock(conn: Connection) -> Iterator[None]:
     """Serialise migrations of replicas starting together.
 
-    PostgreSQL: a session advisory lock. SQLite: the file lock of the migration's own transaction.
+    PostgreSQL: a session advisory lock. SQLite: the migration runs in one ``BEGIN IMMEDIATE`` transaction.
     """
     if is_sqlite(conn):
+        # The migration's whole transaction holds SQLite's write lock; a second process waits for it.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
         yield
         return
     conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
@@ -101,3 +103,13 @@ def migration_lock(conn: Connection) -> Iterator[None]:
         yield
     finally:
         conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
+
+
+def claim_lock(query: Select[Any]) -> Select[Any]:
+    """Lock the rows a claiming query selects, skipping rows other transactions hold.
+
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so replicas claim disjoint rows without waiting on each
+    other. SQLite renders no lock: it has one writer at a time, so a claiming ``UPDATE ... WHERE id IN
+    (SELECT ...)`` is atomic there anyway.
+    """
+    return query.with_for_update(skip_locked=True)

@@ -278,13 +278,3 @@ def record_batch(
                 heartbeat_at=now,
             )
         )
-
-
-def mark_unsent(engine: Engine, run_id: int, message: str) -> int:
-    """Pending changes of a run that stopped early become ``failed`` with the reason; returns how many."""
-    with engine.begin() as conn:
-        return conn.execute(
-            update(run_changes)
-            .where(run_changes.c.run_id == run_id, run_changes.c.outcome == Outcome.PENDING)
-            .values(outcome=Outcome.FAILED, error=message)
-        ).rowcount

@@ -40,8 +40,9 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
     if before == head:
         return before, head
     with engine.connect() as conn, migration_lock(conn):
-        conn.commit()
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        before = MigrationContext.configure(conn).get_current_revision()  # again, under the lock
+        if before != head:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
         conn.commit()
     return before, current_revision(engine)

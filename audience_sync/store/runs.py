@@ -14,7 +14,7 @@ from sqlalchemy import Engine, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audience_sync.audiences.rules import Status
-from audience_sync.errors import RunInProgress
+from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.store.tables import run_changes, runs
 
 RUN_FIELDS = (
@@ -126,8 +126,55 @@ def start_run(
             assert result.inserted_primary_key is not None
             run_id = int(result.inserted_primary_key[0])
     except IntegrityError:
+        if slot is not None and slot_taken(engine, audience, slot):
+            raise SlotTaken(f"slot {iso(slot)} of audience {audience!r} was already run") from None
         raise RunInProgress(f"a run of audience {audience!r} is already in progress") from None
     return run_id, now
+
+
+def slot_taken(engine: Engine, audience: str, slot: datetime) -> bool:
+    with engine.connect() as conn:
+        query = select(runs.c.id).where(runs.c.audience == audience, runs.c.slot == slot)
+        found = conn.execute(query).first()
+    return found is not None
+
+
+def heartbeat_owned(engine: Engine, owner: Owner = PROCESS_OWNER) -> int:
+    """Renew the lease of every running run of this process; returns how many."""
+    with engine.begin() as conn:
+        return conn.execute(
+            update(runs)
+            .where(runs.c.owner == str(owner), runs.c.status == Status.RUNNING)
+            .values(heartbeat_at=utcnow())
+        ).rowcount
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """What the scheduler needs of an audience's newest run (dry runs left out)."""
+
+    id: int
+    status: str
+    started_at: datetime
+    slot: datetime | None
+
+
+def latest_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, LastRun]:
+    """The newest run that is not a dry run, per audience."""
+    if not audiences:
+        return {}
+    newest = (
+        select(func.max(runs.c.id))
+        .where(runs.c.audience.in_(list(audiences)), runs.c.status != Status.PLANNED)
+        .group_by(runs.c.audience)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(runs.c.id, runs.c.audience, runs.c.status, runs.c.started_at, runs.c.slot).where(
+                runs.c.id.in_(newest)
+            )
+        ).all()
+    return {r.audience: LastRun(r.id, r.status, r.started_at, r.slot) for r in rows}
 
 
 def heartbeat(engine: Engine, run_id: int) -> None:
