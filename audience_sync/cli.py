@@ -75,6 +75,8 @@ def _setup_logging(args: argparse.Namespace, default: int = logging.WARNING) -> 
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "alembic", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # APScheduler reports every tick skipped while a long run holds its audience: expected, not news.
+    logging.getLogger("apscheduler").setLevel(max(level, logging.ERROR))
 
 
 class _JsonFormatter(logging.Formatter):
@@ -383,6 +385,22 @@ def cmd_emulator(args: argparse.Namespace, config: Config | None) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from audience_sync.daemon.runner import run_daemon
+
+    settings = config.settings
+    if args.host or args.port is not None:
+        server = settings.server.model_copy(
+            update={k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+        )
+        config = Config(settings.model_copy(update={"server": server}), config.path)
+    engine = _open_store(config)
+    try:
+        return run_daemon(config, engine)
+    finally:
+        engine.dispose()
+
+
 # --- parser -----------------------------------------------------------------------------------------
 
 
@@ -404,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"audience-sync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="the daemon: scheduler, HTTP server, real-time delivery")
+    p.add_argument("--host", default=None, help="listen address (default: server.host)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: server.port)")
+    p.set_defaults(func=cmd_run, log_default=logging.INFO)
 
     p = sub.add_parser("sync", parents=[common, json_flag], help="run audience syncs now")
     p.add_argument("keys", nargs="*", metavar="KEY", help="audience keys (default: every enabled audience)")
@@ -462,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args)
+    _setup_logging(args, getattr(args, "log_default", logging.WARNING))
     func: Callable[[argparse.Namespace, Any], int] = args.func
     try:
         config = None if getattr(args, "no_config", False) else load_config(args.config)

@@ -1,0 +1,122 @@
+"""``audience-sync run``: one asyncio process with the scheduler, the HTTP server and the real-time
+delivery worker, until SIGTERM/SIGINT.
+
+On a stop signal it takes no new work, lets the batches in flight finish (runs cut short are recorded
+``interrupted`` and resumed by the next start), and exits 0, well within 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+import uvicorn
+from sqlalchemy import Engine
+
+from audience_sync.audiences.syncer import Syncer
+from audience_sync.config import Config
+from audience_sync.daemon.metrics import SyncMetrics
+from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
+from audience_sync.daemon.server import DaemonState, create_app
+from audience_sync.odp.client import OdpClient
+from audience_sync.odp.target import open_client
+
+log = logging.getLogger("audience_sync.daemon")
+
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+def run_daemon(config: Config, engine: Engine) -> int:
+    """Serve until a stop signal; returns the process exit code."""
+    stop = threading.Event()
+    with open_client(config.settings.odp) as client:
+        syncer = Syncer(config, engine, client, should_stop=stop.is_set)
+        try:
+            return asyncio.run(_serve(config, engine, client, syncer, stop))
+        finally:
+            syncer.close()
+
+
+async def _serve(config: Config, engine: Engine, client: OdpClient, syncer: Syncer, stop: threading.Event) -> int:
+    settings = config.settings
+    loop = asyncio.get_running_loop()
+    shutdown = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.set)
+
+    scheduler: AudienceScheduler | None = None
+    metrics = SyncMetrics(engine, lambda: scheduler.next_run_times() if scheduler else {})
+    tracker = RunTracker(syncer, on_finished=metrics.observe_run)
+    scheduler = AudienceScheduler(config, engine, tracker, stop)
+    state = DaemonState(config, engine, tracker, scheduler, metrics)
+    realtime = _realtime(config, engine, client, metrics, state)
+
+    app = create_app(state, realtime.routes if realtime else None)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=settings.server.host, port=settings.server.port, log_level="warning",
+            access_log=False, lifespan="off",
+        )
+    )  # fmt: skip
+    # The daemon owns the signals: uvicorn must neither install handlers nor re-raise them at exit.
+    setattr(server, "capture_signals", contextlib.nullcontext)  # noqa: B010
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            exc = serving.exception() if not serving.cancelled() else None
+            log.error("the HTTP server did not start on %s:%s: %s", settings.server.host, settings.server.port, exc)
+            return 1
+        await asyncio.sleep(0.02)
+    log.info("listening on http://%s:%s", settings.server.host, settings.server.port)
+    scheduler.start()
+    if realtime:
+        realtime.start(stop)
+
+    waiter = asyncio.create_task(shutdown.wait())
+    await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping: no new work; finishing the batches in flight")
+    stop.set()
+    scheduler.shutdown()
+    await tracker.wait(timeout=SHUTDOWN_GRACE_SECONDS)
+    if realtime:
+        await asyncio.to_thread(realtime.join, 5.0)
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(serving, timeout=5)
+    waiter.cancel()
+    log.info("stopped")
+    return 0
+
+
+class _Realtime:
+    """The real-time path's parts the daemon hosts: ingestion routes and the delivery worker thread."""
+
+    def __init__(self, routes: list[Any], worker: Any) -> None:
+        self.routes = routes
+        self.worker = worker
+        self.thread: threading.Thread | None = None
+
+    def start(self, stop: threading.Event) -> None:
+        self.thread = threading.Thread(target=self.worker.run, args=(stop,), name="delivery-worker", daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self.thread:
+            self.thread.join(timeout)
+
+
+def _realtime(config: Config, engine: Engine, client: OdpClient, metrics: SyncMetrics, state: DaemonState) -> Any:
+    try:
+        from audience_sync.realtime.admin import admin_routes
+        from audience_sync.realtime.dispatcher import DeliveryWorker
+        from audience_sync.realtime.ingest import ingest_routes
+        from audience_sync.realtime.metrics import register_realtime_metrics
+    except ImportError:  # the real-time path is not part of this build
+        return None
+    counters = register_realtime_metrics(metrics.registry, engine)
+    routes = [*ingest_routes(config, engine, counters), *admin_routes(config, engine)]
+    return _Realtime(routes, DeliveryWorker(config, engine, client))

@@ -1,0 +1,168 @@
+"""The daemon's scheduler: APScheduler (3.11, in-memory job store) ticks each enabled audience, and the
+database decides what is due and who runs it (see slots.py).
+
+Every tick reads the audience's newest run, computes the due slot, and when it is due claims it with a
+unique ``(audience, slot)`` insert: across replicas on one PostgreSQL, exactly one claim succeeds. A
+restart does not reset the clock, since the next slot derives from the last run in the database.
+A second job checks leases, marking runs of dead replicas ``interrupted`` (which makes them due again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Engine
+
+from audience_sync.audiences.rules import Trigger
+from audience_sync.audiences.syncer import PreparedRun, Syncer, SyncOptions
+from audience_sync.config import AudienceSettings, Config
+from audience_sync.daemon.slots import LastRun, Schedule, next_due
+from audience_sync.errors import RunInProgress, SlotTaken
+from audience_sync.store import runs as run_store
+
+log = logging.getLogger("audience_sync.scheduler")
+
+TICK_SECONDS = 1.0
+
+
+def schedule_of(config: Config, audience: AudienceSettings) -> Schedule:
+    """An audience's effective schedule: its own interval/jitter/cron over ``[schedule]``."""
+    defaults = config.settings.schedule
+    if audience.cron or (audience.interval is None and defaults.cron):
+        return Schedule(timedelta(0), timedelta(0), audience.cron or defaults.cron)
+    interval = audience.interval if audience.interval is not None else defaults.interval
+    jitter = audience.jitter if audience.jitter is not None else defaults.jitter
+    return Schedule(interval, jitter)
+
+
+class RunTracker:
+    """The runs this process is executing, so shutdown can wait for them and the API can start them."""
+
+    def __init__(self, syncer: Syncer, on_finished: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.syncer = syncer
+        self.on_finished = on_finished or (lambda _record: None)
+        self.active: set[asyncio.Future[Any]] = set()
+
+    async def begin(self, audience: AudienceSettings, options: SyncOptions) -> PreparedRun:
+        return await asyncio.to_thread(self.syncer.begin, audience, options)
+
+    def complete_later(self, prepared: PreparedRun) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.ensure_future(asyncio.to_thread(self._complete, prepared))
+        self.active.add(future)
+        future.add_done_callback(self.active.discard)
+        return future
+
+    def _complete(self, prepared: PreparedRun) -> dict[str, Any] | None:
+        try:
+            record = self.syncer.complete(prepared)
+        except Exception:
+            log.exception("run %s of %s failed unexpectedly", prepared.run_id, prepared.audience.key)
+            return None
+        self.on_finished(record)
+        return record
+
+    async def wait(self, timeout: float) -> None:
+        if self.active:
+            await asyncio.wait(set(self.active), timeout=timeout)
+
+
+class AudienceScheduler:
+    """Runs every enabled audience on its schedule, exactly once per slot across replicas."""
+
+    def __init__(self, config: Config, engine: Engine, tracker: RunTracker, stop: threading.Event) -> None:
+        self.config = config
+        self.engine = engine
+        self.tracker = tracker
+        self.stop = stop
+        self.lease = config.settings.schedule.lease
+        self.audiences = {a.key: a for a in config.settings.audiences if a.enabled}
+        self.schedules = {key: schedule_of(config, a) for key, a in self.audiences.items()}
+        self._scheduler = AsyncIOScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+
+    def start(self) -> None:
+        for key in self.audiences:
+            self._scheduler.add_job(
+                self._tick,
+                IntervalTrigger(seconds=TICK_SECONDS, timezone=UTC),
+                args=[key],
+                id=f"audience:{key}",
+                next_run_time=datetime.now(UTC),
+            )
+        lease_check = max(1.0, self.lease.total_seconds() / 4)
+        self._scheduler.add_job(
+            self._check_leases,
+            IntervalTrigger(seconds=lease_check, timezone=UTC),
+            id="leases",
+            next_run_time=datetime.now(UTC),
+        )
+        self._scheduler.start()
+        log.info("scheduling %d audiences: %s", len(self.audiences), ", ".join(self.audiences) or "none")
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def next_run_times(self) -> dict[str, datetime]:
+        """When each enabled audience's next scheduled run is due, from the database (blocking).
+
+        An audience with a run in progress has none.
+        """
+        latest = run_store.latest_runs(self.engine, list(self.audiences))
+        now = datetime.now(UTC)
+        out: dict[str, datetime] = {}
+        for key in self.audiences:
+            row = latest.get(key)
+            due = next_due(
+                key, self.schedules[key], LastRun(row.status, row.started_at, row.slot) if row else None, now
+            )
+            if due is not None:
+                out[key] = due.at
+        return out
+
+    def next_runs(self) -> dict[str, str | None]:
+        """ISO form of :meth:`next_run_times` (blocking)."""
+        return {key: run_store.iso(at) for key, at in self.next_run_times().items()}
+
+    async def _check_leases(self) -> None:
+        try:
+            dead = await asyncio.to_thread(run_store.mark_interrupted, self.engine, lease=self.lease)
+        except Exception:
+            log.exception("could not check run leases")
+            return
+        if dead:
+            log.warning("marked runs %s interrupted: their process stopped renewing its lease", dead)
+
+    async def _tick(self, key: str) -> None:
+        if self.stop.is_set():
+            return
+        try:
+            latest = await asyncio.to_thread(run_store.latest_runs, self.engine, [key])
+        except Exception:
+            log.exception("could not read the run history of %s", key)
+            return
+        row = latest.get(key)
+        last = LastRun(row.status, row.started_at, row.slot) if row else None
+        now = datetime.now(UTC)
+        due = next_due(key, self.schedules[key], last, now)
+        if due is not None and now < due.at <= now + timedelta(seconds=TICK_SECONDS):
+            await asyncio.sleep((due.at - now).total_seconds())  # start on time, not on the next tick
+            now = due.at
+        if due is None or due.at > now or self.stop.is_set():
+            return
+        options = SyncOptions(trigger=Trigger.SCHEDULE, slot=due.slot)
+        try:
+            prepared = await self.tracker.begin(self.audiences[key], options)
+        except (SlotTaken, RunInProgress) as exc:
+            log.debug("%s: not running slot %s: %s", key, due.slot, exc)
+            return
+        await self.tracker.complete_later(prepared)

@@ -1,0 +1,226 @@
+"""The daemon's HTTP server: admin API (``/api/*``, Bearer ``server.admin_token``), health, metrics, the
+status page, and, when the real-time path is present, the Segment-compatible ingestion API."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine, select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from audience_sync import __version__
+from audience_sync.audiences.rules import Mode, Status, Trigger
+from audience_sync.audiences.syncer import SyncOptions
+from audience_sync.config import Config
+from audience_sync.daemon.metrics import SyncMetrics
+from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
+from audience_sync.errors import RunInProgress, UnknownAudience
+from audience_sync.store import runs as run_store
+from audience_sync.store.tables import runs
+
+API_MODES = {"delta": Mode.DELTA, "full": Mode.FULL, "reconcile": Mode.RECONCILE}
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+class AdminAuth:
+    """Bearer ``server.admin_token`` on every ``/api/*`` request (401 JSON otherwise)."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            if self.expected is None:
+                response = error(401, "unauthorized", "the admin API is disabled: set server.admin_token")
+                await response(scope, receive, send)
+                return
+            if not hmac.compare_digest(header, self.expected):
+                response = error(401, "unauthorized", "missing or wrong admin token (Authorization: Bearer ...)")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class DaemonState:
+    config: Config
+    engine: Engine
+    tracker: RunTracker
+    scheduler: AudienceScheduler | None
+    metrics: SyncMetrics
+    delivery_counts: Callable[[], dict[str, int] | None] | None = None
+
+
+def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}")
+    return value
+
+
+def _db(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]:
+    return asyncio.to_thread(func, *args, **kwargs)
+
+
+def build_routes(state: DaemonState) -> list[BaseRoute]:
+    config, engine = state.config, state.engine
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        body = await _db(generate_latest, state.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    def next_runs() -> dict[str, str | None]:
+        return state.scheduler.next_runs() if state.scheduler else {}
+
+    def audience_list() -> list[dict[str, Any]]:
+        from audience_sync.cli import audience_objects
+
+        return audience_objects(config, engine, next_runs())
+
+    async def audiences(request: Request) -> Response:
+        return JSONResponse(await _db(audience_list))
+
+    async def trigger_sync(request: Request) -> Response:
+        key = request.path_params["key"]
+        try:
+            audience = config.settings.audience(key)
+        except UnknownAudience as exc:
+            return error(404, "not_found", str(exc))
+        try:
+            raw = await request.body()
+            body = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError:
+            return error(400, "invalid_json", "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return error(400, "invalid_json", "the body must be a JSON object")
+        unknown = set(body) - {"mode", "dry_run", "force"}
+        if unknown:
+            return error(400, "invalid_request", f"unknown keys: {', '.join(sorted(unknown))}")
+        mode_name = body.get("mode", "delta")
+        if mode_name not in API_MODES:
+            return error(400, "invalid_request", "mode must be one of delta, full, reconcile")
+        for flag in ("dry_run", "force"):
+            if not isinstance(body.get(flag, False), bool):
+                return error(400, "invalid_request", f"{flag} must be true or false")
+        mode = API_MODES[mode_name]
+        options = SyncOptions(
+            mode=None if mode == Mode.DELTA else mode,
+            trigger=Trigger.API,
+            dry_run=body.get("dry_run", False),
+            force=body.get("force", False),
+        )
+        try:
+            prepared = await state.tracker.begin(audience, options)
+        except RunInProgress as exc:
+            return error(409, "conflict", str(exc))
+        state.tracker.complete_later(prepared)
+        return JSONResponse({"run_id": prepared.run_id}, status_code=202)
+
+    async def list_runs(request: Request) -> Response:
+        status = request.query_params.get("status") or None
+        if status and status not in {s.value for s in Status}:
+            return error(400, "invalid_request", f"status must be one of {', '.join(s.value for s in Status)}")
+        try:
+            limit = _int_param(request, "limit", 20, 1, 1000)
+        except ValueError as exc:
+            return error(400, "invalid_request", str(exc))
+        audience = request.query_params.get("audience") or None
+        return JSONResponse(await _db(run_store.list_runs, engine, audience=audience, status=status, limit=limit))
+
+    async def get_run(request: Request) -> Response:
+        try:
+            run_id = int(request.path_params["run_id"])
+        except ValueError:
+            return error(404, "not_found", "no such run")
+        record = await _db(run_store.get_run, engine, run_id)
+        if record is None:
+            return error(404, "not_found", f"no run with id {run_id}")
+        return JSONResponse(record)
+
+    async def run_changes(request: Request) -> Response:
+        try:
+            run_id = int(request.path_params["run_id"])
+            limit = _int_param(request, "limit", 1000, 1, 100_000)
+            offset = _int_param(request, "offset", 0, 0, 10**12)
+        except ValueError as exc:
+            return error(400, "invalid_request", str(exc))
+        if await _db(run_store.get_run, engine, run_id) is None:
+            return error(404, "not_found", f"no run with id {run_id}")
+        return JSONResponse(await _db(run_store.changes, engine, run_id, limit=limit, offset=offset))
+
+    async def status_page(request: Request) -> Response:
+        page = await _db(lambda: render_page(state, next_runs()))
+        return HTMLResponse(page)
+
+    return [
+        Route("/healthz", healthz),
+        Route("/metrics", metrics),
+        Route("/", status_page),
+        Route("/api/audiences", audiences),
+        Route("/api/audiences/{key}/sync", trigger_sync, methods=["POST"]),
+        Route("/api/runs", list_runs),
+        Route("/api/runs/{run_id}", get_run),
+        Route("/api/runs/{run_id}/changes", run_changes),
+    ]
+
+
+def size_history(engine: Engine, keys: list[str], points: int = 60) -> dict[str, list[tuple[str, int]]]:
+    """Per audience, (time, members in the snapshot) of its recent completed runs, oldest first."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    with engine.connect() as conn:
+        for key in keys:
+            query = (
+                select(runs.c.started_at, runs.c.members)
+                .where(runs.c.audience == key, runs.c.status.in_([Status.SUCCEEDED, Status.PARTIAL]))
+                .order_by(runs.c.id.desc())
+                .limit(points)
+            )
+            rows = conn.execute(query).all()
+            out[key] = [(run_store.iso(r.started_at) or "", int(r.members)) for r in reversed(rows)]
+    return out
+
+
+def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
+    from audience_sync.cli import audience_objects
+    from audience_sync.daemon.web import render_status_page
+
+    audiences = audience_objects(state.config, state.engine, next_runs)
+    return render_status_page(
+        audiences=audiences,
+        runs=run_store.list_runs(state.engine, limit=30),
+        history=size_history(state.engine, [a["key"] for a in audiences]),
+        deliveries=state.delivery_counts() if state.delivery_counts else None,
+        generated_at=run_store.iso(run_store.utcnow()) or "",
+        version=__version__,
+    )
+
+
+def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
+    """The daemon's ASGI app: our routes plus any extra (ingestion, deliveries), behind admin auth."""
+    token = state.config.settings.server.admin_token
+    app = Starlette(routes=[*(extra_routes or []), *build_routes(state)])
+    return AdminAuth(app, token.get_secret_value() if token else None)

@@ -1,0 +1,335 @@
+"""The daemon end to end: `audience-sync run` processes, the emulator over HTTP, the store on SQLite and
+PostgreSQL (replica tests on PostgreSQL only)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.acceptance.test_sync_cli import KEY, add_customers, make_customers, sql_audience
+from tests.conftest import Project, free_port
+
+TOKEN = "admin-secret"
+
+
+class Daemon:
+    def __init__(self, project: Project, process: subprocess.Popen[str], port: int) -> None:
+        self.project = project
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the daemon exited: {self.process.communicate()}")
+            try:
+                if self.http.get("/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("the daemon did not become ready")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, float]:
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            self.http.close()
+        return code, time.monotonic() - started
+
+
+def start_daemon(project: Project, **schedule: str) -> Daemon:
+    port = free_port()
+    path = project.write()
+    extra = {
+        "schedule": {"interval": "2h", "jitter": "0s", "lease": "3s", **schedule},
+        "server": {"port": port, "admin_token": TOKEN},
+    }
+    from tests.conftest import render_toml
+
+    text = path.read_text() + render_toml(extra)
+    config = project.dir / f"daemon-{port}.toml"
+    config.write_text(text)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "audience_sync", "run", "--config", str(config)],
+        cwd=project.dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    daemon = Daemon(project, process, port)
+    daemon.wait_ready()
+    return daemon
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait(timeout=10)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(message)
+
+
+def history(project: Project) -> list[dict[str, Any]]:
+    return list(project.cli_json("history", "--limit", "200"))
+
+
+def test_runs_on_schedule_and_a_restart_does_not_reset_the_clock(project: Project, daemons: list[Daemon]) -> None:
+    make_customers(project, range(50))
+    sql_audience(project)
+    daemons.append(start_daemon(project, interval="2s"))
+    runs = wait_for(lambda: (h := history(project)) and len(h) >= 3 and h, 20, "three scheduled runs")
+    runs = list(reversed(runs))
+    assert [r["mode"] for r in runs[:3]] == ["initial", "delta", "delta"]
+    assert {r["trigger"] for r in runs} == {"schedule"}
+    starts = [time_of(r["started_at"]) for r in runs[:3]]
+    assert all(1.9 <= b - a <= 3.0 for a, b in itertools.pairwise(starts)), starts
+    code, _ = daemons[0].stop()
+    assert code == 0
+
+    project.emulator.reset()
+    project.sql("DELETE FROM runs WHERE id > 1")  # the last run is the initial one, a moment ago
+    later = start_daemon(project, interval="30s")
+    daemons.append(later)
+    time.sleep(3)
+    assert [r["id"] for r in history(project)] == [1], "a run started although the next slot is 30 s away"
+    later.stop()
+
+
+def time_of(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_admin_api(project: Project, daemons: list[Daemon]) -> None:
+    make_customers(project, range(600))
+    sql_audience(project)
+    daemon = start_daemon(project)
+    daemons.append(daemon)
+    first = wait_for(lambda: [r for r in history(project) if r["status"] == "succeeded"], 20, "initial run")
+    assert first[0]["mode"] == "initial"
+
+    assert httpx.get(daemon.url + "/api/runs").status_code == 401
+    wrong = httpx.get(daemon.url + "/api/runs", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and set(wrong.json()) == {"code", "message"}
+    assert daemon.http.get("/healthz").json() == {"status": "ok"}
+
+    assert daemon.http.post("/api/audiences/no_such/sync", json={"mode": "full"}).status_code == 404
+    bad = daemon.http.post(f"/api/audiences/{KEY}/sync", json={"mode": "sideways"})
+    assert bad.status_code == 400 and "mode must be one of" in bad.json()["message"]
+
+    project.emulator.faults(latency_ms=150)  # six requests of 100 at 150 ms: long enough to collide
+    accepted = daemon.http.post(f"/api/audiences/{KEY}/sync", json={"mode": "full"})
+    assert accepted.status_code == 202
+    run_id = accepted.json()["run_id"]
+    clash = daemon.http.post(f"/api/audiences/{KEY}/sync", json={})
+    assert clash.status_code == 409 and "already in progress" in clash.json()["message"]
+
+    run = wait_for(
+        lambda: (r := daemon.http.get(f"/api/runs/{run_id}").json())["status"] != "running" and r, 30, "full run"
+    )
+    assert (run["mode"], run["trigger"], run["status"], run["sent"]) == ("full", "api", "succeeded", 600)
+    changes = daemon.http.get(f"/api/runs/{run_id}/changes", params={"limit": 10, "offset": 5}).json()
+    assert len(changes) == 10 and all(c["outcome"] == "sent" and c["value"] is True for c in changes)
+    assert daemon.http.get("/api/runs/999999").status_code == 404
+    listed = daemon.http.get("/api/runs", params={"audience": KEY, "status": "succeeded", "limit": 1}).json()
+    assert [r["id"] for r in listed] == [run_id]
+    [audience] = daemon.http.get("/api/audiences").json()
+    assert audience["key"] == KEY and audience["members"] == 600 and audience["last_run"]["id"] == run_id
+    assert audience["next_run"] is not None
+
+    metrics = daemon.http.get("/metrics").text
+    assert f'audience_sync_runs_total{{audience="{KEY}",status="succeeded"}} 2.0' in metrics
+    assert f'audience_sync_items_sent_total{{audience="{KEY}"}} 1200.0' in metrics
+    assert f'audience_sync_members{{audience="{KEY}"}} 600.0' in metrics
+    assert "audience_sync_last_success_timestamp_seconds" in metrics
+    assert "audience_sync_next_run_timestamp_seconds" in metrics
+    assert "audience_sync_run_duration_seconds_bucket" in metrics
+
+    page = daemon.http.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert KEY in page.text and f"run-{run_id}" in page.text
+    code, seconds = daemon.stop()
+    assert code == 0 and seconds < 30
+    assert TOKEN not in daemon.process.stderr.read()  # type: ignore[union-attr]
+
+
+def test_sigterm_during_a_large_run_exits_cleanly_and_the_next_run_finishes(
+    project: Project, daemons: list[Daemon]
+) -> None:
+    total = 20_000
+    make_customers(project, range(total))
+    sql_audience(project)
+    project.odp.update(concurrency=1)
+    project.emulator.faults(latency_ms=20)
+    daemon = start_daemon(project)
+    daemons.append(daemon)
+    wait_for(lambda: project.emulator.stats()["items"] >= 2000, 60, "the initial run to get going")
+    code, seconds = daemon.stop(signal.SIGTERM)
+    assert code == 0 and seconds < 30
+    [stopped] = history(project)
+    assert stopped["status"] == "interrupted" and 0 < stopped["sent"] < total
+
+    project.emulator.faults()
+    again = start_daemon(project)
+    daemons.append(again)
+    runs = wait_for(lambda: (h := history(project)) and h[0]["status"] == "succeeded" and h, 60, "the resumed run")
+    assert runs[0]["sent"] == total - stopped["sent"]
+    acked = project.sql("SELECT count(*) FROM members WHERE acked = 'true'")[0][0]
+    assert acked == total
+    again.stop()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_two_replicas_run_each_slot_once(project: Project, daemons: list[Daemon]) -> None:
+    make_customers(project, range(100))
+    sql_audience(project)
+    daemons.append(start_daemon(project, interval="1s"))
+    daemons.append(start_daemon(project, interval="1s"))
+    next_id = 100
+    deadline = time.monotonic() + 60
+    while len([r for r in history(project) if r["trigger"] == "schedule"]) < 11:
+        assert time.monotonic() < deadline, "ten slots did not run within a minute"
+        add_customers(project, range(next_id, next_id + 5))  # a change for the next slot to send
+        next_id += 5
+        time.sleep(0.5)
+    for daemon in daemons:
+        assert daemon.stop()[0] == 0
+    slots = project.sql("SELECT slot FROM runs WHERE trigger = 'schedule'")
+    assert len(slots) == len({s[0] for s in slots}) >= 11
+    owners = {r[0].split(":")[1] for r in project.sql("SELECT owner FROM runs")}
+    assert len(owners) == 2, "both replicas should have won some slots"
+    items = project.emulator.items()
+    counts = Counter(i["user_identifiers"]["userId"] for i in items)
+    assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1][:5]
+    acked = {r[0] for r in project.sql("SELECT member FROM members WHERE acked = 'true'")}
+    assert set(counts) == acked
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_replica_killed_mid_run_is_taken_over(project: Project, daemons: list[Daemon]) -> None:
+    total = 20_000
+    make_customers(project, range(total))
+    sql_audience(project)
+    project.odp.update(concurrency=1)
+    project.emulator.faults(latency_ms=20)
+    first = start_daemon(project)
+    daemons.append(first)
+    wait_for(lambda: project.emulator.stats()["items"] >= 2000, 60, "the initial run to get going")
+    survivor = start_daemon(project)
+    daemons.append(survivor)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=10)
+    project.emulator.faults()
+    runs = wait_for(lambda: (h := history(project)) and h[0]["status"] == "succeeded" and h, 60, "the take-over run")
+    assert [r["status"] for r in runs] == ["succeeded", "interrupted"]
+    owners = [r[0] for r in project.sql("SELECT owner FROM runs ORDER BY id")]
+    assert owners[0] != owners[1]
+    acked = {r[0] for r in project.sql("SELECT member FROM members WHERE acked = 'true'")}
+    assert acked == {f"u{i}" for i in range(total)}
+    reached = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    assert reached == acked
+    assert survivor.stop()[0] == 0
+
+
+def test_status_page_in_a_browser(project: Project, daemons: list[Daemon], tmp_path: Any) -> None:
+    from tests.integration.test_status_page_browser import find_or_install_chromium
+
+    chromium = find_or_install_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed and could not be installed from Debian's packages")
+    make_customers(project, range(30))
+    sql_audience(project)
+    daemon = start_daemon(project)
+    daemons.append(daemon)
+    wait_for(lambda: [r for r in history(project) if r["status"] == "succeeded"], 20, "initial run")
+    profile = tmp_path / "chromium-profile"
+    result = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--dump-dom",
+            daemon.url + "/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    assert "Order Completed Last 30days" in dom and KEY in dom
+    assert 'data-testid="run-1"' in dom and "succeeded" in dom
+    assert "<svg" in dom
+    daemon.stop()
+
+
+def test_quick_start_daemon_uses_the_bundled_emulator(tmp_path: Any) -> None:
+    """No api_key: the daemon syncs the example audiences to its embedded emulator."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "examples", tmp_path / "examples")
+    config = (root / "config.example.toml").read_text().replace("port = 8787", f"port = {free_port()}")
+    (tmp_path / "audience-sync.toml").write_text(config)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "audience_sync", "run"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def runs() -> list[dict[str, Any]]:
+            out = subprocess.run(
+                [sys.executable, "-m", "audience_sync", "history", "--json"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            return json.loads(out.stdout) if out.returncode == 0 else []
+
+        done = wait_for(lambda: len([r for r in runs() if r["status"] == "succeeded"]) >= 2 and runs(), 30, "demo")
+        assert {r["audience"] for r in done} == {"demo_members", "vip_customers"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert "bundled ODP emulator" in process.stderr.read()  # type: ignore[union-attr]
