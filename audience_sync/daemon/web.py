@@ -1,0 +1,599 @@
+"""The daemon's HTML status page (``GET /``): a pure renderer, stdlib only.
+
+``render_status_page`` turns what the daemon already has (the ``audiences --json`` objects, recent run
+records, per-audience size history and the real-time delivery backlog) into one self-contained HTML5
+document: inline CSS, inline SVG charts, no JavaScript and no external assets. Everything that comes
+from configuration or from runs (names, keys, errors) is escaped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from html import escape
+from typing import Any
+
+__all__ = ["HIGHLIGHTED_STATUSES", "render_status_page"]
+
+PRODUCT = "audience-sync"
+REFRESH_SECONDS = 30
+HIGHLIGHTED_STATUSES = frozenset({"failed", "partial", "held", "interrupted"})
+"""Run statuses whose rows are highlighted (an operator should look at them)."""
+
+DELIVERY_ORDER = ("pending", "delivering", "retrying", "delivered", "invalid", "dead")
+ERROR_DISPLAY_CHARS = 300
+ERROR_TITLE_CHARS = 4000
+MAX_POINT_MARKERS = 120
+UTC_UNIT = '<span class="unit">(UTC)</span>'
+
+# Chart geometry (SVG user units; the SVG scales to its container's width).
+CHART_W = 640
+CHART_H = 200
+PAD_LEFT = 64
+PAD_RIGHT = 16
+PAD_TOP = 14
+PAD_BOTTOM = 34
+
+CSS = """
+:root {
+  color-scheme: light;
+  --fg: #1f2328; --muted: #59636e; --border: #d1d9e0; --bg: #ffffff; --panel: #f6f8fa;
+  --accent: #0969da; --ok: #1a7f37; --ok-bg: #dafbe1; --warn: #9a6700; --warn-bg: #fff8c5;
+  --bad: #cf222e; --bad-bg: #ffebe9; --info: #8250df; --info-bg: #fbefff;
+}
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body {
+  margin: 0; background: var(--bg); color: var(--fg);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+}
+header.page {
+  display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem 1.25rem;
+  padding: 1rem 1.5rem; border-bottom: 1px solid var(--border); background: var(--panel);
+}
+header.page h1 { margin: 0; font-size: 1.35rem; }
+header.page .meta { color: var(--muted); font-size: .875rem; }
+main { padding: 0 1.5rem 2rem; max-width: 1400px; margin: 0 auto; }
+section { margin-top: 1.75rem; }
+h2 { font-size: 1.1rem; margin: 0 0 .6rem; padding-bottom: .3rem; border-bottom: 1px solid var(--border); }
+h2 .count { color: var(--muted); font-weight: normal; font-size: .9rem; }
+.summary { display: flex; flex-wrap: wrap; gap: .75rem; margin-top: 1.25rem; }
+.summary .card {
+  flex: 1 1 10rem; padding: .6rem .9rem; border: 1px solid var(--border); border-radius: 8px;
+  background: var(--bg);
+}
+.summary .card .label { color: var(--muted); font-size: .8rem; text-transform: uppercase;
+  letter-spacing: .03em; }
+.summary .card .value { font-size: 1.4rem; font-weight: 600; font-variant-numeric: tabular-nums; }
+.summary .card.alert { border-color: var(--bad); background: var(--bad-bg); }
+.summary .card.alert .value { color: var(--bad); }
+.table-wrap { overflow-x: auto; border: 1px solid var(--border); border-radius: 8px; }
+.table-wrap.narrow { max-width: 28rem; }
+table { border-collapse: collapse; width: 100%; font-size: .875rem; }
+th, td { padding: .4rem .45rem; text-align: left; vertical-align: top;
+  border-bottom: 1px solid var(--border); }
+th { background: var(--panel); font-weight: 600; white-space: nowrap; }
+thead th[colspan] { text-align: center; border-bottom-style: dashed; }
+th .unit { color: var(--muted); font-weight: normal; }
+td.audience { min-width: 8.5rem; max-width: 16rem; overflow-wrap: anywhere; }
+th:first-child, td:first-child { padding-left: .7rem; }
+tbody tr:last-child td { border-bottom: none; }
+tbody tr:hover td { background: #f0f6ff; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.time { white-space: nowrap; }
+td.time .rel, .muted { color: var(--muted); }
+td.time .rel, td.num .rel, .sub { display: block; font-size: .8rem; }
+.sub { color: var(--muted); font-weight: normal; }
+td.num .rel { color: var(--warn); }
+td code, .key { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .8rem; }
+td.error { min-width: 10rem; max-width: 30rem; overflow-wrap: anywhere; color: var(--bad); }
+.badge {
+  display: inline-block; padding: 0 .5rem; border-radius: 999px; font-size: .78rem; font-weight: 600;
+  line-height: 1.5rem; white-space: nowrap; border: 1px solid transparent;
+  background: var(--panel); color: var(--muted); border-color: var(--border);
+}
+.badge.status-succeeded, .badge.status-delivered { background: var(--ok-bg); color: var(--ok);
+  border-color: #aceebb; }
+.badge.status-running, .badge.status-pending, .badge.status-delivering {
+  background: #ddf4ff; color: var(--accent); border-color: #b6e3ff; }
+.badge.status-planned { background: var(--info-bg); color: var(--info); border-color: #ecd8ff; }
+.badge.status-partial, .badge.status-held, .badge.status-interrupted, .badge.status-invalid,
+.badge.status-retrying { background: var(--warn-bg); color: var(--warn); border-color: #f5e0a0; }
+.badge.status-failed, .badge.status-dead { background: var(--bad-bg); color: var(--bad);
+  border-color: #ffcecb; }
+.badge.disabled { margin-left: .35rem; }
+tr.status-failed td, tr.status-dead td { background: var(--bad-bg); }
+tr.status-partial td, tr.status-held td, tr.status-interrupted td { background: var(--warn-bg); }
+tr.status-failed td:first-child, tr.status-dead td:first-child { box-shadow: inset 4px 0 0 var(--bad); }
+tr.status-partial td:first-child, tr.status-held td:first-child,
+tr.status-interrupted td:first-child { box-shadow: inset 4px 0 0 #d4a72c; }
+.empty { padding: 1rem; color: var(--muted); border: 1px dashed var(--border); border-radius: 8px;
+  background: var(--panel); }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 420px), 1fr)); gap: 1rem; }
+figure.chart { margin: 0; padding: .75rem .9rem; border: 1px solid var(--border); border-radius: 8px; }
+figure.chart figcaption { display: flex; justify-content: space-between; gap: .5rem; flex-wrap: wrap;
+  font-weight: 600; margin-bottom: .35rem; }
+figure.chart figcaption .now { color: var(--muted); font-weight: normal; font-size: .85rem; }
+figure.chart svg { display: block; width: 100%; height: auto; }
+figure.chart .chart-empty { display: flex; align-items: center; justify-content: center;
+  aspect-ratio: 640 / 200; color: var(--muted); background: var(--panel); border-radius: 6px; }
+svg .axis { stroke: #8c959f; stroke-width: 1; }
+svg .grid { stroke: #eaeef2; stroke-width: 1; }
+svg .series { fill: none; stroke: var(--accent); stroke-width: 2; stroke-linejoin: round;
+  stroke-linecap: round; }
+svg .area { fill: var(--accent); opacity: .08; stroke: none; }
+svg .point { fill: #fff; stroke: var(--accent); stroke-width: 1.5; }
+svg .point:hover { fill: var(--accent); }
+svg text { fill: var(--muted); font-size: 12px;
+  font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }
+footer { margin-top: 2rem; color: var(--muted); font-size: .8rem; }
+@media (max-width: 640px) {
+  header.page, main { padding-left: .75rem; padding-right: .75rem; }
+  th, td { padding: .35rem .45rem; }
+}
+"""
+
+
+# --- small helpers ------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    """Escape any value for HTML text or a quoted attribute; None renders empty."""
+    return "" if value is None else escape(str(value), quote=True)
+
+
+def _status_class(status: Any) -> str:
+    """A safe CSS class for a status: ``status-<lowercase letters>``, else ``status-unknown``."""
+    text = str(status or "").strip().lower()
+    return f"status-{text}" if re.fullmatch(r"[a-z][a-z_-]{0,30}", text) else "status-unknown"
+
+
+def _badge(status: Any) -> str:
+    label = _e(status) if status not in (None, "") else "unknown"
+    return f'<span class="badge {_status_class(status)}">{label}</span>'
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    else:
+        try:
+            parsed = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _fmt_time(value: Any, *, seconds: bool = True, zone: bool = True) -> str:
+    """``2024-05-01 12:00:05 UTC`` for an ISO time; the raw text when it does not parse."""
+    parsed = _parse_time(value)
+    if parsed is None:
+        return "" if value is None else str(value)
+    text = parsed.strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+    return f"{text} UTC" if zone else text
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def _relative(value: Any, now: datetime | None) -> str:
+    """``5m 00s ago`` / ``in 1h 20m`` relative to the page's generation time; empty when unknown."""
+    moment = _parse_time(value)
+    if moment is None or now is None:
+        return ""
+    delta = (moment - now).total_seconds()
+    if abs(delta) < 1:
+        return "now"
+    return f"in {_fmt_duration(delta)}" if delta > 0 else f"{_fmt_duration(delta)} ago"
+
+
+def _time_cell(value: Any, now: datetime | None, *, empty: str = "—") -> str:
+    if value is None or value == "":
+        return f'<td class="time muted">{empty}</td>'
+    rel = _relative(value, now)
+    rel_html = f'<span class="rel">{_e(rel)}</span>' if rel else ""
+    return (
+        f'<td class="time"><time datetime="{_e(value)}" title="{_e(value)}">'
+        f"{_e(_fmt_time(value, seconds=False, zone=False))}</time>{rel_html}</td>"
+    )
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt_int(value: Any) -> str:
+    number = _int(value)
+    if number is None:
+        return "—" if value is None or value == "" else _e(value)
+    return f"{number:,}"
+
+
+def _num_cell(value: Any) -> str:
+    return f'<td class="num">{_fmt_int(value)}</td>'
+
+
+def _short_number(value: float) -> str:
+    """Axis labels: exact up to six digits (``15,234``), then ``4.57M``, ``1.2G``."""
+    magnitude = abs(value)
+    for limit, suffix in ((1e9, "G"), (1e6, "M")):
+        if magnitude >= limit:
+            text = f"{value / limit:.2f}".rstrip("0").rstrip(".")
+            return f"{text}{suffix}"
+    if value == int(value):
+        return f"{int(value):,}"
+    return f"{value:,.1f}"
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+# --- sections -----------------------------------------------------------------------------------------
+
+
+def _header(version: str, generated_at: str) -> str:
+    return (
+        '<header class="page" data-testid="header">'
+        f"<h1>{PRODUCT}</h1>"
+        f'<span class="meta" data-testid="version">version {_e(version)}</span>'
+        f'<span class="meta" data-testid="generated-at">generated '
+        f'<time datetime="{_e(generated_at)}">{_e(_fmt_time(generated_at))}</time>'
+        f" · refreshes every {REFRESH_SECONDS} s</span>"
+        "</header>"
+    )
+
+
+def _summary(
+    audiences: Sequence[Mapping[str, Any]],
+    runs: Sequence[Mapping[str, Any]],
+    deliveries: Mapping[str, int] | None,
+) -> str:
+    members = sum(_int(a.get("members")) or 0 for a in audiences)
+    attention = sum(1 for r in runs if str(r.get("status")) in HIGHLIGHTED_STATUSES)
+    running = sum(1 for r in runs if r.get("status") == "running")
+    cards = [
+        ("Audiences", f"{len(audiences):,}", False, "summary-audiences"),
+        ("Members (acknowledged)", f"{members:,}", False, "summary-members"),
+        ("Running", f"{running:,}", False, "summary-running"),
+        ("Recent runs needing attention", f"{attention:,}", attention > 0, "summary-attention"),
+    ]
+    if deliveries is not None:
+        pending = _int(deliveries.get("pending")) or 0
+        dead = _int(deliveries.get("dead")) or 0
+        cards.append(("Deliveries pending", f"{pending:,}", False, "summary-pending"))
+        cards.append(("Dead deliveries", f"{dead:,}", dead > 0, "summary-dead"))
+    parts = [
+        f'<div class="card{" alert" if alert else ""}" data-testid="{testid}">'
+        f'<div class="label">{_e(label)}</div><div class="value">{value}</div></div>'
+        for label, value, alert, testid in cards
+    ]
+    return '<div class="summary" data-testid="summary">' + "".join(parts) + "</div>"
+
+
+def _audiences_section(audiences: Sequence[Mapping[str, Any]], now: datetime | None) -> str:
+    head = (
+        '<section data-testid="audiences-section" aria-labelledby="audiences-title">'
+        f'<h2 id="audiences-title">Audiences <span class="count">({len(audiences)})</span></h2>'
+    )
+    if not audiences:
+        return head + '<p class="empty" data-testid="audiences-empty">No audiences configured.</p></section>'
+    rows = []
+    for audience in audiences:
+        key = audience.get("key")
+        last = audience.get("last_run") or None
+        source = audience.get("source")
+        source_type = source.get("type") if isinstance(source, Mapping) else source
+        disabled = audience.get("enabled") is False
+        name_html = _e(audience.get("name") or key)
+        if disabled:
+            name_html += '<span class="badge disabled">disabled</span>'
+        if isinstance(last, Mapping):
+            last_cells = (
+                f'<td class="num">{_e(last.get("id"))}</td>'
+                f"<td>{_badge(last.get('status'))}</td>"
+                f"{_time_cell(last.get('started_at'), now)}"
+            )
+            row_class = _status_class(last.get("status"))
+        else:
+            last_cells = '<td class="muted" colspan="3">no runs yet</td>'
+            row_class = "status-none"
+        next_run = audience.get("next_run")
+        next_cell = (
+            _time_cell(next_run, now)
+            if next_run
+            else f'<td class="time muted">{"disabled" if disabled else "not scheduled"}</td>'
+        )
+        rows.append(
+            f'<tr class="{row_class}" data-testid="audience-{_e(key)}">'
+            f'<td class="audience">{name_html}</td>'
+            f'<td><code class="key">{_e(key)}</code></td>'
+            f"<td>{_e(audience.get('kind'))}</td>"
+            f"<td>{_e(source_type)}</td>"
+            f"{_num_cell(audience.get('members'))}"
+            f"{last_cells}{next_cell}</tr>"
+        )
+    table = (
+        '<div class="table-wrap"><table data-testid="audiences">'
+        '<thead><tr><th rowspan="2">Name</th><th rowspan="2">Key</th><th rowspan="2">Kind</th>'
+        '<th rowspan="2">Source</th><th class="num" rowspan="2">Members</th><th colspan="3">Last run</th>'
+        f'<th rowspan="2">Next run {UTC_UNIT}</th></tr>'
+        f'<tr><th class="num">Run</th><th>Status</th><th>Started {UTC_UNIT}</th></tr></thead>'
+        "<tbody>" + "".join(rows) + "</tbody></table></div>"
+    )
+    return head + table + "</section>"
+
+
+def _chart(key: str, points: Sequence[tuple[str, int]]) -> str:
+    """An inline SVG line chart of members over time, or a placeholder when there is no point."""
+    clean: list[tuple[str, datetime | None, int]] = []
+    for point in points:
+        try:
+            when, value = point[0], point[1]
+        except (TypeError, IndexError, KeyError):
+            continue
+        number = _int(value)
+        if number is None:
+            continue
+        clean.append((str(when), _parse_time(when), number))
+    if not clean:
+        return '<div class="chart-empty" data-testid="chart-empty">No runs yet</div>'
+
+    times = [t for _, t, _ in clean]
+    use_time = all(t is not None for t in times)
+    xs_raw = [t.timestamp() for t in times if t is not None] if use_time else list(range(len(clean)))
+    values = [v for _, _, v in clean]
+    x_lo, x_hi = min(xs_raw), max(xs_raw)
+    y_lo, y_hi = min(values), max(values)
+    plot_w = CHART_W - PAD_LEFT - PAD_RIGHT
+    plot_h = CHART_H - PAD_TOP - PAD_BOTTOM
+    # Leave a little headroom so the line never sits on the frame; a flat series sits in the middle.
+    if y_hi == y_lo:
+        span = max(1.0, abs(y_hi) * 0.1)
+        scale_lo, scale_hi = y_lo - span, y_hi + span
+    else:
+        pad = (y_hi - y_lo) * 0.08
+        scale_lo, scale_hi = y_lo - pad, y_hi + pad
+
+    def sx(x: float) -> float:
+        if x_hi == x_lo:
+            return PAD_LEFT + plot_w / 2
+        return PAD_LEFT + (x - x_lo) / (x_hi - x_lo) * plot_w
+
+    def sy(y: float) -> float:
+        return PAD_TOP + (scale_hi - y) / (scale_hi - scale_lo) * plot_h
+
+    coords = [(sx(x), sy(v)) for x, v in zip(xs_raw, values, strict=True)]
+    bottom = PAD_TOP + plot_h
+    right = PAD_LEFT + plot_w
+    parts = [
+        f'<svg viewBox="0 0 {CHART_W} {CHART_H}" role="img" '
+        f'aria-label="Members of {_e(key)} over time" data-testid="chart-{_e(key)}">',
+        f"<title>Members of {_e(key)} over time</title>",
+    ]
+    # Gridlines and y labels at the data's max and min (one label when the series is flat).
+    y_marks = [(y_hi, "y-max")] if y_hi == y_lo else [(y_hi, "y-max"), (y_lo, "y-min")]
+    for value, cls in y_marks:
+        y = sy(value)
+        parts.append(f'<line class="grid" x1="{PAD_LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>')
+        parts.append(
+            f'<text class="{cls}" x="{PAD_LEFT - 8}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{_e(_short_number(value))}</text>"
+        )
+    parts.append(f'<line class="axis" x1="{PAD_LEFT}" y1="{PAD_TOP}" x2="{PAD_LEFT}" y2="{bottom}"/>')
+    parts.append(f'<line class="axis" x1="{PAD_LEFT}" y1="{bottom}" x2="{right}" y2="{bottom}"/>')
+    # x labels: first and last time (one centered label for a single time).
+    first_label = _fmt_time(clean[0][0], seconds=False)
+    last_label = _fmt_time(clean[-1][0], seconds=False)
+    label_y = bottom + 20
+    if x_hi == x_lo:
+        parts.append(
+            f'<text class="x-min" x="{PAD_LEFT + plot_w / 2:.1f}" y="{label_y}" text-anchor="middle">'
+            f"{_e(first_label)}</text>"
+        )
+    else:
+        parts.append(f'<text class="x-min" x="{PAD_LEFT}" y="{label_y}" text-anchor="start">{_e(first_label)}</text>')
+        parts.append(f'<text class="x-max" x="{right}" y="{label_y}" text-anchor="end">{_e(last_label)}</text>')
+    if len(coords) >= 2:
+        line = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
+        area = f"{coords[0][0]:.1f},{bottom} {line} {coords[-1][0]:.1f},{bottom}"
+        parts.append(f'<polygon class="area" points="{area}"/>')
+        parts.append(f'<polyline class="series" data-testid="series-{_e(key)}" points="{line}"/>')
+    # Point markers with tooltips; thinned on long series (the last point is always marked).
+    step = max(1, math.ceil(len(coords) / MAX_POINT_MARKERS))
+    marked = set(range(0, len(coords), step)) | {len(coords) - 1}
+    radius = 3.5 if len(coords) <= 60 else 2.5
+    for index in sorted(marked):
+        x, y = coords[index]
+        raw, _, value = clean[index]
+        parts.append(
+            f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="{radius}">'
+            f"<title>{_e(_fmt_time(raw))}: {value:,} members</title></circle>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _charts_section(audiences: Sequence[Mapping[str, Any]], history: Mapping[str, Sequence[tuple[str, int]]]) -> str:
+    head = (
+        '<section data-testid="charts-section" aria-labelledby="charts-title">'
+        '<h2 id="charts-title">Members over time</h2>'
+    )
+    if not audiences:
+        return head + '<p class="empty">No audiences configured.</p></section>'
+    figures = []
+    for audience in audiences:
+        key = str(audience.get("key") or "")
+        points = history.get(key) or ()
+        figures.append(
+            f'<figure class="chart" data-testid="chart-card-{_e(key)}">'
+            f"<figcaption><span>{_e(audience.get('name') or key)}</span>"
+            f'<span class="now">{_fmt_int(audience.get("members"))} members now</span></figcaption>'
+            f"{_chart(key, points)}</figure>"
+        )
+    return head + '<div class="charts">' + "".join(figures) + "</div></section>"
+
+
+def _duration_cell(run: Mapping[str, Any], now: datetime | None) -> str:
+    started = _parse_time(run.get("started_at"))
+    finished = _parse_time(run.get("finished_at"))
+    if started is None:
+        return '<td class="num muted">—</td>'
+    if finished is None:
+        if run.get("status") == "running" and now is not None:
+            return f'<td class="num muted">{_e(_fmt_duration((now - started).total_seconds()))}…</td>'
+        return '<td class="num muted">—</td>'
+    return f'<td class="num">{_e(_fmt_duration((finished - started).total_seconds()))}</td>'
+
+
+def _members_cell(run: Mapping[str, Any]) -> str:
+    """Rows in the snapshot, with the skipped (invalid) rows noted under it when there are any."""
+    invalid = _int(run.get("invalid")) or 0
+    note = f'<span class="rel">{invalid:,} invalid</span>' if invalid > 0 else ""
+    return f'<td class="num">{_fmt_int(run.get("members"))}{note}</td>'
+
+
+def _error_cell(error: Any) -> str:
+    if error is None or error == "":
+        return '<td class="muted">—</td>'
+    text = str(error)
+    shown = _truncate(text, ERROR_DISPLAY_CHARS)
+    title = _truncate(text, ERROR_TITLE_CHARS)
+    return f'<td class="error" title="{_e(title)}">{_e(shown)}</td>'
+
+
+def _runs_section(runs: Sequence[Mapping[str, Any]], names: Mapping[str, str], now: datetime | None) -> str:
+    head = (
+        '<section data-testid="runs-section" aria-labelledby="runs-title">'
+        f'<h2 id="runs-title">Recent runs <span class="count">({len(runs)})</span></h2>'
+    )
+    if not runs:
+        return head + '<p class="empty" data-testid="runs-empty">No runs yet.</p></section>'
+    rows = []
+    for run in runs:
+        audience = run.get("audience")
+        name = names.get(str(audience))
+        audience_html = f'<code class="key">{_e(audience)}</code>'
+        if name and name != audience:
+            audience_html = f"{_e(name)}<br>{audience_html}"
+        rows.append(
+            f'<tr class="{_status_class(run.get("status"))}" data-testid="run-{_e(run.get("id"))}">'
+            f'<td class="num">{_e(run.get("id"))}</td>'
+            f'<td class="audience">{audience_html}</td>'
+            f'<td>{_e(run.get("mode"))}<span class="sub">{_e(run.get("trigger"))}</span></td>'
+            f"<td>{_badge(run.get('status'))}</td>"
+            f"{_time_cell(run.get('started_at'), now)}"
+            f"{_duration_cell(run, now)}"
+            + _members_cell(run)
+            + "".join(_num_cell(run.get(field)) for field in ("entered", "exited", "sent", "failed", "requests"))
+            + f"{_error_cell(run.get('error'))}</tr>"
+        )
+    table = (
+        '<div class="table-wrap"><table data-testid="runs">'
+        '<thead><tr><th class="num">Run</th><th>Audience</th><th>Mode<span class="sub">trigger</span></th>'
+        f"<th>Status</th><th>Started {UTC_UNIT}</th>"
+        '<th class="num">Duration</th><th class="num">Members</th><th class="num">Entered</th>'
+        '<th class="num">Exited</th><th class="num">Sent</th>'
+        '<th class="num">Failed</th><th class="num">Requests</th><th>Error</th></tr></thead>'
+        "<tbody>" + "".join(rows) + "</tbody></table></div>"
+    )
+    return head + table + "</section>"
+
+
+def _deliveries_section(deliveries: Mapping[str, int]) -> str:
+    head = (
+        '<section data-testid="deliveries-section" aria-labelledby="deliveries-title">'
+        '<h2 id="deliveries-title">Real-time delivery backlog</h2>'
+    )
+    if not deliveries:
+        return head + '<p class="empty" data-testid="deliveries-empty">No deliveries yet.</p></section>'
+    known = [s for s in DELIVERY_ORDER if s in deliveries]
+    others = sorted(str(s) for s in deliveries if s not in DELIVERY_ORDER)
+    rows = []
+    for status in [*known, *others]:
+        count = deliveries.get(status)
+        number = _int(count) or 0
+        # A dead count of zero is good news: only a non-zero one is highlighted.
+        row_class = _status_class(status) if status != "dead" or number > 0 else "status-none"
+        rows.append(
+            f'<tr class="{row_class}" data-testid="delivery-{_e(status)}">'
+            f"<td>{_badge(status)}</td>{_num_cell(count)}</tr>"
+        )
+    table = (
+        '<div class="table-wrap narrow"><table data-testid="deliveries">'
+        '<thead><tr><th>Status</th><th class="num">Deliveries</th></tr></thead>'
+        "<tbody>" + "".join(rows) + "</tbody></table></div>"
+    )
+    return head + table + "</section>"
+
+
+# --- the page -----------------------------------------------------------------------------------------
+
+
+def render_status_page(
+    *,
+    audiences: Sequence[Mapping[str, Any]],
+    runs: Sequence[Mapping[str, Any]],
+    history: Mapping[str, Sequence[tuple[str, int]]],
+    deliveries: Mapping[str, int] | None,
+    generated_at: str,
+    version: str,
+) -> str:
+    """The status page as one self-contained HTML5 document.
+
+    ``audiences`` are ``audiences --json`` objects, ``runs`` recent run records newest first,
+    ``history`` per audience key the ``(ISO time, members)`` points oldest first, ``deliveries`` the
+    real-time backlog by status (None when the real-time path is off).
+    """
+    now = _parse_time(generated_at)
+    names = {str(a.get("key")): str(a.get("name") or a.get("key")) for a in audiences}
+    body = [
+        _header(version, generated_at),
+        "<main>",
+        _summary(audiences, runs, deliveries),
+        _audiences_section(audiences, now),
+        _charts_section(audiences, history),
+        _runs_section(runs, names, now),
+    ]
+    if deliveries is not None:
+        body.append(_deliveries_section(deliveries))
+    body.append(
+        f"<footer>{PRODUCT} {_e(version)} · times in UTC · this page reloads every {REFRESH_SECONDS} seconds</footer>"
+    )
+    body.append("</main>")
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n'
+        '<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">\n'
+        f"<title>{PRODUCT} status</title>\n"
+        f"<style>{CSS}</style>\n"
+        "</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
