@@ -333,3 +333,51 @@ def test_quick_start_daemon_uses_the_bundled_emulator(tmp_path: Any) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     assert "bundled ODP emulator" in process.stderr.read()  # type: ignore[union-attr]
+
+
+def test_adding_and_removing_audiences_across_a_restart(project: Project, daemons: list[Daemon]) -> None:
+    make_customers(project, range(20))
+    sql_audience(project)
+    first = start_daemon(project)
+    daemons.append(first)
+    wait_for(lambda: [r for r in history(project) if r["status"] == "succeeded"], 20, "initial run of the first")
+    assert first.stop()[0] == 0
+
+    (project.dir / "vip.csv").write_text("user_id,email\nv1,v1@x\nv2,v2@x\n")
+    project.audiences = [{"name": "VIP", "source": {"type": "file", "path": "vip.csv"}}]
+    second = start_daemon(project, interval="1s")
+    daemons.append(second)
+    runs = wait_for(lambda: (h := history(project)) and any(r["audience"] == "vip" for r in h) and h, 20, "vip")
+    time.sleep(2.5)  # the removed audience would be due every second if it were still scheduled
+    assert second.stop()[0] == 0
+    runs = history(project)
+    assert [r["id"] for r in runs if r["audience"] == KEY] == [1]
+    vip = [r for r in runs if r["audience"] == "vip"]
+    assert vip[-1]["mode"] == "initial" and vip[-1]["sent"] == 2
+
+
+def test_json_logs_have_one_line_per_run_start_and_end(project: Project, daemons: list[Daemon]) -> None:
+    make_customers(project, range(10))
+    sql_audience(project)
+    path = project.write()
+    port = free_port()
+    config = project.dir / "json-logs.toml"
+    config.write_text(path.read_text() + f'[server]\nport = {port}\nadmin_token = "{TOKEN}"\n')
+    process = subprocess.Popen(
+        [sys.executable, "-m", "audience_sync", "run", "--config", str(config), "--log-format", "json"],
+        cwd=project.dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    daemon = Daemon(project, process, port)
+    daemons.append(daemon)
+    daemon.wait_ready()
+    wait_for(lambda: [r for r in history(project) if r["status"] == "succeeded"], 20, "initial run")
+    assert daemon.stop()[0] == 0
+    lines = [json.loads(line) for line in process.stderr.read().splitlines() if line.strip()]  # type: ignore[union-attr]
+    messages = [line["message"] for line in lines if line["logger"] == "audience_sync.sync"]
+    assert any(m.startswith(f"run 1 of {KEY} started (initial, schedule)") for m in messages)
+    assert any(m.startswith(f"run 1 of {KEY} succeeded: members=10 entered=10") for m in messages)
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert "test-key" not in json.dumps(lines) and TOKEN not in json.dumps(lines)
