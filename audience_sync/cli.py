@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,9 @@ from audience_sync.config import Config, load_config, redact_url
 from audience_sync.errors import AudienceSyncError, ConfigError, RunInProgress, UnknownAudience
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
+COUNT_COLUMNS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
+SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNT_COLUMNS)
+HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", *COUNT_COLUMNS)
 
 
 class UsageError(AudienceSyncError):
@@ -158,24 +162,7 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
         _emit_json(records)
     else:
         if records:
-            print(
-                _table(
-                    records,
-                    (
-                        "id",
-                        "audience",
-                        "mode",
-                        "status",
-                        "members",
-                        "entered",
-                        "exited",
-                        "invalid",
-                        "sent",
-                        "failed",
-                        "requests",
-                    ),
-                )
-            )
+            print(_table(records, SYNC_COLUMNS))
         for record in records:
             if record["error"]:
                 print(f"run {record['id']} ({record['audience']}): {record['error']}", file=sys.stderr)
@@ -200,25 +187,7 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         _emit_json(records)
     else:
-        print(
-            _table(
-                records,
-                (
-                    "id",
-                    "audience",
-                    "mode",
-                    "trigger",
-                    "status",
-                    "started_at",
-                    "members",
-                    "entered",
-                    "exited",
-                    "sent",
-                    "failed",
-                    "requests",
-                ),
-            )
-        )
+        print(_table(records, HISTORY_COLUMNS))
     return EXIT_OK
 
 
@@ -247,9 +216,7 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def audience_objects(
-    config: Config, engine: Any, next_runs: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
+def audience_objects(config: Config, engine: Any, next_runs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The objects of ``audiences --json`` and ``GET /api/audiences``."""
     from audience_sync.audiences.sources import describe
     from audience_sync.store.members import acknowledged_counts
@@ -293,11 +260,7 @@ def cmd_audiences(args: argparse.Namespace, config: Config) -> int:
         }
         for o in objects
     ]
-    print(
-        _table(
-            rows, ("key", "name", "kind", "delivery", "enabled", "source", "members", "last_run", "next_run")
-        )
-    )
+    print(_table(rows, ("key", "name", "kind", "delivery", "enabled", "source", "members", "last_run", "next_run")))
     return EXIT_OK
 
 
@@ -431,13 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync", parents=[common, json_flag], help="run audience syncs now")
     p.add_argument("keys", nargs="*", metavar="KEY", help="audience keys (default: every enabled audience)")
     p.add_argument("--full", action="store_true", help="re-send true for every current member, plus exits")
-    p.add_argument(
-        "--reconcile", action="store_true", help="full, plus false again for every known non-member"
-    )
+    p.add_argument("--reconcile", action="store_true", help="full, plus false again for every known non-member")
     p.add_argument("--dry-run", action="store_true", help="plan and report; send nothing, change nothing")
-    p.add_argument(
-        "--force", action="store_true", help="send even when the circuit breaker would hold the run"
-    )
+    p.add_argument("--force", action="store_true", help="send even when the circuit breaker would hold the run")
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("history", parents=[common, json_flag], help="sync history, newest first")
@@ -458,9 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("upgrade",))
     p.set_defaults(func=cmd_db)
 
-    p = sub.add_parser(
-        "check", parents=[common, json_flag], help="validate config, database and ODP credentials"
-    )
+    p = sub.add_parser("check", parents=[common, json_flag], help="validate config, database and ODP credentials")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("emulator", parents=[common], help="run a local ODP emulator")
@@ -499,6 +456,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
