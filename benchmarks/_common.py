@@ -1,0 +1,124 @@
+"""Helpers shared by the benchmark scripts (not part of the package; imported as ``_common``).
+
+Everything here is plain standard library so that a benchmark's parent process stays small: the
+project itself is only imported by the child processes (or the phase) that is being measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+OUT_DIR = BENCH_DIR / "out"
+AUDIENCE_NAME = "Bench Members"
+AUDIENCE_KEY = "bench_members"
+
+
+def user_id(i: int) -> str:
+    return f"u{i:09d}"
+
+
+def email(i: int) -> str:
+    return f"user{i}@example.com"
+
+
+def _rows(start: int, stop: int) -> Iterator[tuple[str, str]]:
+    for i in range(start, stop):
+        yield (user_id(i), email(i))
+
+
+def build_source_db(path: Path, members: int) -> float:
+    """``customers(user_id TEXT, email TEXT)`` with ``members`` rows, one transaction; returns seconds."""
+    started = time.perf_counter()
+    if path.exists():
+        path.unlink()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=OFF")
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("CREATE TABLE customers (user_id TEXT, email TEXT)")
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO customers (user_id, email) VALUES (?, ?)", _rows(0, members))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return time.perf_counter() - started
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def write_config(
+    path: Path,
+    *,
+    store: Path,
+    source: Path,
+    odp: dict[str, Any] | None = None,
+    max_exit_ratio: float = 1.0,
+) -> None:
+    """A config TOML: the store, one SQL-sourced audience, optionally an ``[odp]`` section."""
+    lines: list[str] = []
+    if odp:
+        lines.append("[odp]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in odp.items()]
+        lines.append("")
+    lines += [
+        "[database]",
+        f"url = {json.dumps(sqlite_url(store))}",
+        "",
+        "[[audiences]]",
+        f"name = {json.dumps(AUDIENCE_NAME)}",
+        f"key = {json.dumps(AUDIENCE_KEY)}",
+        f"max_exit_ratio = {max_exit_ratio}",
+        "[audiences.source]",
+        'type = "sql"',
+        f"url = {json.dumps(sqlite_url(source))}",
+        'query = "SELECT user_id, email FROM customers"',
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
