@@ -152,9 +152,20 @@ def user_identifiers(ids: Mapping[str, str | None]) -> dict[str, str]:
     return out
 
 
+_COMMON_VALUES: dict[str, Any] = {TRUE: True, FALSE: False, NULL: None}
+
+
+def decode_value(value_json: str) -> Any:
+    """A stored value back to Python (the common true/false/null without parsing)."""
+    try:
+        return _COMMON_VALUES[value_json]
+    except KeyError:
+        return json.loads(value_json)
+
+
 def upsert_contact_body(key: str, value_json: str, ids: Mapping[str, str | None]) -> dict[str, Any]:
     """``batch_upsert_contact`` item: ``{"user_identifiers": {...}, "<trait_key>": value}``."""
-    return {"user_identifiers": user_identifiers(ids), key: json.loads(value_json)}
+    return {"user_identifiers": user_identifiers(ids), key: decode_value(value_json)}
 
 
 def sync_audience_body(

@@ -7,6 +7,7 @@ batch right after ODP's 2xx, so a crash at any point loses at most the batches i
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from audience_sync.audiences.rules import Mode, Status
 from audience_sync.audiences.sources import SourceStats, stream_members
 from audience_sync.config import AudienceSettings, Config
 from audience_sync.errors import SourceError
-from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
+from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem, RawJson
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import make_engine, upsert
@@ -206,24 +207,17 @@ class Syncer:
             return Status.INTERRUPTED, note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 
-    def _send(
-        self, audience: AudienceSettings, run_id: int, started: datetime, total: int
-    ) -> tuple[int, int]:
-        timestamp = run_store.iso(started) or ""
-        delivery = audience.delivery
+    def _send(self, audience: AudienceSettings, run_id: int, started: datetime, total: int) -> tuple[int, int]:
         key = audience.key
-
-        def body(change: member_store.Change) -> dict[str, Any]:
-            if delivery == "sync_audience":
-                return rules.sync_audience_body(key, change.value, change.ids, timestamp)
-            return rules.upsert_contact_body(key, change.value, change.ids)
-
         batch_size = self.config.settings.odp.batch_size
+        bodies = member_store.pending_bodies(
+            self.engine, run_id, delivery=audience.delivery, key=key, timestamp=run_store.iso(started) or ""
+        )
 
         def batches() -> Iterator[list[OutboundItem]]:
             batch: list[OutboundItem] = []
-            for change in member_store.pending_changes(self.engine, run_id):
-                batch.append(OutboundItem(change, body(change)))
+            for change_id, body in bodies:
+                batch.append(OutboundItem(change_id, RawJson(body)))
                 if len(batch) >= batch_size:
                     yield batch
                     batch = []
@@ -232,26 +226,32 @@ class Syncer:
 
         done = {"sent": 0, "failed": 0}
 
-        def on_report(report: BatchReport) -> None:
+        def record(reports: list[BatchReport]) -> None:
             member_store.record_batch(
                 self.engine,
                 run_id=run_id,
                 audience=key,
-                acknowledged=[i.key for i in report.acknowledged],
-                rejected=[(i.key, msg) for i, msg in report.rejected],
-                failed=[(i.key, msg) for i, msg in report.failed],
-                requests=report.requests,
+                acknowledged=[i.key for r in reports for i in r.acknowledged],
+                rejected=[(i.key, msg) for r in reports for i, msg in r.rejected],
+                failed=[(i.key, msg) for r in reports for i, msg in r.failed],
+                requests=sum(r.requests for r in reports),
                 now=run_store.utcnow(),
             )
+
+        writer = _Background(record, name=f"acks-{run_id}")
+
+        def on_report(report: BatchReport) -> None:
+            writer.put(report)
             done["sent"] += len(report.acknowledged)
             done["failed"] += len(report.rejected) + len(report.failed)
-            self.progress(
-                f"{key}: sent {done['sent']:,}/{total:,}"
-                + (f", {done['failed']:,} failed" if done["failed"] else "")
-            )
+            failed = f", {done['failed']:,} failed" if done["failed"] else ""
+            self.progress(f"{key}: sent {done['sent']:,}/{total:,}{failed}")
 
-        path = "/batch_sync_audience" if delivery == "sync_audience" else "/batch_upsert_contact"
-        self.client.send(path, batches(), on_report, should_stop=self.should_stop)
+        path = "/batch_sync_audience" if audience.delivery == "sync_audience" else "/batch_upsert_contact"
+        try:
+            self.client.send(path, _prefetched(batches(), depth=4), on_report, should_stop=self.should_stop)
+        finally:
+            writer.close()  # every acknowledgement is written before the run is recorded
         return done["sent"], done["failed"]
 
 
@@ -259,6 +259,87 @@ def _failure_note(failed: int) -> str | None:
     if not failed:
         return None
     return f"{failed} items were not acknowledged by ODP; the next run sends them again (see show --changes)"
+
+
+class _Background:
+    """Writes batches' outcomes from one background thread, in order, so that recording overlaps
+    reading and sending the next batches. Whatever has queued up when the writer gets to it is written
+    in one transaction (no waiting is added). A failure is raised on the next ``put`` or at ``close``;
+    the queue is short, so a crash loses at most a few batches' records, whose items the next run
+    sends again (at-least-once)."""
+
+    _DONE = object()
+
+    def __init__(self, work: Callable[[list[Any]], None], name: str, depth: int = 8) -> None:
+        self.work = work
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        finished = False
+        while not finished:
+            items = [self.queue.get()]
+            while True:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if items[-1] is self._DONE:
+                finished = True
+                items.pop()
+            if items and self.error is None:
+                try:
+                    self.work(items)
+                except BaseException as exc:
+                    self.error = exc
+
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(self._DONE)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Iterate ``source`` in a background thread, ``depth`` items ahead (reads overlap sends)."""
+    buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        buffer.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((False, None))
+        except BaseException as exc:
+            buffer.put((False, exc))
+
+    thread = threading.Thread(target=fill, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = buffer.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 class _LeaseKeeper:

@@ -94,10 +94,16 @@ class ClientOptions:
             raise ValueError("timeout_seconds must be > 0")
 
 
-@dataclass(frozen=True)
+class RawJson(str):
+    """An item body that is already JSON text (e.g. built by the database); sent as it is."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundItem:
     key: Any  # caller's identifier for the item (member key, delivery id...), opaque to the client
-    body: Mapping[str, Any]
+    body: Mapping[str, Any] | RawJson
 
 
 @dataclass
@@ -131,7 +137,15 @@ def _json_default(value: object) -> object:
 
 
 def _encode(items: Sequence[OutboundItem]) -> bytes:
-    return json.dumps([item.body for item in items], separators=(",", ":"), default=_json_default).encode()
+    if all(isinstance(item.body, RawJson) for item in items):
+        return ("[" + ",".join([item.body for item in items]) + "]").encode()  # type: ignore[misc]
+    parts = [
+        item.body
+        if isinstance(item.body, RawJson)
+        else json.dumps(item.body, separators=(",", ":"), default=_json_default)
+        for item in items
+    ]
+    return ("[" + ",".join(parts) + "]").encode()
 
 
 def parse_retry_after(value: str | None) -> float | None:

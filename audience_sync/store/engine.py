@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -87,6 +88,22 @@ def bulk_load(
             copy.write_row(row)
 
 
+def in_id_list(conn: Connection, column: str, param: str = "ids") -> str:
+    """SQL testing ``column`` against a list of ids bound as ONE parameter (see :func:`id_list`).
+
+    One parameter instead of one per id keeps per-batch statements cheap: SQLite reads a JSON array
+    with ``json_each``, PostgreSQL binds an array.
+    """
+    if is_sqlite(conn):
+        return f"{column} IN (SELECT value FROM json_each(:{param}))"
+    return f"{column} = ANY(CAST(:{param} AS BIGINT[]))"
+
+
+def id_list(conn: Connection, ids: Sequence[int]) -> Any:
+    """The bound value for :func:`in_id_list`."""
+    return json.dumps(list(ids)) if is_sqlite(conn) else list(ids)
+
+
 @contextmanager
 def migration_lock(conn: Connection) -> Iterator[None]:
     """Serialise migrations of replicas starting together.
@@ -113,3 +130,33 @@ def claim_lock(query: Select[Any]) -> Select[Any]:
     (SELECT ...)`` is atomic there anyway.
     """
     return query.with_for_update(skip_locked=True)
+
+
+def insert_new(
+    conn: Connection, table: str, columns: Sequence[str], conflict: str, rows: Sequence[Sequence[Any]]
+) -> None:
+    """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` of many rows (values already as the dialect
+    stores them, see :func:`bind_value`) straight through the driver, without SQLAlchemy's per-row work:
+    ``executemany`` on SQLite's cursor, psycopg's pipelined ``executemany`` on PostgreSQL. Runs in
+    ``conn``'s transaction."""
+    if not rows:
+        return
+    mark = "?" if is_sqlite(conn) else "%s"
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(mark for _ in columns)}) "
+        f"ON CONFLICT ({conflict}) DO NOTHING"
+    )
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    cursor = raw.cursor()
+    try:
+        cursor.executemany(sql, rows)
+    finally:
+        cursor.close()
+
+
+def bind_value(conn: Connection | Engine, table: Table, column: str, value: Any) -> Any:
+    """``value`` as the dialect stores it in ``table.column`` (what SQLAlchemy would bind), for the
+    driver-level statements above."""
+    process = table.c[column].type.bind_processor(conn.dialect)
+    return process(value) if process is not None else value

@@ -13,10 +13,11 @@ from datetime import datetime
 
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import TextClause
 
 from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode, Outcome
-from audience_sync.store.engine import bulk_load, is_sqlite, upsert
-from audience_sync.store.tables import IDENTIFIER_COLUMNS, members, run_changes, runs
+from audience_sync.store.engine import bulk_load, id_list, in_id_list, is_sqlite
+from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, members, run_changes, runs
 
 STAGE = "stage_members"
 _STAGE_COLUMNS = ("member", *IDENTIFIER_COLUMNS, "value")
@@ -39,9 +40,7 @@ def has_acknowledged(engine: Engine, audience: str) -> bool:
     """True once ODP acknowledged anything for the audience (so the next run is not ``initial``)."""
     with engine.connect() as conn:
         row = conn.execute(
-            select(members.c.member)
-            .where(members.c.audience == audience, members.c.acked.is_not(None))
-            .limit(1)
+            select(members.c.member).where(members.c.audience == audience, members.c.acked.is_not(None)).limit(1)
         ).first()
     return row is not None
 
@@ -67,9 +66,7 @@ def acknowledged_counts(engine: Engine, keys: Sequence[str]) -> dict[str, int]:
         return {a: int(n) for a, n in conn.execute(sql, {"keys": list(keys)})}
 
 
-def stage_snapshot(
-    conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk: Callable[[int], None]
-) -> int:
+def stage_snapshot(conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk: Callable[[int], None]) -> int:
     """Load the source's rows into a fresh temporary table; duplicate member keys count once (first wins).
 
     Returns the number of distinct members. ``on_chunk`` gets the running count of rows loaded.
@@ -100,8 +97,7 @@ def stage_snapshot(
             loaded += len(chunk)
             on_chunk(loaded)
         conn.exec_driver_sql(
-            f"CREATE TEMP TABLE {STAGE} AS SELECT DISTINCT ON (member) {cols} FROM {STAGE}_raw "
-            "ORDER BY member, seq"
+            f"CREATE TEMP TABLE {STAGE} AS SELECT DISTINCT ON (member) {cols} FROM {STAGE}_raw ORDER BY member, seq"
         )
         conn.exec_driver_sql(f"DROP TABLE {STAGE}_raw")
         conn.exec_driver_sql(f"ALTER TABLE {STAGE} ADD PRIMARY KEY (member)")
@@ -167,33 +163,70 @@ def write_plan(
     return entered, exited, quarantined
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One planned item: its ``run_changes`` id, member key, value JSON and identifiers."""
+class _Acknowledge:
+    """Members' acknowledged state from a batch's ``run_changes`` rows, set-based (one statement)."""
 
-    id: int
-    member: str
-    value: str
-    ids: dict[str, str | None]
+    _cache: dict[tuple[str, str], TextClause] = {}
+
+    def text(self, conn: Connection, where: str) -> TextClause:
+        key = (conn.dialect.name, where)
+        if key not in self._cache:
+            updates = ", ".join(f"{c} = excluded.{c}" for c in (*IDENTIFIER_COLUMNS, "acked", "acked_at"))
+            self._cache[key] = text(
+                f"INSERT INTO members (audience, member, {_IDS}, acked, acked_at, rejections, last_error) "
+                f"SELECT :a, member, {_IDS}, value, :now, 0, NULL FROM run_changes WHERE {where} "
+                f"ON CONFLICT (audience, member) DO UPDATE SET {updates}, rejections = 0, last_error = NULL"
+            ).bindparams(bindparam("now", type_=UTCDateTime()))
+        return self._cache[key]
 
 
-def pending_changes(engine: Engine, run_id: int, page: int = 5000) -> Iterator[Change]:
-    """Stream a run's pending changes in plan order, a short read per page (keyset pagination)."""
-    last = 0
-    query = text(
-        f"SELECT id, member, value, {_IDS} FROM run_changes "
-        "WHERE run_id = :run AND id > :last AND outcome = 'pending' ORDER BY id LIMIT :n"
+_ACKNOWLEDGE = _Acknowledge()
+
+
+def _body_sql(conn: Connection, delivery: str) -> str:
+    """SQL building each item's JSON body in the database (the same bodies as ``rules.*_body``).
+
+    Building bodies in SQL keeps per-member Python work off the send path; identifiers that are NULL
+    are left out (SQLite: ``json_patch`` with nulls removes keys; PostgreSQL: ``jsonb_strip_nulls``).
+    """
+    ids = (
+        "'userId', user_id, 'fs_user_id', user_id, 'web_user_id', user_id, 'email', email, "
+        "'anonymousId', anonymous_id, 'optimizely_vuid', optimizely_vuid"
     )
+    if is_sqlite(conn):
+        if delivery == "sync_audience":
+            return (
+                "json_object('audienceId', :key, 'audienceName', :key, 'timestamp', :ts, "
+                "'subscription', json(CASE WHEN value = 'true' THEN 'true' ELSE 'false' END), "
+                "'userId', coalesce(user_id, anonymous_id))"
+            )
+        return f"json_object('user_identifiers', json_patch('{{}}', json_object({ids})), :key, json(value))"
+    if delivery == "sync_audience":
+        return (
+            "CAST(jsonb_build_object('audienceId', CAST(:key AS text), 'audienceName', CAST(:key AS text), "
+            "'timestamp', CAST(:ts AS text), 'subscription', value = 'true', "
+            "'userId', coalesce(user_id, anonymous_id)) AS text)"
+        )
+    return (
+        f"CAST(jsonb_build_object('user_identifiers', jsonb_strip_nulls(jsonb_build_object({ids})), "
+        "CAST(:key AS text), CAST(value AS jsonb)) AS text)"
+    )
+
+
+def pending_bodies(
+    engine: Engine, run_id: int, *, delivery: str, key: str, timestamp: str, page: int = 5000
+) -> Iterator[tuple[int, str]]:
+    """Stream a run's pending changes as (change id, JSON body) in plan order, by keyset pages."""
+    last = 0
     while True:
         with engine.connect() as conn:
-            rows = conn.execute(query, {"run": run_id, "last": last, "n": page}).all()
-        for r in rows:
-            yield Change(
-                r[0],
-                r[1],
-                r[2],
-                {"user_id": r[3], "email": r[4], "anonymous_id": r[5], "optimizely_vuid": r[6]},
+            query = text(
+                f"SELECT id, {_body_sql(conn, delivery)} FROM run_changes "
+                "WHERE run_id = :run AND id > :last AND outcome = 'pending' ORDER BY id LIMIT :n"
             )
+            rows = conn.execute(query, {"run": run_id, "last": last, "n": page, "key": key, "ts": timestamp}).all()
+        for row in rows:
+            yield row[0], row[1]
         if len(rows) < page:
             return
         last = rows[-1][0]
@@ -204,69 +237,40 @@ def record_batch(
     *,
     run_id: int,
     audience: str,
-    acknowledged: Sequence[Change],
-    rejected: Sequence[tuple[Change, str]],
-    failed: Sequence[tuple[Change, str]],
+    acknowledged: Sequence[int],
+    rejected: Sequence[tuple[int, str]],
+    failed: Sequence[tuple[int, str]],
     requests: int,
     now: datetime,
 ) -> None:
-    """Write one batch's outcome in one transaction, right after ODP answered.
+    """Write one batch's outcome (by ``run_changes`` ids) in one transaction, right after ODP answered.
 
     Acknowledged items become the members' acknowledged state; rejected items count towards quarantine;
     items that failed retryably leave acknowledged state alone (the next run sends them again).
     """
     with engine.begin() as conn:
         if acknowledged:
-            conn.execute(
-                update(run_changes)
-                .where(run_changes.c.id.in_([c.id for c in acknowledged]))
-                .values(outcome=Outcome.SENT)
-            )
-            upsert(
-                conn,
-                members,
-                [
-                    {
-                        "audience": audience,
-                        "member": c.member,
-                        **c.ids,
-                        "acked": c.value,
-                        "acked_at": now,
-                        "rejections": 0,
-                        "last_error": None,
-                    }
-                    for c in acknowledged
-                ],
-                keys=("audience", "member"),
-                update=(*IDENTIFIER_COLUMNS, "acked", "acked_at", "rejections", "last_error"),
-            )
+            ids = id_list(conn, acknowledged)
+            where = in_id_list(conn, "id")
+            conn.execute(text(f"UPDATE run_changes SET outcome = '{Outcome.SENT}' WHERE {where}"), {"ids": ids})
+            conn.execute(_ACKNOWLEDGE.text(conn, where), {"a": audience, "now": now, "ids": ids})
         if rejected or failed:
             conn.execute(
                 update(run_changes)
                 .where(run_changes.c.id == bindparam("cid"))
                 .values(outcome=bindparam("o"), error=bindparam("e")),
-                [{"cid": c.id, "o": Outcome.REJECTED, "e": msg} for c, msg in rejected]
-                + [{"cid": c.id, "o": Outcome.FAILED, "e": msg} for c, msg in failed],
+                [{"cid": cid, "o": Outcome.REJECTED, "e": msg} for cid, msg in rejected]
+                + [{"cid": cid, "o": Outcome.FAILED, "e": msg} for cid, msg in failed],
             )
         if rejected:
-            upsert(
-                conn,
-                members,
-                [
-                    {
-                        "audience": audience,
-                        "member": c.member,
-                        "acked": None,
-                        "rejections": 1,
-                        "last_error": msg,
-                    }
-                    for c, msg in rejected
-                ],
-                keys=("audience", "member"),
-                update={
-                    "rejections": lambda ex: members.c.rejections + 1,
-                    "last_error": lambda ex: ex.last_error,
-                },
+            conn.execute(
+                text(
+                    "INSERT INTO members (audience, member, rejections, last_error) "
+                    "SELECT :a, member, 1, :e FROM run_changes WHERE id = :cid "
+                    "ON CONFLICT (audience, member) DO UPDATE "
+                    "SET rejections = members.rejections + 1, last_error = excluded.last_error"
+                ),
+                [{"a": audience, "cid": cid, "e": msg} for cid, msg in rejected],
             )
         conn.execute(
             update(runs)

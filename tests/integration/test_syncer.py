@@ -62,9 +62,7 @@ class Harness:
 
     def acked(self, audience: str) -> dict[str, str]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT member, acked FROM members WHERE audience = :a"), {"a": audience}
-            )
+            rows = conn.execute(text("SELECT member, acked FROM members WHERE audience = :a"), {"a": audience})
             return {r[0]: r[1] for r in rows}
 
 
@@ -84,9 +82,7 @@ def test_duplicates_count_once_and_invalid_rows_are_counted(h: Harness) -> None:
     path = h.csv("m.csv", ["u1,a@x", "u1,other@x", ",b@x", ",", "u2,"])
     run = h.sync(h.config(file_audience("Dupes", path)))
     assert (run["members"], run["invalid"], run["entered"], run["sent"]) == (3, 1, 3, 3)
-    sent = {
-        i["user_identifiers"].get("userId") or i["user_identifiers"]["email"]: i for i in h.emulator.items()
-    }
+    sent = {i["user_identifiers"].get("userId") or i["user_identifiers"]["email"]: i for i in h.emulator.items()}
     assert sent["u1"]["user_identifiers"]["email"] == "a@x"  # the first row of a duplicate key wins
     assert set(sent) == {"u1", "b@x", "u2"}
 
@@ -200,3 +196,47 @@ def test_jsonl_source_and_bad_line(h: Harness) -> None:
     run = h.sync(config)
     assert run["status"] == "failed" and "m.jsonl line 2: invalid JSON" in run["error"]
     assert h.emulator.requests() == []
+
+
+@pytest.mark.parametrize("delivery", ["upsert_contact", "sync_audience"])
+def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, delivery: str) -> None:
+    """The send path builds item JSON in SQL for speed; it must equal rules.*_body byte for meaning."""
+    import json
+
+    from audience_sync.audiences import rules
+    from audience_sync.store.members import pending_bodies
+
+    rows = [
+        ("u1", "u1", "a@x", "an1", "v1", "true"),
+        ("b@x", None, "b@x", None, None, "false"),
+        ("an3", None, None, "an3", None, "true"),
+        ('q"uote', 'q"uote', "é@x", None, "v\\4", "false"),
+    ]
+    if delivery == "upsert_contact":
+        rows += [
+            ("t1", "t1", None, None, None, '"gold"'),
+            ("t2", "t2", None, None, None, "12.5"),
+            ("t3", "t3", None, None, None, "null"),
+        ]
+    run_id, started = run_store.start_run(h.engine, audience="ref", mode="initial", trigger="manual")
+    with h.engine.begin() as conn:
+        for member, uid, email, anon, vuid, value in rows:
+            conn.execute(
+                text(
+                    "INSERT INTO run_changes (run_id, member, value, user_id, email, anonymous_id, optimizely_vuid, "
+                    "outcome) VALUES (:r, :m, :v, :u, :e, :a, :o, 'pending')"
+                ),
+                {"r": run_id, "m": member, "v": value, "u": uid, "e": email, "a": anon, "o": vuid},
+            )
+    timestamp = run_store.iso(started) or ""
+    built = [
+        json.loads(b) for _, b in pending_bodies(h.engine, run_id, delivery=delivery, key="ref", timestamp=timestamp)
+    ]
+    expected = []
+    for _, uid, email, anon, vuid, value in rows:
+        ids = {"user_id": uid, "email": email, "anonymous_id": anon, "optimizely_vuid": vuid}
+        if delivery == "upsert_contact":
+            expected.append(rules.upsert_contact_body("ref", value, ids))
+        else:
+            expected.append(rules.sync_audience_body("ref", value, ids, timestamp))
+    assert built == expected
