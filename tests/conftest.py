@@ -48,9 +48,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
     problem = _pg_reachable()
     if problem is not None:
         if REQUIRE_PG:
-            pytest.fail(
-                f"PostgreSQL is required (AUDIENCE_SYNC_REQUIRE_POSTGRES=1) but unreachable: {problem}"
-            )
+            pytest.fail(f"PostgreSQL is required (AUDIENCE_SYNC_REQUIRE_POSTGRES=1) but unreachable: {problem}")
         pytest.skip(f"PostgreSQL unreachable: {problem}")
     import psycopg
 
@@ -163,9 +161,7 @@ class Project:
 
     def write(self) -> Path:
         self.config_path.write_text(
-            render_toml(
-                {"odp": self.odp, "database": {"url": self.database.url}, "audiences": self.audiences}
-            )
+            render_toml({"odp": self.odp, "database": {"url": self.database.url}, "audiences": self.audiences})
         )
         return self.config_path
 
@@ -173,9 +169,7 @@ class Project:
         self, *args: str, timeout: float = 300, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         self.write()
-        return run_cli(
-            "--config", str(self.config_path), *args, cwd=self.dir, timeout=timeout, env=env, first=args[0]
-        )
+        return run_cli("--config", str(self.config_path), *args, cwd=self.dir, timeout=timeout, env=env, first=args[0])
 
     def cli_json(self, *args: str, expect: int | None = 0) -> Any:
         result = self.cli(*args, "--json")

@@ -72,6 +72,8 @@ class Member:
 def _text(value: Any) -> str | None:
     if value is None:
         return None
+    if type(value) is str:  # the common case, first
+        return value.strip() or None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
@@ -168,9 +170,7 @@ def upsert_contact_body(key: str, value_json: str, ids: Mapping[str, str | None]
     return {"user_identifiers": user_identifiers(ids), key: decode_value(value_json)}
 
 
-def sync_audience_body(
-    key: str, value_json: str, ids: Mapping[str, str | None], timestamp: str
-) -> dict[str, Any]:
+def sync_audience_body(key: str, value_json: str, ids: Mapping[str, str | None], timestamp: str) -> dict[str, Any]:
     """``batch_sync_audience`` item (Advanced Audience Targeting format)."""
     return {
         "audienceId": key,
@@ -195,9 +195,7 @@ def circuit_breaker(
     ``acknowledged`` is the number of members ODP currently holds as in the audience.
     """
     if members == 0 and acknowledged > 0:
-        return BreakerVerdict(
-            True, f"the source returned no rows while {acknowledged} members are in the audience"
-        )
+        return BreakerVerdict(True, f"the source returned no rows while {acknowledged} members are in the audience")
     if acknowledged >= min_members and exits > max_exit_ratio * acknowledged:
         return BreakerVerdict(
             True,

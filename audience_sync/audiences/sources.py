@@ -60,8 +60,16 @@ class _Normaliser:
         self.needs = audience.delivery == "sync_audience"
 
     def __call__(self, values: Sequence[Any]) -> MemberRow | None:
-        picked = [None if p is None else values[p] for p in self.positions]
-        return member_row(*picked, kind=self.kind, needs_user_or_anonymous=self.needs)
+        u, e, a, o, v = self.positions
+        return member_row(
+            None if u is None else values[u],
+            None if e is None else values[e],
+            None if a is None else values[a],
+            None if o is None else values[o],
+            None if v is None else values[v],
+            kind=self.kind,
+            needs_user_or_anonymous=self.needs,
+        )
 
 
 def stream_members(
@@ -79,9 +87,7 @@ def stream_members(
         yield from _jsonl(audience, source.path, stats)
 
 
-def _chunks(
-    rows: Iterator[Sequence[Any]], normalise: _Normaliser, stats: SourceStats
-) -> Iterator[list[MemberRow]]:
+def _chunks(rows: Iterator[Sequence[Any]], normalise: _Normaliser, stats: SourceStats) -> Iterator[list[MemberRow]]:
     chunk: list[MemberRow] = []
     for values in rows:
         stats.rows += 1
@@ -107,8 +113,15 @@ def _sql(audience: AudienceSettings, stats: SourceStats, engine: Engine) -> Iter
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(text(query))
             normalise = _Normaliser(audience, list(result.keys()), origin)
-            rows = (tuple(row) for part in result.partitions() for row in part)
-            yield from _chunks(rows, normalise, stats)
+            # The DBAPI cursor hands out plain tuples: no per-row Row objects on a million-row source.
+            cursor = result.cursor
+            assert cursor is not None
+
+            def rows() -> Iterator[Sequence[Any]]:
+                while batch := cursor.fetchmany(CHUNK_ROWS):
+                    yield from batch
+
+            yield from _chunks(rows(), normalise, stats)
     except SQLAlchemyError as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise SourceError(f"source query of audience {audience.key!r} failed: {detail}") from None

@@ -420,9 +420,7 @@ class OdpClient:
             self._deliver(url, items[:half], report, stop, outcome.message)
             self._deliver(url, items[half:], report, stop, outcome.message)
 
-    def _request(
-        self, url: str, items: list[OutboundItem], report: BatchReport, stop: threading.Event
-    ) -> _Outcome:
+    def _request(self, url: str, items: list[OutboundItem], report: BatchReport, stop: threading.Event) -> _Outcome:
         """One logical request with its retries; counts every HTTP request made in ``report``."""
         opts = self.options
         content = _encode(items)
@@ -454,9 +452,7 @@ class OdpClient:
                 detail = self._describe(exc)
                 last = f"{kind} ({_plural(attempts, 'attempt')})"
                 if attempts >= opts.max_attempts:
-                    return _Outcome(
-                        "failed", self._redact(f"{kind} after {_plural(attempts, 'attempt')}: {detail}")
-                    )
+                    return _Outcome("failed", self._redact(f"{kind} after {_plural(attempts, 'attempt')}: {detail}"))
                 delay = self._backoff(attempts)
                 log.debug(
                     "ODP %s: %s (%s); attempt %d of %d, retrying in %.2fs",

@@ -309,9 +309,7 @@ class EmulatorState:
             return True
         return hmac.compare_digest(token.encode(), self.api_key.encode())
 
-    def record(
-        self, path: str, status: int, received_at: float, headers: Any, body: bytes | None, count: int
-    ) -> None:
+    def record(self, path: str, status: int, received_at: float, headers: Any, body: bytes | None, count: int) -> None:
         self.last_seq += 1
         kept = {name: value for name in RECORDED_HEADERS if (value := headers.get(name)) is not None}
         self.records.append(_Record(self.last_seq, path, status, received_at, kept, body, count))
@@ -463,9 +461,7 @@ def _control_endpoints(state: EmulatorState) -> list[Route]:
         records = state.records
         start = bisect.bisect_right(records, since, key=lambda r: r.seq) if since else 0
         chunks = [
-            record.to_json(with_body)
-            for record in records[start:]
-            if path is None or path == "" or record.path == path
+            record.to_json(with_body) for record in records[start:] if path is None or path == "" or record.path == path
         ]
         body = b"".join((b'{"requests":[', b",".join(chunks), b"]}"))
         return Response(body, media_type="application/json")

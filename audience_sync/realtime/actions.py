@@ -323,9 +323,7 @@ _EMAIL_USER_IDENTIFIERS: Final = Field(
     "User identifiers",
     "object",
     required=True,
-    properties=tuple(
-        Field(p.name, p.label, required=True) if p.name == "email" else p for p in _IDENTIFIER_PROPERTIES
-    ),
+    properties=tuple(Field(p.name, p.label, required=True) if p.name == "email" else p for p in _IDENTIFIER_PROPERTIES),
 )
 
 _TIMESTAMP: Final = Field("timestamp", "Timestamp", required=True)
@@ -622,9 +620,7 @@ _SYNC_AUDIENCE: Final = Action(
     path="/batch_sync_audience",
     fields=(
         Field("custom_audience_name", "Custom Audience Name"),
-        Field(
-            "segment_computation_action", "Segment Computation Action", choices=("audience", "journey_step")
-        ),
+        Field("segment_computation_action", "Segment Computation Action", choices=("audience", "journey_step")),
         Field("segment_computation_id", "Segment Computation ID"),
         Field("optimizelyUserId", "Optimizely User ID", required=True),
         _TIMESTAMP,
@@ -658,15 +654,12 @@ def resolve_action(name: str) -> Action:
     canonical = ALIASES.get(name, name)
     if canonical not in ACTIONS:
         raise ValueError(
-            f"unknown action {name!r}: must be one of {', '.join(ACTIONS)} "
-            f"(or Segment's {', '.join(ALIASES)})"
+            f"unknown action {name!r}: must be one of {', '.join(ACTIONS)} (or Segment's {', '.join(ALIASES)})"
         )
     return ACTIONS[canonical]
 
 
-def merge_fields(
-    action: Action, user_fields: Mapping[str, Any] | None, use_defaults: bool = True
-) -> dict[str, Any]:
+def merge_fields(action: Action, user_fields: Mapping[str, Any] | None, use_defaults: bool = True) -> dict[str, Any]:
     """The field mappings to resolve: ``user_fields`` shallow-merged over the action's defaults.
 
     A user's object (``user_identifiers``, ``address``) replaces the whole default object. With

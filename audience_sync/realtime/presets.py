@@ -49,9 +49,7 @@ def _product(name: str, action: str) -> PresetMapping:
         name,
         _track(name),
         "ecommerce_event",
-        MappingProxyType(
-            {"event_type": "product", "event_action": action, "products": dict(PRODUCTS_FROM_PROPERTIES)}
-        ),
+        MappingProxyType({"event_type": "product", "event_action": action, "products": dict(PRODUCTS_FROM_PROPERTIES)}),
     )
 
 

@@ -215,10 +215,7 @@ class _Function(_Node):
         actual = self.target.resolve(event)
         if not isinstance(actual, str):
             return False  # also for the negated form
-        if self.pattern is not None:
-            hit = self.pattern.fullmatch(actual) is not None
-        else:
-            hit = self.argument in actual
+        hit = self.pattern.fullmatch(actual) is not None if self.pattern is not None else self.argument in actual
         return hit != self.negate
 
 
@@ -452,9 +449,7 @@ class _Parser:
             if name.kind == "word" and name.text in _FUNCTIONS:
                 self.advance()
                 return self.parse_function(name, negate=True)
-            self.fail(
-                token, "'!' may only negate contains(...) or match(...); use '!=' to negate a comparison"
-            )
+            self.fail(token, "'!' may only negate contains(...) or match(...); use '!=' to negate a comparison")
         if token.kind == "word":
             if token.text in _FUNCTIONS:
                 return self.parse_function(token, negate=False)
@@ -497,8 +492,7 @@ class _Parser:
         if op.kind != "op":
             self.fail(
                 op,
-                f"expected a comparison operator ({_OPERATORS_TEXT}) after {field_token.text!r}, "
-                f"found {_describe(op)}",
+                f"expected a comparison operator ({_OPERATORS_TEXT}) after {field_token.text!r}, found {_describe(op)}",
             )
         value = self.parse_value(self.advance(), after=repr(op.text))
         return _Comparison(target, op.text, value)

@@ -71,9 +71,7 @@ def upsert(
     conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=set_), rows)  # type: ignore[attr-defined]
 
 
-def bulk_load(
-    conn: Connection, table_name: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> None:
+def bulk_load(conn: Connection, table_name: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Load many rows fast: ``COPY`` on PostgreSQL, ``executemany`` on the raw SQLite cursor."""
     raw = conn.connection.driver_connection
     assert raw is not None

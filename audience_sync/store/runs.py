@@ -257,9 +257,7 @@ def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, dict[str, A
     return {r.audience: run_record(r) for r in rows}
 
 
-def changes(
-    engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0
-) -> list[dict[str, Any]]:
+def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
     """A run's per-member changes in plan order: member key, value sent, outcome, error."""
     import json
 

@@ -20,8 +20,7 @@ depends_on = None
 
 def _identifiers() -> list[sa.Column[str]]:
     return [
-        sa.Column(n, sa.String(512), nullable=True)
-        for n in ("user_id", "email", "anonymous_id", "optimizely_vuid")
+        sa.Column(n, sa.String(512), nullable=True) for n in ("user_id", "email", "anonymous_id", "optimizely_vuid")
     ]
 
 

@@ -29,9 +29,7 @@ def add_customers(project: Project, ids: range | list[int]) -> None:
 
 def remove_customers(project: Project, ids: range | list[int]) -> None:
     project.sql(
-        "DELETE FROM customers WHERE user_id IN :ids".replace(
-            ":ids", "(" + ",".join(f"'u{i}'" for i in ids) + ")"
-        )
+        "DELETE FROM customers WHERE user_id IN :ids".replace(":ids", "(" + ",".join(f"'u{i}'" for i in ids) + ")")
     )
 
 
@@ -222,9 +220,7 @@ def test_sigkill_mid_initial_sync_then_the_next_sync_completes(project: Project)
 
 
 def test_bad_query_fails_the_run_and_sends_nothing(project: Project) -> None:
-    project.audiences = [
-        {"name": "Broken", "source": {"type": "sql", "query": "SELECT user_id FROM no_such_table"}}
-    ]
+    project.audiences = [{"name": "Broken", "source": {"type": "sql", "query": "SELECT user_id FROM no_such_table"}}]
     result = project.cli("sync")
     assert result.returncode == 1
     assert "source query of audience 'broken' failed" in result.stderr and "no_such_table" in result.stderr

@@ -24,9 +24,7 @@ UPSERT = "/twilio_segment/batch_upsert_contact"
 def running_emulator(api_key: str | None = KEY, faults: Faults | None = None) -> Iterator[httpx.Client]:
     """Serve a fresh emulator on a free loopback port; yield an httpx client bound to it."""
     app = create_app(api_key=api_key, faults=faults)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 5
@@ -106,9 +104,7 @@ def test_auth_ok_and_unauthorized(emu: httpx.Client) -> None:
 
 def test_no_api_key_accepts_any_bearer_token(start: Start) -> None:
     client = start(api_key=None)
-    assert (
-        client.post("/twilio_segment/auth", headers={"Authorization": "Bearer whatever"}).status_code == 200
-    )
+    assert client.post("/twilio_segment/auth", headers={"Authorization": "Bearer whatever"}).status_code == 200
     assert upsert(client, [contact(1)], headers={"Authorization": "Bearer x"}).status_code == 200
     assert upsert(client, [contact(1)], headers={}).status_code == 401
 
@@ -194,9 +190,7 @@ def test_recording_filtering_and_clearing(emu: httpx.Client) -> None:
     items = [contact(1), {"user_identifiers": {"userId": "ü"}, "nested": {"a": [1, 2.5, None, "x"]}}]
     raw = json.dumps(items, indent=2).encode()  # whitespace and non-ASCII survive the round trip
     before = time.time()
-    assert (
-        emu.post(UPSERT, content=raw, headers={**AUTH, "Content-Type": "application/json"}).status_code == 200
-    )
+    assert emu.post(UPSERT, content=raw, headers={**AUTH, "Content-Type": "application/json"}).status_code == 200
     audience = [{"audienceId": "a", "audienceName": "a", "userId": "u1", "subscription": False}]
     assert emu.post("/twilio_segment/batch_sync_audience", json=audience, headers=AUTH).status_code == 200
     assert upsert(emu, [contact(3)]).status_code == 200

@@ -332,9 +332,7 @@ def test_batch_reports_invalid_events_by_index_and_sends_the_rest_in_one_request
     result = build_requests(
         "ecommerce_event", [bad, good, good], {"event_action": "purchase"}, use_defaults=True, base=US
     )
-    assert result.errors == [
-        {"index": 0, "message": "The root value is missing the required field 'timestamp'."}
-    ]
+    assert result.errors == [{"index": 0, "message": "The root value is missing the required field 'timestamp'."}]
     [request] = result.requests
     assert request["method"] == "POST"
     assert request["url"] == f"{US}/batch_custom_event"
@@ -350,9 +348,7 @@ def audience_event(kind: str = "identify", **extra: Any) -> dict[str, Any]:
         "userId": "u1",
         "anonymousId": "a1",
         "timestamp": TS,
-        "context": {
-            "personas": {"computation_class": "audience", "computation_key": "vip", "computation_id": "aud_1"}
-        },
+        "context": {"personas": {"computation_class": "audience", "computation_key": "vip", "computation_id": "aud_1"}},
         **extra,
     }
 
@@ -390,10 +386,7 @@ def test_sync_audience_computation_class_must_be_audience_or_journey_step(
 ) -> None:
     event = audience_event(traits={"vip": True})
     event["context"]["personas"]["computation_class"] = computation_class
-    assert (
-        error("sync_audience", event)
-        == 'Segment Computation Action must be one of: "audience" or "journey_step".'
-    )
+    assert error("sync_audience", event) == 'Segment Computation Action must be one of: "audience" or "journey_step".'
 
 
 # -- action names, regions, field merging -----------------------------------------------------------

@@ -97,9 +97,7 @@ def harness() -> Iterator[Harness]:
 
 
 def item(key: str, **extra: Any) -> OutboundItem:
-    return OutboundItem(
-        key=key, body={"user_identifiers": {"email": f"{key}@example.com"}, "id": key, **extra}
-    )
+    return OutboundItem(key=key, body={"user_identifiers": {"email": f"{key}@example.com"}, "id": key, **extra})
 
 
 def items(n: int, prefix: str = "m") -> list[OutboundItem]:
@@ -133,9 +131,7 @@ def scripted(*responses: httpx.Response | Exception) -> tuple[Handler, list[http
     return handler, seen
 
 
-def send_all(
-    client: OdpClient, batches: Any, **kwargs: Any
-) -> tuple[SendTotals, list[BatchReport], list[int]]:
+def send_all(client: OdpClient, batches: Any, **kwargs: Any) -> tuple[SendTotals, list[BatchReport], list[int]]:
     reports: list[BatchReport] = []
     threads: list[int] = []
 
@@ -614,9 +610,7 @@ def test_stop_cuts_retry_waits_short() -> None:
         transport=httpx.MockTransport(handler),
     ) as client:
         reports: list[BatchReport] = []
-        totals = client.send(
-            PATH, [[item("a")]], reports.append, should_stop=lambda: time.monotonic() - began > 0.2
-        )
+        totals = client.send(PATH, [[item("a")]], reports.append, should_stop=lambda: time.monotonic() - began > 0.2)
     assert time.monotonic() - began < 5
     assert reports[0].failed == [(item("a"), "stopped after HTTP 503 (1 attempt)")]
     assert totals == SendTotals(requests=1, failed=1)
@@ -802,9 +796,7 @@ def live_odp() -> Iterator[tuple[str, list[Any]]]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(_odp_app(received), log_level="warning", lifespan="off", access_log=False)
-    )
+    server = uvicorn.Server(uvicorn.Config(_odp_app(received), log_level="warning", lifespan="off", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -33,8 +33,6 @@ def test_vector(vector: dict[str, Any]) -> None:
     # Round-trip through JSON: the body must serialise, and compare as parsed JSON (key order aside).
     requests = json.loads(json.dumps(result.requests))
     expected = vector["expect"]
-    assert [(r["method"], r["url"]) for r in requests] == [
-        (r["method"], r["url"]) for r in expected["requests"]
-    ]
+    assert [(r["method"], r["url"]) for r in requests] == [(r["method"], r["url"]) for r in expected["requests"]]
     assert [r["body"] for r in requests] == [r["body"] for r in expected["requests"]]
     assert result.errors == expected["errors"]

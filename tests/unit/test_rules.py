@@ -110,9 +110,7 @@ def test_sync_audience_body() -> None:
     ],
 )
 def test_circuit_breaker(members: int, exits: int, acknowledged: int, ratio: float, hold: bool) -> None:
-    verdict = rules.circuit_breaker(
-        members=members, exits=exits, acknowledged=acknowledged, max_exit_ratio=ratio
-    )
+    verdict = rules.circuit_breaker(members=members, exits=exits, acknowledged=acknowledged, max_exit_ratio=ratio)
     assert verdict.hold is hold
     assert (verdict.reason is not None) is hold
 

@@ -106,9 +106,7 @@ def test_type_not_equal(event_type: str, expected: bool) -> None:
     ],
 )
 def test_and_with_parenthesised_or(event: dict[str, Any], expected: bool) -> None:
-    trigger = parse_trigger(
-        'event = "Page Viewed" and (properties.name = "Catalog" or properties.name = "Home")'
-    )
+    trigger = parse_trigger('event = "Page Viewed" and (properties.name = "Catalog" or properties.name = "Home")')
     assert trigger.matches(event) is expected
 
 
