@@ -113,13 +113,11 @@ def _sql(audience: AudienceSettings, stats: SourceStats, engine: Engine) -> Iter
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(text(query))
             normalise = _Normaliser(audience, list(result.keys()), origin)
-            # The DBAPI cursor hands out plain tuples: no per-row Row objects on a million-row source.
-            cursor = result.cursor
-            assert cursor is not None
 
             def rows() -> Iterator[Sequence[Any]]:
-                while batch := cursor.fetchmany(CHUNK_ROWS):
-                    yield from batch
+                # partitions() needs the size: on SQLite it ignores yield_per and hands out single rows.
+                for part in result.partitions(CHUNK_ROWS):
+                    yield from part
 
             yield from _chunks(rows(), normalise, stats)
     except SQLAlchemyError as exc:

@@ -240,3 +240,16 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
         else:
             expected.append(rules.sync_audience_body("ref", value, ids, timestamp))
     assert built == expected
+
+
+def test_sql_source_streams_every_row(h: Harness) -> None:
+    """A streamed SQL source loses no row at chunk boundaries or at the start (server-side cursors)."""
+    from audience_sync.audiences import sources
+
+    total = sources.CHUNK_ROWS * 2 + 7
+    with h.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE people (user_id VARCHAR(20), email VARCHAR(40))"))
+        conn.execute(text("INSERT INTO people VALUES (:u, :e)"), [{"u": f"p{i}", "e": f"p{i}@x"} for i in range(total)])
+    config = h.config({"name": "People", "source": {"type": "sql", "query": "SELECT * FROM people"}})
+    run = h.sync(config, dry_run=True)
+    assert (run["members"], run["entered"], run["invalid"]) == (total, total, 0)
