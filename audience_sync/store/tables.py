@@ -130,3 +130,65 @@ run_changes = Table(
     Column("error", Text, nullable=True),
     Index("ix_run_changes_run_id_id", "run_id", "id"),
 )
+
+# --- the real-time path -----------------------------------------------------------------------------
+
+# Accepted Segment messages, as stored before ingestion answers 200 (the JSON after validation, envelope
+# merge and timestamps). ``message_id`` is unique: a repeated id is acknowledged but not stored again.
+# ``routed_at`` is set when the delivery worker has turned the message into delivery items; routed
+# messages are kept for the de-duplication window (24 h), then purged.
+rt_messages = Table(
+    "rt_messages",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("message_id", String(255), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("routed_at", UTCDateTime(), nullable=True),
+    UniqueConstraint("message_id", name="uq_rt_messages_message_id"),
+    Index(
+        "ix_rt_messages_unrouted",
+        "id",
+        sqlite_where=text("routed_at IS NULL"),
+        postgresql_where=text("routed_at IS NULL"),
+    ),
+    Index(
+        "ix_rt_messages_routed_at",
+        "routed_at",
+        sqlite_where=text("routed_at IS NOT NULL"),
+        postgresql_where=text("routed_at IS NOT NULL"),
+    ),
+)
+
+# One delivery item per (message, matching mapping). ``status``: pending -> sending (claimed by a
+# worker until ``lease_until``) -> delivered | dead (permanent rejection) | pending again (retryable
+# failure, not before ``available_at``); ``invalid`` items failed validation and are never sent.
+rt_deliveries = Table(
+    "rt_deliveries",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("message_id", String(255), nullable=False),
+    Column("mapping", String(200), nullable=False),
+    Column("action", String(30), nullable=False),
+    Column("path", String(100), nullable=False),
+    Column("body", Text, nullable=True),
+    Column("status", String(12), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("http_status", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("available_at", UTCDateTime(), nullable=False),
+    Column("owner", String(200), nullable=True),
+    Column("lease_until", UTCDateTime(), nullable=True),
+    Index("ix_rt_deliveries_status_id", "status", "id"),
+    Index("ix_rt_deliveries_status_updated_at", "status", "updated_at"),
+    Index(
+        "ix_rt_deliveries_pending",
+        "path",
+        "id",
+        sqlite_where=text("status = 'pending'"),
+        postgresql_where=text("status = 'pending'"),
+    ),
+)

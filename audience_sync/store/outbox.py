@@ -1,0 +1,480 @@
+"""Every statement of the real-time path: accepted messages in, delivery items through to their outcome.
+
+Life of a message: ingestion inserts it (``messageId`` unique: a repeat is acknowledged, not stored);
+the delivery worker claims unrouted messages, routes them into delivery items and marks them routed in
+one transaction; it claims pending items per endpoint (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, see
+:func:`~audience_sync.store.engine.claim_lock`), holds them under a lease while sending, and records each
+item's outcome. Routed messages are purged after the de-duplication window, delivered and invalid items
+after the retention; dead items stay until replayed.
+
+Item statuses: ``pending`` (waiting, not before ``available_at``), ``sending`` (claimed by ``owner``
+until ``lease_until``), ``delivered``, ``invalid`` (failed validation, never sent) and ``dead``
+(permanently rejected by ODP, with the status and text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import Engine, bindparam, delete, func, literal_column, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnClause
+
+from audience_sync.store.engine import bind_value, claim_lock, insert_new
+from audience_sync.store.tables import rt_deliveries, rt_messages
+
+__all__ = [
+    "STATUSES",
+    "Claimed",
+    "Delivery",
+    "Message",
+    "NewDelivery",
+    "PathBacklog",
+    "claim",
+    "counts",
+    "delivery_record",
+    "insert_messages",
+    "list_deliveries",
+    "oldest_pending",
+    "pending_backlog",
+    "purge",
+    "record_outcomes",
+    "release",
+    "release_expired",
+    "renew_lease",
+    "replay",
+    "route_messages",
+    "sending_owners",
+    "unrouted_count",
+]
+
+PENDING, SENDING, DELIVERED, INVALID, DEAD = "pending", "sending", "delivered", "invalid", "dead"
+STATUSES: Final = (PENDING, SENDING, DELIVERED, INVALID, DEAD)
+REPLAYABLE: Final = (DEAD,)
+
+# Constants as SQL literals, not bound parameters: only then can SQLite (and a generic PostgreSQL plan)
+# use the partial index ``WHERE status = 'pending'``.
+_S: Final[dict[str, ColumnClause[str]]] = {s: literal_column(f"'{s}'") for s in STATUSES}
+
+_HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
+
+t = rt_deliveries
+m = rt_messages
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- messages -----------------------------------------------------------------------------------------
+
+
+def insert_messages(conn: Connection, rows: Sequence[tuple[str, datetime, str]]) -> None:
+    """Insert accepted messages, ``(message_id, received_at, payload JSON text)``; a message whose id is
+    already stored is skipped (acknowledged, not delivered again). The caller commits: a 200 is only
+    answered after that commit."""
+    if not rows:
+        return
+    stamp = {at: bind_value(conn, m, "received_at", at) for at in {row[1] for row in rows}}
+    values = [(message_id, stamp[at], payload) for message_id, at, payload in rows]
+    insert_new(conn, m.name, ("message_id", "received_at", "payload"), "message_id", values)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A stored message handed to the router."""
+
+    id: int
+    message_id: str
+    received_at: datetime
+    payload: str
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery item made by routing: a ``body`` to send, or the validation ``error`` (invalid)."""
+
+    message_id: str
+    received_at: datetime
+    mapping: str
+    action: str
+    path: str
+    body: Mapping[str, Any] | None
+    error: str | None = None
+
+
+def route_messages(
+    engine: Engine,
+    route: Callable[[Sequence[Message]], Iterable[NewDelivery]],
+    limit: int = 500,
+    now: datetime | None = None,
+) -> tuple[int, int]:
+    """Claim up to ``limit`` unrouted messages (oldest first), turn them into delivery items with
+    ``route`` and store the items while marking the messages routed, in one transaction (a crash
+    leaves the messages unrouted, never routed without items). Returns (messages, items).
+
+    PostgreSQL replicas skip each other's locked messages. On SQLite the read runs outside the write
+    lock (so ingestion is not blocked while routing) and the routed mark is conditional; should another
+    worker have routed one of the messages meanwhile, nothing is written and the batch is retried.
+    """
+    now = now or utcnow()
+    for _ in range(5):
+        with engine.begin() as conn:
+            query = claim_lock(
+                select(m.c.id, m.c.message_id, m.c.received_at, m.c.payload)
+                .where(m.c.routed_at.is_(None))
+                .order_by(m.c.id)
+                .limit(limit)
+            )
+            messages = [Message(r.id, r.message_id, r.received_at, r.payload) for r in conn.execute(query)]
+            if not messages:
+                return 0, 0
+            items = list(route(messages))
+            ids = [message.id for message in messages]
+            marked = conn.execute(
+                update(m).where(m.c.id.in_(ids), m.c.routed_at.is_(None)).values(routed_at=now)
+            ).rowcount
+            if marked != len(ids):
+                conn.rollback()
+                continue
+            if items:
+                conn.execute(t.insert(), [_new_row(item, now) for item in items])
+            return len(messages), len(items)
+    return 0, 0
+
+
+def _new_row(item: NewDelivery, now: datetime) -> dict[str, Any]:
+    return {
+        "message_id": item.message_id,
+        "mapping": item.mapping,
+        "action": item.action,
+        "path": item.path,
+        "body": None if item.body is None else _COMPACT.encode(item.body),
+        "status": INVALID if item.error is not None else PENDING,
+        "attempts": 0,
+        "error": item.error,
+        "received_at": item.received_at,
+        "created_at": now,
+        "updated_at": now,
+        "available_at": now,
+    }
+
+
+def unrouted_count(engine: Engine) -> int:
+    """Accepted messages not yet turned into delivery items."""
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(m).where(m.c.routed_at.is_(None))) or 0)
+
+
+# --- claiming and outcomes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathBacklog:
+    """Pending items of one endpoint that may be sent now, and since when the oldest has waited."""
+
+    path: str
+    ready: int
+    oldest: datetime
+
+
+def pending_backlog(engine: Engine, now: datetime | None = None) -> list[PathBacklog]:
+    """Per endpoint path, the pending items whose ``available_at`` has come."""
+    now = now or utcnow()
+    query = (
+        select(t.c.path, func.count(), func.min(t.c.available_at))
+        .where(t.c.status == _S[PENDING], t.c.available_at <= now)
+        .group_by(t.c.path)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [PathBacklog(path, int(ready), _aware(oldest)) for path, ready, oldest in rows]
+
+
+def next_available(engine: Engine) -> datetime | None:
+    """When the next pending item becomes available (None: nothing pending)."""
+    with engine.connect() as conn:
+        value = conn.scalar(select(func.min(t.c.available_at)).where(t.c.status == _S[PENDING]))
+    return None if value is None else _aware(value)
+
+
+def _aware(value: Any) -> datetime:
+    # func.min() loses the column type on SQLite: the value may come back as text.
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(moment, datetime)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A claimed item: what to send and when its message was received."""
+
+    id: int
+    body: Mapping[str, Any]
+    received_at: datetime
+    attempts: int
+
+
+def claim(
+    engine: Engine, path: str, limit: int, owner: str, lease_until: datetime, now: datetime | None = None
+) -> list[Claimed]:
+    """Claim up to ``limit`` available pending items of ``path`` (oldest first) for ``owner`` until
+    ``lease_until``; each claim counts as an attempt. Two workers never claim one item."""
+    now = now or utcnow()
+    ids = claim_lock(
+        select(t.c.id)
+        .where(t.c.status == _S[PENDING], t.c.path == path, t.c.available_at <= now)
+        .order_by(t.c.id)
+        .limit(limit)
+    )
+    stmt = (
+        update(t)
+        .where(t.c.id.in_(ids))
+        .values(status=SENDING, owner=owner, lease_until=lease_until, attempts=t.c.attempts + 1, updated_at=now)
+        .returning(t.c.id, t.c.body, t.c.received_at, t.c.attempts)
+    )
+    with engine.begin() as conn:
+        rows = conn.execute(stmt).all()
+    claimed = [Claimed(r.id, json.loads(r.body), r.received_at, r.attempts) for r in rows]
+    claimed.sort(key=lambda c: c.id)
+    return claimed
+
+
+def renew_lease(engine: Engine, owner: str, lease_until: datetime) -> int:
+    """Extend the lease of every item ``owner`` is sending (a heartbeat while a send takes long)."""
+    with engine.begin() as conn:
+        stmt = update(t).where(t.c.status == _S[SENDING], t.c.owner == owner).values(lease_until=lease_until)
+        return int(conn.execute(stmt).rowcount)
+
+
+def release_expired(engine: Engine, now: datetime | None = None) -> int:
+    """Put items whose sender's lease ran out (a crashed or stuck worker) back to pending."""
+    now = now or utcnow()
+    with engine.begin() as conn:
+        stmt = (
+            update(t)
+            .where(t.c.status == _S[SENDING], t.c.lease_until < now)
+            .values(status=PENDING, owner=None, lease_until=None, available_at=now, updated_at=now)
+        )
+        return int(conn.execute(stmt).rowcount)
+
+
+def sending_owners(engine: Engine) -> list[str]:
+    """The owners holding items in ``sending``."""
+    with engine.connect() as conn:
+        query = select(t.c.owner).where(t.c.status == _S[SENDING], t.c.owner.is_not(None)).distinct()
+        return [str(owner) for owner in conn.scalars(query)]
+
+
+def release(engine: Engine, owners: Sequence[str], now: datetime | None = None) -> int:
+    """Put the items of ``owners`` (workers known to be gone) back to pending at once."""
+    if not owners:
+        return 0
+    now = now or utcnow()
+    with engine.begin() as conn:
+        stmt = (
+            update(t)
+            .where(t.c.status == _S[SENDING], t.c.owner.in_(list(owners)))
+            .values(status=PENDING, owner=None, lease_until=None, available_at=now, updated_at=now)
+        )
+        return int(conn.execute(stmt).rowcount)
+
+
+def record_outcomes(
+    engine: Engine,
+    owner: str,
+    *,
+    delivered: Sequence[int] = (),
+    dead: Sequence[tuple[int, str]] = (),
+    retry: Sequence[tuple[int, str, datetime]] = (),
+    now: datetime | None = None,
+) -> None:
+    """Record what became of claimed items, in one transaction.
+
+    ``delivered``: ids ODP acknowledged. ``dead``: (id, message) permanently rejected; the HTTP status is
+    read from the message (``"HTTP 400: ..."``). ``retry``: (id, message, available_at) back to pending.
+    Dead and retried items are only changed while ``owner`` still holds them; a delivery is recorded
+    whoever holds the item now (it did reach ODP).
+    """
+    now = now or utcnow()
+    with engine.begin() as conn:
+        if delivered:
+            conn.execute(
+                update(t)
+                .where(t.c.id.in_(list(delivered)))
+                .values(status=DELIVERED, owner=None, lease_until=None, error=None, http_status=None, updated_at=now)
+            )
+        held = (t.c.id == bindparam("b_id"), t.c.status == _S[SENDING], t.c.owner == owner)
+        if dead:
+            stmt = (
+                update(t)
+                .where(*held)
+                .values(
+                    status=DEAD,
+                    owner=None,
+                    lease_until=None,
+                    error=bindparam("b_error"),
+                    http_status=bindparam("b_status"),
+                    updated_at=now,
+                )
+            )
+            conn.execute(stmt, [{"b_id": i, "b_error": e, "b_status": _http_status(e)} for i, e in dead])
+        if retry:
+            stmt = (
+                update(t)
+                .where(*held)
+                .values(
+                    status=PENDING,
+                    owner=None,
+                    lease_until=None,
+                    error=bindparam("b_error"),
+                    http_status=bindparam("b_status"),
+                    available_at=bindparam("b_at"),
+                    updated_at=now,
+                )
+            )
+            conn.execute(
+                stmt,
+                [{"b_id": i, "b_error": e, "b_status": _http_status(e), "b_at": at} for i, e, at in retry],
+            )
+
+
+def _http_status(message: str) -> int | None:
+    match = _HTTP_STATUS.match(message)
+    return int(match.group(1)) if match else None
+
+
+def replay(engine: Engine, status: str = DEAD, now: datetime | None = None) -> int:
+    """Queue every item in ``status`` (only ``dead`` is replayable) again: pending now, attempts reset.
+    Returns how many were queued."""
+    if status not in REPLAYABLE:
+        raise ValueError(f"only {', '.join(REPLAYABLE)} deliveries can be replayed, not {status!r}")
+    now = now or utcnow()
+    with engine.begin() as conn:
+        stmt = (
+            update(t)
+            .where(t.c.status == _S[status])
+            .values(status=PENDING, attempts=0, error=None, http_status=None, available_at=now, updated_at=now)
+        )
+        return int(conn.execute(stmt).rowcount)
+
+
+# --- retention ------------------------------------------------------------------------------------------
+
+
+def purge(engine: Engine, *, items_before: datetime, messages_before: datetime, chunk: int = 5000) -> tuple[int, int]:
+    """Delete delivered and invalid items last changed before ``items_before`` and routed messages routed
+    before ``messages_before``, in chunks (short transactions). Returns (items, messages) deleted."""
+    items = messages = 0
+    while True:
+        with engine.begin() as conn:
+            ids = (
+                select(t.c.id)
+                .where(t.c.status.in_([_S[DELIVERED], _S[INVALID]]), t.c.updated_at < items_before)
+                .limit(chunk)
+            )
+            deleted = int(conn.execute(delete(t).where(t.c.id.in_(ids))).rowcount)
+        items += deleted
+        if deleted < chunk:
+            break
+    while True:
+        with engine.begin() as conn:
+            ids = select(m.c.id).where(m.c.routed_at.is_not(None), m.c.routed_at < messages_before).limit(chunk)
+            deleted = int(conn.execute(delete(m).where(m.c.id.in_(ids))).rowcount)
+        messages += deleted
+        if deleted < chunk:
+            break
+    return items, messages
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    """Items per status, every status present (0 when none)."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.c.status, func.count()).group_by(t.c.status)).all()
+    result = dict.fromkeys(STATUSES, 0)
+    result.update({status: int(n) for status, n in rows})
+    return result
+
+
+def oldest_pending(engine: Engine) -> datetime | None:
+    """When the oldest message still waiting for delivery (pending or sending) was received."""
+    with engine.connect() as conn:
+        value = conn.scalar(select(func.min(t.c.received_at)).where(t.c.status.in_([_S[PENDING], _S[SENDING]])))
+    return None if value is None else _aware(value)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A delivery item as listed by ``deliveries`` and ``GET /api/deliveries``."""
+
+    id: int
+    message_id: str
+    mapping: str
+    action: str
+    path: str
+    status: str
+    attempts: int
+    http_status: int | None
+    error: str | None
+    received_at: datetime
+    updated_at: datetime
+    body: Any
+
+
+def list_deliveries(engine: Engine, status: str | None = None, limit: int = 50) -> list[Delivery]:
+    """Items, newest first, optionally of one status."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+    query = select(t).order_by(t.c.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(t.c.status == _S[status])
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [
+        Delivery(
+            id=r.id,
+            message_id=r.message_id,
+            mapping=r.mapping,
+            action=r.action,
+            path=r.path,
+            status=r.status,
+            attempts=r.attempts,
+            http_status=r.http_status,
+            error=r.error,
+            received_at=r.received_at,
+            updated_at=r.updated_at,
+            body=None if r.body is None else json.loads(r.body),
+        )
+        for r in rows
+    ]
+
+
+def delivery_record(delivery: Delivery) -> dict[str, Any]:
+    """The JSON object of one item (times ISO 8601 UTC)."""
+    return {
+        "id": delivery.id,
+        "message_id": delivery.message_id,
+        "mapping": delivery.mapping,
+        "action": delivery.action,
+        "path": delivery.path,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "http_status": delivery.http_status,
+        "error": delivery.error,
+        "received_at": _iso(delivery.received_at),
+        "updated_at": _iso(delivery.updated_at),
+        "body": delivery.body,
+    }
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
