@@ -28,6 +28,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from audience_sync.errors import ConfigError
 from audience_sync.naming import trait_key
+from audience_sync.realtime.actions import resolve_action
+from audience_sync.realtime.mapping import MappingError, validate_mapping
+from audience_sync.realtime.presets import PRESETS, get_preset
+from audience_sync.realtime.triggers import TriggerError, parse_trigger
 
 ENV_PREFIX = "AUDIENCE_SYNC_"
 DEFAULT_CONFIG_PATH = Path("audience-sync.toml")
@@ -166,15 +170,94 @@ class AudienceSettings(_Section):
 
 
 class MappingSettings(_Section):
-    name: str = Field(min_length=1)
+    """A custom real-time mapping: events selected by ``trigger`` become items of ``action``.
+
+    Checked at load: the trigger parses (``triggers.md``), the action exists (Segment's slugs are
+    accepted and stored as the canonical name), and ``fields`` are well-formed mapping-kit mappings of
+    fields the action declares (they are merged over the action's defaults when events are routed).
+    """
+
+    name: str = Field(min_length=1, max_length=200)
     trigger: str
     action: str
     enabled: bool = True
     fields: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("trigger")
+    @classmethod
+    def _trigger(cls, value: str) -> str:
+        try:
+            parse_trigger(value)
+        except TriggerError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("action")
+    @classmethod
+    def _action(cls, value: str) -> str:
+        return resolve_action(value).name
+
+    @model_validator(mode="after")
+    def _fields(self) -> MappingSettings:
+        check_mapping_fields(self.action, self.fields)
+        return self
+
+
+def check_mapping_fields(action_name: str, fields: Mapping[str, Any]) -> None:
+    """Raise ``ValueError("fields: ...")`` for a field ``action_name`` does not declare or a malformed
+    mapping (an unknown field would otherwise be dropped silently when the item is built)."""
+    action = resolve_action(action_name)
+    known = [f.name for f in action.fields]
+    for name, mapping in fields.items():
+        if name not in known:
+            raise ValueError(f"fields: {name!r} is not a field of {action.name} (fields: {', '.join(known)})")
+        try:
+            validate_mapping(mapping, where=name)
+        except MappingError as exc:
+            raise ValueError(f"fields: {exc}") from None
+
 
 class PresetSettings(_Section):
+    """``disabled``: names of presets (or the built-in "Upsert Contact" mapping) to switch off."""
+
     disabled: list[str] = Field(default_factory=list)
+
+    @field_validator("disabled")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for name in value:
+            get_preset(name)
+        return value
+
+
+class RealtimeSettings(_Section):
+    """The real-time delivery path.
+
+    - ``linger``: how long a batch may wait to fill up before it is sent anyway (at most 1 s);
+    - ``retention``: delivered and invalid items are deleted after this (dead ones stay until replayed);
+    - ``retry_delay`` / ``retry_max_delay``: the first and the largest wait before a delivery that failed
+      with a retryable error is tried again (doubling in between; retried without limit).
+    """
+
+    linger: Duration = timedelta(seconds=1)
+    retention: Duration = timedelta(days=7)
+    retry_delay: Duration = timedelta(seconds=1)
+    retry_max_delay: Duration = timedelta(minutes=5)
+
+    @field_validator("linger")
+    @classmethod
+    def _linger(cls, value: timedelta) -> timedelta:
+        if value > timedelta(seconds=1):
+            raise ValueError("must be at most 1s")
+        return value
+
+    @model_validator(mode="after")
+    def _delays(self) -> RealtimeSettings:
+        if self.retry_delay <= timedelta(0):
+            raise ValueError("retry_delay: must be more than 0s")
+        if self.retry_max_delay < self.retry_delay:
+            raise ValueError("retry_max_delay: must be at least retry_delay")
+        return self
 
 
 class Settings(BaseSettings):
@@ -195,6 +278,7 @@ class Settings(BaseSettings):
     audiences: list[AudienceSettings] = Field(default_factory=list)
     mappings: list[MappingSettings] = Field(default_factory=list)
     presets: PresetSettings = PresetSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -217,6 +301,21 @@ class Settings(BaseSettings):
                     f"{audience.key!r}; give one an explicit key"
                 )
             seen[audience.key] = audience.name
+        return self
+
+    @model_validator(mode="after")
+    def _unique_mapping_names(self) -> Settings:
+        active_presets = {p.name for p in PRESETS} - set(self.presets.disabled)
+        names: set[str] = set()
+        for index, mapping in enumerate(self.mappings):
+            if mapping.name in active_presets:
+                raise ValueError(
+                    f"mappings[{index}].name: {mapping.name!r} is a preset; disable it in presets.disabled "
+                    "or choose another name"
+                )
+            if mapping.name in names:
+                raise ValueError(f"mappings[{index}].name: {mapping.name!r} is used by two mappings")
+            names.add(mapping.name)
         return self
 
     def audience(self, key: str) -> AudienceSettings:

@@ -1,0 +1,324 @@
+"""The delivery worker: accepted messages -> delivery items -> batches to ODP -> recorded outcomes.
+
+One cycle (:meth:`DeliveryWorker.process_once`, or repeatedly in :meth:`DeliveryWorker.run`):
+
+1. **Route.** Unrouted messages are claimed, matched against every enabled mapping and turned into
+   delivery items (``pending``, or ``invalid`` with the exact validation message), in one transaction
+   per chunk.
+2. **Claim.** Per endpoint, pending items are claimed when a full batch of ``odp.batch_size`` is ready,
+   or when the oldest has lingered ``realtime.linger`` (at most 1 s). Claims hold a lease that a
+   heartbeat renews while the send lasts; a worker that dies loses its items to the others when the
+   lease runs out (at once when it is known dead: same host, process gone).
+3. **Send.** Batches go through the shared :class:`~audience_sync.odp.client.OdpClient` (concurrency,
+   pacing, retries, ``Retry-After``, halving of rejected batches). Per settled batch: acknowledged items
+   are ``delivered``; permanently rejected ones ``dead`` with ODP's status and text; the rest (retries
+   used up, a rate limit that outlasted the client's patience, credentials refused, a stop) go back to
+   ``pending`` after a growing delay (``realtime.retry_delay`` doubling up to ``retry_max_delay``),
+   without a limit on attempts. A rate limit never makes an item dead.
+4. **Purge** (every minute): delivered and invalid items past ``realtime.retention``, routed messages
+   past the 24 h de-duplication window.
+
+Replicas on one PostgreSQL database claim with ``FOR UPDATE SKIP LOCKED``: an item is never sent by
+two workers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from sqlalchemy import Engine
+
+from audience_sync.config import Config
+from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
+from audience_sync.realtime.ingest import ingest_rate
+from audience_sync.realtime.metrics import RealtimeMetrics
+from audience_sync.realtime.routing import Router
+from audience_sync.store import outbox
+
+__all__ = ["DEDUP_WINDOW", "DeliveryWorker"]
+
+log = logging.getLogger("audience_sync.delivery")
+
+DEDUP_WINDOW: Final = timedelta(hours=24)
+"""A ``messageId`` accepted within this window is acknowledged but not delivered again."""
+
+_LIVE_TOKENS: set[str] = set()  # tokens of the workers of this process
+_HOST = socket.gethostname()
+
+
+def _owner_alive(owner: str) -> bool | None:
+    """True/False for a worker of this host; None when it lives elsewhere (only its lease can tell)."""
+    host, _, rest = owner.partition(":")
+    if host != _HOST:
+        return None
+    pid_text, _, token = rest.partition(":")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return token in _LIVE_TOKENS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class DeliveryWorker:
+    """Delivers the real-time path's items to ODP. :meth:`run` in a thread of the daemon;
+    :meth:`process_once` for tests and one-shot use."""
+
+    poll_seconds: float = 0.1
+    """Idle wait between looks for new work."""
+    lease_seconds: float = 60.0
+    """How long claimed items stay claimed without a heartbeat."""
+    purge_every_seconds: float = 60.0
+    route_chunk: int = 200
+    """Messages routed per transaction."""
+    route_budget_seconds: float = 0.25
+    """Routing time per cycle before sending gets its turn (a large backlog does not starve sends)."""
+    light_ingest_rate: float = 2000.0
+    """Events/s of ingestion in this process below which delivery never holds back."""
+    min_share: float = 0.1
+    """The least share of the time delivery works however heavy ingestion is."""
+
+    def __init__(
+        self, config: Config, engine: Engine, client: OdpClient, *, metrics: RealtimeMetrics | None = None
+    ) -> None:
+        settings = config.settings
+        self.engine = engine
+        self.client = client
+        self.metrics = metrics
+        self.router = Router.from_config(settings.presets.disabled, settings.mappings)
+        self.batch_size = settings.odp.batch_size
+        self.claim_limit = self.batch_size * settings.odp.concurrency * 2
+        self.linger = settings.realtime.linger
+        self.retention = settings.realtime.retention
+        self.retry_delay = settings.realtime.retry_delay.total_seconds()
+        self.retry_max_delay = settings.realtime.retry_max_delay.total_seconds()
+        self.token = uuid.uuid4().hex[:12]
+        self.owner = f"{_HOST}:{os.getpid()}:{self.token}"
+        _LIVE_TOKENS.add(self.token)
+        self._next_due: datetime | None = None
+        self._last_recovery = 0.0
+
+    # --- the loop ----------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Deliver until ``stop`` is set; errors are logged and retried after a pause, never raised."""
+        log.info("delivery worker %s started", self.owner)
+        last_purge = 0.0
+        try:
+            while not stop.is_set():
+                try:
+                    done = self._cycle(stop, flush=False)
+                    if time.monotonic() - last_purge >= self.purge_every_seconds:
+                        self.purge()
+                        last_purge = time.monotonic()
+                except Exception as exc:
+                    log.error("delivery worker: %s: %s", type(exc).__name__, exc)
+                    stop.wait(1.0)
+                    continue
+                if not done:
+                    stop.wait(self._idle_wait())
+        finally:
+            log.info("delivery worker %s stopped", self.owner)
+
+    def process_once(self) -> int:
+        """One cycle that sends everything available now (no linger); returns the items routed plus the
+        items whose send settled. Loop until it returns 0 to drain."""
+        return self._cycle(threading.Event(), flush=True)
+
+    def close(self) -> None:
+        """Forget this worker: its remaining claims are released by the next worker's start."""
+        _LIVE_TOKENS.discard(self.token)
+
+    def purge(self, now: datetime | None = None) -> tuple[int, int]:
+        """Delete delivered/invalid items past the retention and routed messages past the de-duplication
+        window; returns (items, messages)."""
+        now = now or _utcnow()
+        items, messages = outbox.purge(
+            self.engine, items_before=now - self.retention, messages_before=now - DEDUP_WINDOW
+        )
+        if items or messages:
+            log.info("purged %d delivery items and %d messages", items, messages)
+        return items, messages
+
+    def _cycle(self, stop: threading.Event, flush: bool) -> int:
+        routed = self._route(stop, throttle=not flush)
+        if flush or time.monotonic() - self._last_recovery >= 5.0:
+            self._recover()
+            self._last_recovery = time.monotonic()
+        return routed + self._send_due(stop, flush)
+
+    def _idle_wait(self) -> float:
+        wait = self.poll_seconds
+        if self._next_due is not None:
+            wait = min(wait, max(0.01, (self._next_due - _utcnow()).total_seconds()))
+        return wait
+
+    # --- routing -----------------------------------------------------------------------------------------
+
+    def _route(self, stop: threading.Event, throttle: bool) -> int:
+        items = 0
+        deadline = time.monotonic() + self.route_budget_seconds
+        while True:
+            cpu = time.thread_time()
+            messages, made = outbox.route_messages(self.engine, self._items_for, limit=self.route_chunk)
+            items += made
+            if messages < self.route_chunk or time.monotonic() >= deadline:
+                return items
+            if throttle:
+                self._yield_to_ingestion(time.thread_time() - cpu, stop)
+
+    def _yield_to_ingestion(self, seconds: float, stop: threading.Event) -> None:
+        """Under heavy ingestion in this process, work only a share of the time (``seconds``: how long
+        the last piece of work took): routing and sending cost far more CPU than accepting, and in one
+        process they share the GIL with ingestion. Up to ``light_ingest_rate`` events/s nothing is held
+        back; above it the share falls in proportion, down to ``min_share``; the backlog drains after."""
+        rate = ingest_rate()
+        if rate <= self.light_ingest_rate or seconds <= 0:
+            return
+        share = max(self.min_share, self.light_ingest_rate / rate)
+        stop.wait(seconds * (1.0 - share) / share)
+
+    def _items_for(self, messages: Sequence[outbox.Message]) -> list[outbox.NewDelivery]:
+        items: list[outbox.NewDelivery] = []
+        invalid = 0
+        for message in messages:
+            try:
+                routed = self.router.route(json.loads(message.payload))
+            except Exception as exc:  # a message that breaks routing must not block the ones after it
+                log.exception("routing message %s failed", message.message_id)
+                items.append(
+                    outbox.NewDelivery(
+                        message.message_id, message.received_at, "*", "", "", None, f"routing failed: {exc}"
+                    )
+                )
+                invalid += 1
+                continue
+            for item in routed:
+                invalid += item.error is not None
+                items.append(
+                    outbox.NewDelivery(
+                        message.message_id,
+                        message.received_at,
+                        item.mapping,
+                        item.action,
+                        item.path,
+                        item.body,
+                        item.error,
+                    )
+                )
+        if self.metrics is not None:
+            self.metrics.outcome("invalid", invalid)
+        return items
+
+    # --- claiming and sending ---------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        released = outbox.release_expired(self.engine)
+        gone = [owner for owner in outbox.sending_owners(self.engine) if _owner_alive(owner) is False]
+        released += outbox.release(self.engine, gone)
+        if released:
+            log.warning("took back %d delivery items from workers that stopped", released)
+
+    def _send_due(self, stop: threading.Event, flush: bool) -> int:
+        now = _utcnow()
+        self._next_due = None
+        settled = 0
+        for backlog in outbox.pending_backlog(self.engine, now):
+            if stop.is_set():
+                break
+            lingered = flush or now - backlog.oldest >= self.linger
+            limit = backlog.ready if lingered else backlog.ready // self.batch_size * self.batch_size
+            if limit <= 0:
+                due = backlog.oldest + self.linger
+                self._next_due = due if self._next_due is None else min(self._next_due, due)
+                continue
+            while limit > 0 and not stop.is_set():
+                lease_until = _utcnow() + timedelta(seconds=self.lease_seconds)
+                claimed = outbox.claim(self.engine, backlog.path, min(limit, self.claim_limit), self.owner, lease_until)
+                if not claimed:
+                    break
+                limit -= len(claimed)
+                started = time.monotonic()
+                settled += self._send(backlog.path, claimed, stop)
+                if not flush:
+                    self._yield_to_ingestion(time.monotonic() - started, stop)
+        return settled
+
+    def _send(self, path: str, claimed: list[outbox.Claimed], stop: threading.Event) -> int:
+        items = [OutboundItem(key=c, body=c.body) for c in claimed]
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        settled = 0
+
+        def on_report(report: BatchReport) -> None:
+            nonlocal settled
+            now = _utcnow()
+            delivered = [item.key for item in report.acknowledged]
+            dead = [(item.key.id, message) for item, message in report.rejected]
+            retry = [
+                (item.key.id, message, now if stop.is_set() else now + self._backoff(item.key.attempts))
+                for item, message in report.failed
+            ]
+            outbox.record_outcomes(
+                self.engine, self.owner, delivered=[c.id for c in delivered], dead=dead, retry=retry, now=now
+            )
+            settled += len(report.batch)
+            if dead:
+                log.warning("ODP rejected %d items on %s: %s", len(dead), path, dead[0][1])
+            if retry and not stop.is_set():
+                log.info("%d items on %s will be retried: %s", len(retry), path, retry[0][1])
+            if self.metrics is not None:
+                self.metrics.outcome("delivered", len(delivered))
+                self.metrics.outcome("dead", len(dead))
+                self.metrics.outcome("retried", len(retry))
+                for claimed_item in delivered:
+                    self.metrics.delivered_after((now - claimed_item.received_at).total_seconds())
+
+        with self._heartbeat():
+            self.client.send(path, batches, on_report, should_stop=stop.is_set)
+        return settled
+
+    def _backoff(self, attempts: int) -> timedelta:
+        seconds = self.retry_delay * 2.0 ** min(max(attempts - 1, 0), 30)
+        return timedelta(seconds=min(seconds, self.retry_max_delay))
+
+    @contextmanager
+    def _heartbeat(self) -> Iterator[None]:
+        """Renew the lease of this worker's claims while a send lasts."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_seconds / 3):
+                try:
+                    until = _utcnow() + timedelta(seconds=self.lease_seconds)
+                    outbox.renew_lease(self.engine, self.owner, until)
+                except Exception as exc:
+                    log.warning("renewing delivery leases failed: %s", exc)
+
+        thread = threading.Thread(target=beat, name="delivery-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()

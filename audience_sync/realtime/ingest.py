@@ -1,0 +1,313 @@
+"""The Segment-compatible HTTP Tracking API (``segment-ingest.md``): ``/v1/*`` routes for Starlette.
+
+A request is read (at most 500 KB, gzip accepted, any Content-Type), parsed as JSON, authenticated
+(``writeKey`` in the body, or HTTP Basic with the key as user name; compared in constant time with every
+key of ``server.write_keys``), validated message by message (:mod:`audience_sync.realtime.messages`), and
+the accepted messages are committed to the database before the 200 goes out. Nothing is mapped or built
+here: the delivery worker does that, so ingestion stays fast.
+
+Writes go through one :class:`MessageWriter` thread with group commit: the messages of every request
+waiting at that moment are inserted in one transaction, which keeps SQLite's single writer busy with few,
+large commits instead of many requests contending for its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import Engine
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from audience_sync.config import Config
+from audience_sync.realtime.messages import MAX_REQUEST_BYTES, AcceptedMessage, RequestError, prepare
+from audience_sync.realtime.metrics import IngestCounters
+from audience_sync.store import outbox
+
+__all__ = ["ENDPOINTS", "MessageWriter", "ingest_rate", "ingest_routes"]
+
+log = logging.getLogger("audience_sync.ingest")
+
+ENDPOINTS: Final[dict[str, str | None]] = {
+    "identify": "identify",
+    "track": "track",
+    "page": "page",
+    "screen": "screen",
+    "group": "group",
+    "alias": "alias",
+    "batch": None,
+    "i": "identify",
+    "t": "track",
+    "p": "page",
+    "s": "screen",
+    "g": "group",
+    "a": "alias",
+    "b": None,
+}
+"""Path after ``/v1/`` -> the message type it implies (``None``: a batch)."""
+
+_CORS: Final = {"Access-Control-Allow-Origin": "*"}
+_PREFLIGHT: Final = {
+    **_CORS,
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Max-Age": "86400",
+}
+_DEFAULT_ALLOWED_HEADERS: Final = "Content-Type, Authorization, Content-Encoding"
+_ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class _Load:
+    """Events this process accepted per second: an exponentially decaying average (time constant
+    ``TAU``), updated by the event loop, read by the delivery worker."""
+
+    TAU: Final = 0.5
+    rate = 0.0
+    at = 0.0
+
+    @classmethod
+    def note(cls, events: int) -> None:
+        now = time.monotonic()
+        cls.rate = cls.rate * math.exp((cls.at - now) / cls.TAU) + events / cls.TAU
+        cls.at = now
+
+
+def ingest_rate() -> float:
+    """Events per second this process has been accepting lately (the delivery worker leaves a busy
+    ingestion most of the CPU: a 200 must come fast, delivery catches up)."""
+    return _Load.rate * math.exp((_Load.at - time.monotonic()) / _Load.TAU)
+
+
+def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Response(body, status_code=status, media_type="application/json", headers={**_CORS, **(headers or {})})
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return _json(status, {"code": code, "message": message})
+
+
+# --- the writer ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    rows: list[tuple[str, datetime, str]]
+    future: Future[None] = field(default_factory=Future)
+
+
+class MessageWriter:
+    """One thread that commits accepted messages, several requests per transaction (group commit).
+
+    :meth:`submit` returns a future that completes once the rows are committed (or fails with the
+    database error). The thread starts with the first submit and ends with :meth:`close`.
+    """
+
+    MAX_GROUP_ROWS: Final = 10_000
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, messages: Sequence[AcceptedMessage]) -> Future[None]:
+        """Queue ``messages`` for the next commit."""
+        job = _Job([(m.message_id, m.received_at, m.payload) for m in messages])
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the message writer is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+        return job.future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, then stop the thread."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            rows = len(first.rows)
+            while rows < self.MAX_GROUP_ROWS:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                group.append(job)
+                rows += len(job.rows)
+            self._commit(group)
+
+    def _commit(self, group: list[_Job]) -> None:
+        try:
+            self._insert([row for job in group for row in job.rows])
+        except Exception as exc:
+            if len(group) == 1:
+                log.error("storing %d accepted messages failed: %s", len(group[0].rows), exc)
+                group[0].future.set_exception(exc)
+                return
+            for job in group:  # isolate the request whose rows the database refuses
+                self._commit([job])
+            return
+        for job in group:
+            job.future.set_result(None)
+
+    def _insert(self, rows: list[tuple[str, datetime, str]]) -> None:
+        with self.engine.begin() as conn:
+            outbox.insert_messages(conn, rows)
+
+
+# --- authentication ---------------------------------------------------------------------------------------
+
+
+def _basic_user(header: str | None) -> str | None:
+    if not header or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.split(":", 1)[0]
+
+
+def _authorized(keys: Sequence[bytes], candidates: Sequence[str | None]) -> bool:
+    """Constant time per comparison; every key is compared with every candidate (no early exit)."""
+    granted = False
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        presented = candidate.encode("utf-8", "replace")
+        for key in keys:
+            granted |= hmac.compare_digest(presented, key)
+    return granted
+
+
+# --- the endpoint ----------------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise RequestError(400, "too_large", f"a request may have at most 500 KB ({MAX_REQUEST_BYTES} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise RequestError(400, "too_large", f"a request may have at most 500 KB ({MAX_REQUEST_BYTES} bytes)")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in ("gzip", "x-gzip"):
+        raise RequestError(400, "invalid_json", f"unsupported Content-Encoding {encoding!r}; use gzip")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(raw, MAX_REQUEST_BYTES + 1)
+    except zlib.error:
+        raise RequestError(400, "invalid_json", "the body is not valid gzip") from None
+    if len(body) > MAX_REQUEST_BYTES:
+        raise RequestError(400, "too_large", f"a request may have at most 500 KB ({MAX_REQUEST_BYTES} bytes)")
+    if not inflater.eof:
+        raise RequestError(400, "invalid_json", "the body is not valid gzip (truncated)")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+class _Ingest:
+    def __init__(self, config: Config, writer: MessageWriter, metrics: IngestCounters | None) -> None:
+        self.keys = [k.get_secret_value().encode() for k in config.settings.server.write_keys]
+        self.writer = writer
+        self.metrics = metrics
+
+    def endpoint(self, kind: str | None) -> Any:
+        async def handle(request: Request) -> Response:
+            if request.method == "OPTIONS":
+                return self.preflight(request)
+            if request.method != "POST":
+                return _error(405, "method_not_allowed", "use POST")
+            return await self.ingest(request, kind)
+
+        return handle
+
+    @staticmethod
+    def preflight(request: Request) -> Response:
+        allowed = request.headers.get("access-control-request-headers") or _DEFAULT_ALLOWED_HEADERS
+        return Response(status_code=204, headers={**_PREFLIGHT, "Access-Control-Allow-Headers": allowed})
+
+    async def ingest(self, request: Request, kind: str | None) -> Response:
+        try:
+            raw = await _read_body(request)
+            body = _parse(raw)
+            if not isinstance(body, dict):
+                raise RequestError(400, "invalid_json", "the body must be a JSON object")
+            body_key = body.get("writeKey")
+            basic_key = _basic_user(request.headers.get("authorization"))
+            if not _authorized(self.keys, (basic_key, body_key if isinstance(body_key, str) else None)):
+                raise RequestError(401, "unauthorized", "missing or unknown write key")
+            prepared = prepare(body, kind, datetime.now(UTC), len(raw))
+        except RequestError as exc:
+            if self.metrics is not None:
+                self.metrics.request_rejected(exc.code, events=1 if exc.code == "invalid_message" and kind else 0)
+            return _error(exc.status, exc.code, exc.message)
+        if prepared.accepted:
+            try:
+                await asyncio.wrap_future(self.writer.submit(prepared.accepted))
+            except Exception:
+                if self.metrics is not None:
+                    self.metrics.request_rejected("unavailable")
+                return _error(503, "unavailable", "the messages could not be stored; retry")
+        _Load.note(len(prepared.accepted))
+        if self.metrics is not None:
+            self.metrics.events(accepted=len(prepared.accepted), rejected=len(prepared.rejected))
+        return _json(200, {"success": True, "accepted": len(prepared.accepted), "rejected": prepared.rejected})
+
+
+def ingest_routes(config: Config, engine: Engine, counters: IngestCounters | None = None) -> list[BaseRoute]:
+    """The ``/v1/*`` routes (long and short forms, every method: POST ingests, OPTIONS answers CORS
+    preflight, anything else 405). ``counters`` (from
+    :func:`~audience_sync.realtime.metrics.register_realtime_metrics`) counts accepted and rejected events.
+    The routes share one :class:`MessageWriter` (a daemon thread started by the first request)."""
+    ingest = _Ingest(config, MessageWriter(engine), counters)
+    return [Route(f"/v1/{name}", ingest.endpoint(kind), methods=_ALL_METHODS) for name, kind in ENDPOINTS.items()]

@@ -1,0 +1,284 @@
+"""Segment messages as the ingestion API receives them: validation, envelope merge, timestamps, ids.
+
+Contract: ``segment-ingest.md``. Pure: no I/O; the caller passes the receive time and stores the result.
+
+:func:`prepare` takes the decoded JSON body of one request and returns the messages to store (as JSON
+text, with ``messageId``, ``receivedAt``, ``originalTimestamp`` and the skew-corrected ``timestamp``) and
+the rejected ones by index, or raises :class:`RequestError` when the request as a whole is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+__all__ = [
+    "MAX_BATCH_MESSAGES",
+    "MAX_MESSAGE_BYTES",
+    "MAX_MESSAGE_ID_LENGTH",
+    "MAX_REQUEST_BYTES",
+    "MESSAGE_TYPES",
+    "AcceptedMessage",
+    "Prepared",
+    "RequestError",
+    "iso",
+    "prepare",
+]
+
+MAX_MESSAGE_BYTES: Final = 32 * 1024
+MAX_REQUEST_BYTES: Final = 500 * 1024
+MAX_BATCH_MESSAGES: Final = 2500
+MAX_MESSAGE_ID_LENGTH: Final = 255
+MESSAGE_TYPES: Final = ("identify", "track", "page", "screen", "group", "alias")
+
+_OBJECT_KEYS: Final = ("context", "integrations", "properties", "traits")
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps(separators=) builds one per call
+_ENVELOPE_MERGED: Final = ("context", "integrations")
+
+
+class RequestError(Exception):
+    """The request is refused as a whole: answer ``status`` with ``{"code", "message"}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AcceptedMessage:
+    """A message to store: its id, receive time and the JSON text of the whole message."""
+
+    message_id: str
+    received_at: datetime
+    payload: str
+
+
+@dataclass
+class Prepared:
+    """The outcome of one request: messages to store and ``{"index", "message"}`` of rejected ones."""
+
+    accepted: list[AcceptedMessage] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def iso(moment: datetime) -> str:
+    """ISO 8601 UTC with milliseconds and a ``Z``."""
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def _size(message: Any) -> int:
+    return len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace"))
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _string_id(message: dict[str, Any], key: str) -> bool:
+    """Whether ``message`` has the id ``key``; numbers are ids too (stored as strings), other non-strings
+    are invalid."""
+    value = message.get(key)
+    if value is None or value == "":
+        return False
+    if type(value) is str:
+        return True
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        message[key] = str(value)
+        return True
+    if isinstance(value, str):
+        return True
+    raise _Invalid(f"'{key}' must be a string")
+
+
+_TYPE_SET: Final = frozenset(MESSAGE_TYPES)
+
+
+def _check(message: dict[str, Any]) -> None:
+    kind = message.get("type")
+    if kind not in _TYPE_SET:
+        if _absent(kind):
+            raise _Invalid("missing 'type'")
+        raise _Invalid(f"unknown type {kind!r}: must be one of {', '.join(MESSAGE_TYPES)}")
+    has_user = _string_id(message, "userId")
+    if not _string_id(message, "anonymousId") and not has_user:
+        raise _Invalid("a message needs a 'userId' or an 'anonymousId'")
+    if kind == "track":
+        event = message.get("event")
+        if _absent(event):
+            raise _Invalid("a track message needs an 'event'")
+        if not isinstance(event, str):
+            raise _Invalid("'event' must be a string")
+    elif kind == "alias" and not _string_id(message, "previousId"):
+        raise _Invalid("an alias message needs a 'previousId'")
+    elif kind == "group" and not _string_id(message, "groupId"):
+        raise _Invalid("a group message needs a 'groupId'")
+    for key in _OBJECT_KEYS:
+        value = message.get(key)
+        if value is not None and type(value) is not dict:
+            raise _Invalid(f"'{key}' must be an object")
+
+
+def _message_id(message: dict[str, Any]) -> str:
+    value = message.get("messageId")
+    if _absent(value):
+        value = str(uuid.uuid4())
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    elif not isinstance(value, str):
+        raise _Invalid("'messageId' must be a string")
+    if len(value) > MAX_MESSAGE_ID_LENGTH:
+        raise _Invalid(f"'messageId' is longer than {MAX_MESSAGE_ID_LENGTH} characters")
+    return value
+
+
+def _timestamps(message: dict[str, Any], request: _Request) -> None:
+    """``originalTimestamp`` = the message's ``timestamp`` (or ``originalTimestamp``); with a ``sentAt``,
+    ``timestamp = receivedAt - (sentAt - originalTimestamp)`` (clock-skew correction), else
+    ``timestamp = originalTimestamp or receivedAt``."""
+    original_text = message.get("timestamp")
+    if _absent(original_text):
+        original_text = message.get("originalTimestamp")
+    original: datetime | None = None
+    if not _absent(original_text):
+        original = _parse_time(original_text)
+        if original is None:
+            raise _Invalid("'timestamp' must be an ISO 8601 date-time")
+        message["originalTimestamp"] = original_text
+    sent_text = message.get("sentAt")
+    if _absent(sent_text):
+        sent_text, sent = request.sent_text, request.sent
+    else:
+        sent = _parse_time(sent_text)
+    if not _absent(sent_text):
+        if sent is None:
+            raise _Invalid("'sentAt' must be an ISO 8601 date-time")
+        message["sentAt"] = sent_text
+    message["receivedAt"] = request.received_iso
+    if original is None:
+        message["timestamp"] = request.received_iso
+    elif sent is None:
+        message["timestamp"] = iso(original)
+    else:
+        message["timestamp"] = iso(request.received_at - (sent - original))
+
+
+def _merge_envelope(message: dict[str, Any], envelope: Mapping[str, Any]) -> None:
+    """Envelope ``context`` and ``integrations`` under the message's own keys (the message wins)."""
+    for key in _ENVELOPE_MERGED:
+        shared = envelope.get(key)
+        if isinstance(shared, dict) and shared:
+            own = message.get(key)
+            message[key] = {**shared, **own} if isinstance(own, dict) else dict(shared)
+
+
+# What completing a message may remove (a per-message writeKey, a shorter type): a stored message this
+# much under the limit cannot have been over it as received.
+_SIZE_SLACK: Final = 512
+
+
+class _Request:
+    """The per-request context of :func:`_prepare_one`."""
+
+    def __init__(self, envelope: Mapping[str, Any] | None, received_at: datetime, body_bytes: int) -> None:
+        self.envelope = envelope
+        self.sent_text = None if envelope is None else envelope.get("sentAt")
+        self.sent = _parse_time(self.sent_text)  # the envelope's, parsed once per request
+        self.received_at = received_at
+        self.received_iso = iso(received_at)
+        self.may_be_large = body_bytes > MAX_MESSAGE_BYTES
+
+    def check_size(self, original: dict[str, Any], what: str) -> None:
+        if self.may_be_large and (size := _size(original)) > MAX_MESSAGE_BYTES:
+            raise _too_large(what, size)
+
+    def prepare_one(self, original: dict[str, Any], what: str) -> AcceptedMessage:
+        """Validate and complete one message (a copy: ``original`` stays as received)."""
+        message = dict(original)
+        try:
+            _check(message)
+            message_id = _message_id(message)
+        except _Invalid:
+            self.check_size(original, what)  # a message over the limit refuses the request, valid or not
+            raise
+        message["messageId"] = message_id
+        message.pop("writeKey", None)
+        if self.envelope is not None:
+            _merge_envelope(message, self.envelope)
+        try:
+            _timestamps(message, self)
+        except _Invalid:
+            self.check_size(original, what)
+            raise
+        payload = _COMPACT.encode(message)
+        if len(payload) > MAX_MESSAGE_BYTES - _SIZE_SLACK:
+            self.check_size(original, what)
+        return AcceptedMessage(message_id, self.received_at, payload)
+
+
+def _too_large(what: str, size: int) -> RequestError:
+    return RequestError(
+        400, "too_large", f"{what} is {size} bytes; a message may have at most 32 KB ({MAX_MESSAGE_BYTES} bytes)"
+    )
+
+
+def prepare(body: Any, kind: str | None, received_at: datetime, body_bytes: int = 0) -> Prepared:
+    """Validate and complete the messages of one request.
+
+    ``kind``: the message type of a single-message endpoint (``/v1/track`` ...), ``None`` for
+    ``/v1/batch``. ``body_bytes``: the decoded body's size (a message can only be over 32 KB when the
+    body is). Raises :class:`RequestError` for a body that is not an object, a batch that is not an array,
+    more than 2500 messages, a message over 32 KB, or (single endpoints) an invalid message. The caller
+    authenticates the request first.
+    """
+    if not isinstance(body, dict):
+        raise RequestError(400, "invalid_json", "the body must be a JSON object")
+    result = Prepared()
+    if kind is not None:
+        request = _Request(None, received_at, body_bytes)
+        try:
+            result.accepted.append(request.prepare_one({**body, "type": kind}, "the message"))
+        except _Invalid as exc:
+            raise RequestError(400, "invalid_message", str(exc)) from None
+        return result
+    batch = body.get("batch")
+    if not isinstance(batch, list):
+        raise RequestError(400, "invalid_message", "'batch' must be an array of messages")
+    if len(batch) > MAX_BATCH_MESSAGES:
+        raise RequestError(
+            400, "too_large", f"a batch may hold at most {MAX_BATCH_MESSAGES} messages (got {len(batch)})"
+        )
+    for key in _ENVELOPE_MERGED:
+        if body.get(key) is not None and not isinstance(body[key], dict):
+            raise RequestError(400, "invalid_message", f"'{key}' must be an object")
+    request = _Request(body, received_at, body_bytes)
+    for index, message in enumerate(batch):
+        if not isinstance(message, dict):
+            result.rejected.append({"index": index, "message": "a message must be a JSON object"})
+            continue
+        try:
+            result.accepted.append(request.prepare_one(message, f"the message at index {index}"))
+        except _Invalid as exc:
+            result.rejected.append({"index": index, "message": str(exc)})
+    return result
