@@ -24,6 +24,11 @@ from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
 from audience_sync.odp.client import OdpClient
 from audience_sync.odp.target import open_client
+from audience_sync.realtime.admin import admin_routes
+from audience_sync.realtime.dispatcher import DeliveryWorker
+from audience_sync.realtime.ingest import ingest_routes
+from audience_sync.realtime.metrics import register_realtime_metrics
+from audience_sync.store import outbox
 
 log = logging.getLogger("audience_sync.daemon")
 
@@ -55,7 +60,7 @@ async def _serve(config: Config, engine: Engine, client: OdpClient, syncer: Sync
     state = DaemonState(config, engine, tracker, scheduler, metrics)
     realtime = _realtime(config, engine, client, metrics, state)
 
-    app = create_app(state, realtime.routes if realtime else None)
+    app = create_app(state, realtime.routes)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=settings.server.host, port=settings.server.port, log_level="warning",
@@ -73,8 +78,7 @@ async def _serve(config: Config, engine: Engine, client: OdpClient, syncer: Sync
         await asyncio.sleep(0.02)
     log.info("listening on http://%s:%s", settings.server.host, settings.server.port)
     scheduler.start()
-    if realtime:
-        realtime.start(stop)
+    realtime.start(stop)
 
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
@@ -82,8 +86,7 @@ async def _serve(config: Config, engine: Engine, client: OdpClient, syncer: Sync
     stop.set()
     scheduler.shutdown()
     await tracker.wait(timeout=SHUTDOWN_GRACE_SECONDS)
-    if realtime:
-        await asyncio.to_thread(realtime.join, 5.0)
+    await asyncio.to_thread(realtime.join, 5.0)
     server.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(serving, timeout=5)
@@ -95,7 +98,7 @@ async def _serve(config: Config, engine: Engine, client: OdpClient, syncer: Sync
 class _Realtime:
     """The real-time path's parts the daemon hosts: ingestion routes and the delivery worker thread."""
 
-    def __init__(self, routes: list[Any], worker: Any) -> None:
+    def __init__(self, routes: list[Any], worker: DeliveryWorker) -> None:
         self.routes = routes
         self.worker = worker
         self.thread: threading.Thread | None = None
@@ -109,14 +112,8 @@ class _Realtime:
             self.thread.join(timeout)
 
 
-def _realtime(config: Config, engine: Engine, client: OdpClient, metrics: SyncMetrics, state: DaemonState) -> Any:
-    try:
-        from audience_sync.realtime.admin import admin_routes
-        from audience_sync.realtime.dispatcher import DeliveryWorker
-        from audience_sync.realtime.ingest import ingest_routes
-        from audience_sync.realtime.metrics import register_realtime_metrics
-    except ImportError:  # the real-time path is not part of this build
-        return None
+def _realtime(config: Config, engine: Engine, client: OdpClient, metrics: SyncMetrics, state: DaemonState) -> _Realtime:
     counters = register_realtime_metrics(metrics.registry, engine)
+    state.delivery_counts = lambda: outbox.counts(engine)
     routes = [*ingest_routes(config, engine, counters), *admin_routes(config, engine)]
-    return _Realtime(routes, DeliveryWorker(config, engine, client))
+    return _Realtime(routes, DeliveryWorker(config, engine, client, metrics=counters))
