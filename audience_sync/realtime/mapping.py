@@ -15,6 +15,7 @@ objects drop keys whose value is undefined, while ``null`` is kept.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import re
@@ -71,7 +72,9 @@ def is_directive(value: object) -> bool:
     return isinstance(value, Mapping) and any(isinstance(k, str) and k.startswith("@") for k in value)
 
 
-def _path_tokens(path: str) -> list[str | int]:
+@functools.lru_cache(maxsize=4096)
+def _path_tokens(path: str) -> tuple[str | int, ...]:
+    """The keys of a path, parsed once per distinct path (mappings reuse a few paths for every event)."""
     text = path.strip()
     if text.startswith("$"):
         text = text[1:]
@@ -86,7 +89,7 @@ def _path_tokens(path: str) -> list[str | int]:
             tokens.append(double)
         elif name is not None and name.strip():
             tokens.append(name.strip())
-    return tokens
+    return tuple(tokens)
 
 
 def get_path(root: Any, path: str) -> Any:
