@@ -252,6 +252,7 @@ class Syncer:
             self.client.send(path, _prefetched(batches(), depth=4), on_report, should_stop=self.should_stop)
         finally:
             writer.close()  # every acknowledgement is written before the run is recorded
+            member_store.settle_sent(self.engine, run_id, key, started)
         return done["sent"], done["failed"]
 
 

@@ -204,7 +204,9 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
     now = utcnow()
     with engine.begin() as conn:
         rows = conn.execute(
-            select(runs.c.id, runs.c.owner, runs.c.heartbeat_at).where(runs.c.status == Status.RUNNING)
+            select(runs.c.id, runs.c.audience, runs.c.started_at, runs.c.owner, runs.c.heartbeat_at).where(
+                runs.c.status == Status.RUNNING
+            )
         ).all()
         dead = []
         for row in rows:
@@ -212,11 +214,11 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
             if alive is None:
                 alive = row.heartbeat_at is not None and now - row.heartbeat_at < lease
             if not alive:
-                dead.append(row.id)
+                dead.append(row)
         if dead:
             conn.execute(
                 update(runs)
-                .where(runs.c.id.in_(dead), runs.c.status == Status.RUNNING)
+                .where(runs.c.id.in_([row.id for row in dead]), runs.c.status == Status.RUNNING)
                 .values(
                     status=Status.INTERRUPTED,
                     finished_at=now,
@@ -224,7 +226,11 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
                     error="the process running this sync stopped before it finished",
                 )
             )
-    return dead
+    from audience_sync.store.members import settle_sent
+
+    for row in dead:  # what the dead process got acknowledged shows as sent in its change log
+        settle_sent(engine, row.id, row.audience, row.started_at)
+    return [row.id for row in dead]
 
 
 def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:

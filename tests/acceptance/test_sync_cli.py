@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -215,6 +216,10 @@ def test_sigkill_mid_initial_sync_then_the_next_sync_completes(project: Project)
 
     reached = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
     assert reached == {f"u{i}" for i in range(total)}
+    killed = project.cli_json("show", str(history[1]["id"]), "--changes")
+    outcomes = Counter(c["outcome"] for c in killed["changes"])
+    assert outcomes == {"sent": first, "pending": total - first}  # the change log of the killed run
+    assert killed["sent"] == first
     acked = {r[0] for r in project.sql("SELECT member FROM members WHERE acked = 'true'")}
     assert acked == {f"u{i}" for i in range(total)}
 
