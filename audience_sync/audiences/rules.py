@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -115,6 +115,51 @@ def member_row(
     if key is None or (needs_user_or_anonymous and not (uid or anon)):
         return None
     return (key, uid, mail, anon, _text(vuid), encode_value(value) if kind == "trait" else TRUE)
+
+
+def _column(values: Sequence[Any] | None, n: int) -> list[str | None]:
+    if values is None:
+        return [None] * n
+    return [(v.strip() or None) if v.__class__ is str else _text(v) for v in values]
+
+
+def member_rows(
+    user_ids: Sequence[Any] | None,
+    emails: Sequence[Any] | None,
+    anonymous_ids: Sequence[Any] | None,
+    vuids: Sequence[Any] | None,
+    values: Sequence[Any] | None,
+    *,
+    kind: str,
+    needs_user_or_anonymous: bool,
+) -> tuple[list[MemberRow], int]:
+    """:func:`member_row` over a chunk, column by column (a column None: absent): (valid rows, invalid count).
+
+    The same rule as member_row, written column-wise because a source may hold millions of rows and
+    per-row calls dominate staging time.
+    """
+    n = len(next((c for c in (user_ids, emails, anonymous_ids, vuids, values) if c is not None), ()))
+    uids, mails, anons, vids = _column(user_ids, n), _column(emails, n), _column(anonymous_ids, n), _column(vuids, n)
+    keys = [u or m or a for u, m, a in zip(uids, mails, anons, strict=True)]
+    if needs_user_or_anonymous:
+        keys = [k if (u or a) else None for k, u, a in zip(keys, uids, anons, strict=True)]
+    encoded: list[str | None]
+    if kind == "trait":
+        encoded = []
+        for raw in values if values is not None else [None] * n:
+            try:
+                encoded.append(encode_value(raw))
+            except ValueError:  # NaN or infinity: the row is invalid
+                encoded.append(None)
+        keys = [k if e is not None else None for k, e in zip(keys, encoded, strict=True)]
+    else:
+        encoded = [TRUE] * n
+    rows = [
+        (k, u, m, a, o, e)
+        for k, u, m, a, o, e in zip(keys, uids, mails, anons, vids, encoded, strict=True)
+        if k is not None
+    ]
+    return rows, n - len(rows)
 
 
 def member_from_row(row: Mapping[str, Any], *, kind: str, needs_user_or_anonymous: bool) -> Member | None:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from audience_sync.audiences.rules import IDENTIFIER_FIELDS, MEMBER_KEY_FIELDS, MemberRow, member_row
+from audience_sync.audiences.rules import IDENTIFIER_FIELDS, MEMBER_KEY_FIELDS, MemberRow, member_rows
 from audience_sync.config import AudienceSettings, redact_url
 from audience_sync.errors import SourceError
 
@@ -59,17 +59,10 @@ class _Normaliser:
         self.kind = audience.kind
         self.needs = audience.delivery == "sync_audience"
 
-    def __call__(self, values: Sequence[Any]) -> MemberRow | None:
-        u, e, a, o, v = self.positions
-        return member_row(
-            None if u is None else values[u],
-            None if e is None else values[e],
-            None if a is None else values[a],
-            None if o is None else values[o],
-            None if v is None else values[v],
-            kind=self.kind,
-            needs_user_or_anonymous=self.needs,
-        )
+    def chunk(self, rows: Sequence[Sequence[Any]]) -> tuple[list[MemberRow], int]:
+        """Normalise a chunk of source rows: (valid snapshot rows, invalid count)."""
+        columns = [None if p is None else [row[p] for row in rows] for p in self.positions]
+        return member_rows(*columns, kind=self.kind, needs_user_or_anonymous=self.needs)
 
 
 def stream_members(
@@ -87,23 +80,26 @@ def stream_members(
         yield from _jsonl(audience, source.path, stats)
 
 
-def _chunks(rows: Iterator[Sequence[Any]], normalise: _Normaliser, stats: SourceStats) -> Iterator[list[MemberRow]]:
-    chunk: list[MemberRow] = []
-    for values in rows:
-        stats.rows += 1
-        try:
-            member = normalise(values)
-        except ValueError:  # a trait value that cannot be stored (NaN, infinity)
-            member = None
-        if member is None:
-            stats.invalid += 1
-            continue
-        chunk.append(member)
-        if len(chunk) >= CHUNK_ROWS:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _chunks(
+    raw: Iterator[Sequence[Sequence[Any]]], normalise: _Normaliser, stats: SourceStats
+) -> Iterator[list[MemberRow]]:
+    for rows in raw:
+        members, invalid = normalise.chunk(rows)
+        stats.rows += len(rows)
+        stats.invalid += invalid
+        if members:
+            yield members
+
+
+def _batched(rows: Iterator[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
+    batch: list[Sequence[Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= CHUNK_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _sql(audience: AudienceSettings, stats: SourceStats, engine: Engine) -> Iterator[list[MemberRow]]:
@@ -113,13 +109,8 @@ def _sql(audience: AudienceSettings, stats: SourceStats, engine: Engine) -> Iter
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(text(query))
             normalise = _Normaliser(audience, list(result.keys()), origin)
-
-            def rows() -> Iterator[Sequence[Any]]:
-                # partitions() needs the size: on SQLite it ignores yield_per and hands out single rows.
-                for part in result.partitions(CHUNK_ROWS):
-                    yield from part
-
-            yield from _chunks(rows(), normalise, stats)
+            # partitions() needs the size: on SQLite it ignores yield_per and hands out single rows.
+            yield from _chunks(result.partitions(CHUNK_ROWS), normalise, stats)
     except SQLAlchemyError as exc:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise SourceError(f"source query of audience {audience.key!r} failed: {detail}") from None
@@ -155,7 +146,7 @@ def _csv(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterator
             except (csv.Error, UnicodeDecodeError) as exc:
                 raise SourceError(f"source file {path} line {reader.line_num}: {exc}") from None
 
-        yield from _chunks(rows(), normalise, stats)
+        yield from _chunks(_batched(rows()), normalise, stats)
 
 
 def _jsonl(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
@@ -184,6 +175,6 @@ def _jsonl(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterat
 
         # JSONL has no header: the normaliser sees every field and validation of rows does the rest.
         normalise = _Normaliser(audience, list(fields), origin)
-        yield from _chunks(rows(), normalise, stats)
+        yield from _chunks(_batched(rows()), normalise, stats)
     if stats.rows and not seen_identifier:
         raise SourceError(f"{origin} has none of the identifier fields {', '.join(MEMBER_KEY_FIELDS)}")

@@ -124,3 +124,37 @@ def test_final_status_and_exit_codes() -> None:
     assert rules.exit_code(["succeeded", "held"]) == 3
     assert rules.exit_code(["held", "partial"]) == 1
     assert rules.exit_code(["failed"]) == 1
+
+
+@pytest.mark.parametrize(("kind", "needs"), [("audience", False), ("audience", True), ("trait", False)])
+def test_member_rows_is_member_row_column_by_column(kind: str, needs: bool) -> None:
+    import random
+
+    rng = random.Random(7)
+    pool: list[object] = [None, "", "  ", "u1", " u2 ", 42, 7.0, 1.5, "a@x", Decimal("3"), float("nan"), True]
+    rows = [[rng.choice(pool) for _ in range(5)] for _ in range(400)]
+    expected = [
+        rules.member_row(*r, kind=kind, needs_user_or_anonymous=needs) if not _raises(r, kind) else None for r in rows
+    ]
+    columns = [[r[i] for r in rows] for i in range(5)]
+    valid, invalid = rules.member_rows(*columns, kind=kind, needs_user_or_anonymous=needs)
+    assert valid == [e for e in expected if e is not None]
+    assert invalid == sum(e is None for e in expected)
+    absent = rules.member_rows(
+        [r[0] for r in rows], None, None, None, None, kind="audience", needs_user_or_anonymous=False
+    )
+    assert absent[0] == [
+        m
+        for m in (
+            rules.member_row(r[0], None, None, None, None, kind="audience", needs_user_or_anonymous=False) for r in rows
+        )
+        if m
+    ]
+
+
+def _raises(row: list[object], kind: str) -> bool:
+    try:
+        rules.member_row(*row, kind=kind, needs_user_or_anonymous=False)
+    except ValueError:
+        return True
+    return False
