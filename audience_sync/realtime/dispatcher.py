@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -38,6 +35,7 @@ from typing import Final
 
 from sqlalchemy import Engine
 
+from audience_sync import owners
 from audience_sync.config import Config
 from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
 from audience_sync.realtime.ingest import ingest_rate
@@ -53,28 +51,6 @@ DEDUP_WINDOW: Final = timedelta(hours=24)
 """A ``messageId`` accepted within this window is acknowledged but not delivered again."""
 
 _LIVE_TOKENS: set[str] = set()  # tokens of the workers of this process
-_HOST = socket.gethostname()
-
-
-def _owner_alive(owner: str) -> bool | None:
-    """True/False for a worker of this host; None when it lives elsewhere (only its lease can tell)."""
-    host, _, rest = owner.partition(":")
-    if host != _HOST:
-        return None
-    pid_text, _, token = rest.partition(":")
-    try:
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return token in _LIVE_TOKENS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _utcnow() -> datetime:
@@ -113,8 +89,8 @@ class DeliveryWorker:
         self.retention = settings.realtime.retention
         self.retry_delay = settings.realtime.retry_delay.total_seconds()
         self.retry_max_delay = settings.realtime.retry_max_delay.total_seconds()
-        self.token = uuid.uuid4().hex[:12]
-        self.owner = f"{_HOST}:{os.getpid()}:{self.token}"
+        self.token = owners.new_token()
+        self.owner = owners.owner_string(self.token)
         _LIVE_TOKENS.add(self.token)
         self._next_due: datetime | None = None
         self._last_recovery = 0.0
@@ -235,7 +211,7 @@ class DeliveryWorker:
 
     def _recover(self) -> None:
         released = outbox.release_expired(self.engine)
-        gone = [owner for owner in outbox.sending_owners(self.engine) if _owner_alive(owner) is False]
+        gone = [owner for owner in outbox.sending_owners(self.engine) if owners.is_alive(owner, _LIVE_TOKENS) is False]
         released += outbox.release(self.engine, gone)
         if released:
             log.warning("took back %d delivery items from workers that stopped", released)

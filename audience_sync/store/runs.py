@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,6 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from audience_sync import owners
 from audience_sync.audiences.rules import Status
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.store.tables import run_changes, runs
@@ -59,7 +58,7 @@ class Owner:
 
     @classmethod
     def this_process(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex[:12])
+        return cls(owners.HOST, os.getpid(), owners.new_token())
 
     def __str__(self) -> str:
         return f"{self.host}:{self.pid}:{self.token}"
@@ -67,24 +66,7 @@ class Owner:
     @staticmethod
     def is_alive(owner: str | None) -> bool | None:
         """True/False for an owner on this host; None when it lives elsewhere (only a lease can tell)."""
-        if not owner:
-            return False
-        host, _, rest = owner.partition(":")
-        if host != socket.gethostname():
-            return None
-        try:
-            pid = int(rest.split(":", 1)[0])
-        except ValueError:
-            return False
-        if pid == os.getpid():
-            return owner == str(PROCESS_OWNER)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return owners.is_alive(owner, {PROCESS_OWNER.token})
 
 
 PROCESS_OWNER = Owner.this_process()
