@@ -30,6 +30,7 @@ __all__ = [
     "get_path",
     "is_directive",
     "is_undefined",
+    "js_number",
     "resolve",
     "resolve_fields",
     "to_js_string",
@@ -125,12 +126,13 @@ def to_js_string(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return _js_float(value)
+        return js_number(value)
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _js_float(value: float) -> str:
-    """ECMAScript Number::toString for a float, from Python's shortest round-tripping digits."""
+def js_number(value: float) -> str:
+    """ECMAScript Number::toString for a float (Segment stringifies numbers this way), from Python's
+    shortest round-tripping digits."""
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):

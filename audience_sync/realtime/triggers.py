@@ -26,13 +26,14 @@ of a quoted string (``"say \\"hi\\""``).
 from __future__ import annotations
 
 import difflib
-import math
 import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, Literal, NoReturn
+
+from audience_sync.realtime.mapping import js_number
 
 __all__ = ["Trigger", "TriggerError", "parse_trigger"]
 
@@ -82,21 +83,6 @@ _MISSING: Final[Any] = object()
 def _is_number(value: object) -> bool:
     """A real number: bools are not numbers (JSON true is not 1)."""
     return isinstance(value, numbers.Real | Decimal) and not isinstance(value, bool)
-
-
-def _js_number_text(number: float) -> str:
-    """The number as JavaScript's ``String(n)`` renders it (Segment stringifies literals this way)."""
-    if math.isnan(number):
-        return "NaN"
-    if math.isinf(number):
-        return "Infinity" if number > 0 else "-Infinity"
-    if number == 0:
-        return "0"
-    if abs(number) < 1e-6 or abs(number) >= 1e21:
-        mantissa, _, exponent = repr(number).partition("e")  # repr uses exponents in this range too
-        power = int(exponent)
-        return f"{mantissa}e{'+' if power > 0 else '-'}{abs(power)}"
-    return format(Decimal(repr(number)).normalize(), "f")
 
 
 ValueKind = Literal["string", "number", "true", "false", "null"]
@@ -501,7 +487,7 @@ class _Parser:
         if token.kind == "string":
             return _Value("string", token.string)
         if token.kind == "number":
-            return _Value("number", _js_number_text(token.number), token.number)
+            return _Value("number", js_number(token.number), token.number)
         if token.kind == "word":
             if token.text == "true":
                 return _Value("true", "true")
