@@ -21,7 +21,7 @@ from audience_sync.audiences.rules import Mode, Status
 from audience_sync.audiences.sources import SourceStats, stream_members
 from audience_sync.config import AudienceSettings, Config
 from audience_sync.errors import SourceError
-from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem, RawJson
+from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import make_engine, upsert
@@ -210,14 +210,12 @@ class Syncer:
     def _send(self, audience: AudienceSettings, run_id: int, started: datetime, total: int) -> tuple[int, int]:
         key = audience.key
         batch_size = self.config.settings.odp.batch_size
-        bodies = member_store.pending_bodies(
-            self.engine, run_id, delivery=audience.delivery, key=key, timestamp=run_store.iso(started) or ""
-        )
+        encode = rules.body_encoder(audience.delivery, key, run_store.iso(started) or "")
 
         def batches() -> Iterator[list[OutboundItem]]:
             batch: list[OutboundItem] = []
-            for change_id, body in bodies:
-                batch.append(OutboundItem(change_id, RawJson(body)))
+            for change_id, ids, value in member_store.pending_changes(self.engine, run_id):
+                batch.append(OutboundItem(change_id, encode(ids, value)))
                 if len(batch) >= batch_size:
                     yield batch
                     batch = []

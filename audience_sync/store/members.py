@@ -183,50 +183,22 @@ class _Acknowledge:
 _ACKNOWLEDGE = _Acknowledge()
 
 
-def _body_sql(conn: Connection, delivery: str) -> str:
-    """SQL building each item's JSON body in the database (the same bodies as ``rules.*_body``).
-
-    Building bodies in SQL keeps per-member Python work off the send path; identifiers that are NULL
-    are left out (SQLite: ``json_patch`` with nulls removes keys; PostgreSQL: ``jsonb_strip_nulls``).
-    """
-    ids = (
-        "'userId', user_id, 'fs_user_id', user_id, 'web_user_id', user_id, 'email', email, "
-        "'anonymousId', anonymous_id, 'optimizely_vuid', optimizely_vuid"
-    )
-    if is_sqlite(conn):
-        if delivery == "sync_audience":
-            return (
-                "json_object('audienceId', :key, 'audienceName', :key, 'timestamp', :ts, "
-                "'subscription', json(CASE WHEN value = 'true' THEN 'true' ELSE 'false' END), "
-                "'userId', coalesce(user_id, anonymous_id))"
-            )
-        return f"json_object('user_identifiers', json_patch('{{}}', json_object({ids})), :key, json(value))"
-    if delivery == "sync_audience":
-        return (
-            "CAST(jsonb_build_object('audienceId', CAST(:key AS text), 'audienceName', CAST(:key AS text), "
-            "'timestamp', CAST(:ts AS text), 'subscription', value = 'true', "
-            "'userId', coalesce(user_id, anonymous_id)) AS text)"
-        )
-    return (
-        f"CAST(jsonb_build_object('user_identifiers', jsonb_strip_nulls(jsonb_build_object({ids})), "
-        "CAST(:key AS text), CAST(value AS jsonb)) AS text)"
-    )
+PendingRow = tuple[int, tuple[str | None, str | None, str | None, str | None], str]  # id, identifiers, value
 
 
-def pending_bodies(
-    engine: Engine, run_id: int, *, delivery: str, key: str, timestamp: str, page: int = 5000
-) -> Iterator[tuple[int, str]]:
-    """Stream a run's pending changes as (change id, JSON body) in plan order, by keyset pages."""
+def pending_changes(engine: Engine, run_id: int, page: int = 5000) -> Iterator[PendingRow]:
+    """Stream a run's pending changes as (id, (user_id, email, anonymous_id, optimizely_vuid), value),
+    in plan order, a short read per page (keyset pagination)."""
     last = 0
+    query = text(
+        f"SELECT id, {_IDS}, value FROM run_changes "
+        "WHERE run_id = :run AND id > :last AND outcome = 'pending' ORDER BY id LIMIT :n"
+    )
     while True:
         with engine.connect() as conn:
-            query = text(
-                f"SELECT id, {_body_sql(conn, delivery)} FROM run_changes "
-                "WHERE run_id = :run AND id > :last AND outcome = 'pending' ORDER BY id LIMIT :n"
-            )
-            rows = conn.execute(query, {"run": run_id, "last": last, "n": page, "key": key, "ts": timestamp}).all()
+            rows = conn.execute(query, {"run": run_id, "last": last, "n": page}).all()
         for row in rows:
-            yield row[0], row[1]
+            yield row[0], (row[1], row[2], row[3], row[4]), row[5]
         if len(rows) < page:
             return
         last = rows[-1][0]

@@ -176,6 +176,17 @@ def test_request_headers_and_body_shape(harness: Harness) -> None:
     assert reports[0].acknowledged == batch
 
 
+def test_a_str_body_is_the_items_json_text_sent_verbatim(harness: Harness) -> None:
+    handler, seen = scripted(httpx.Response(400, json={"message": "bad"}))
+    client, _ = harness.client(handler)
+    raw = '{"user_identifiers":{"email":"é@x"},"vip":true}'
+    batch = [OutboundItem("raw", raw), item("dict")]
+    totals, reports, _ = send_all(client, [batch])
+    assert seen[0].content == ("[" + raw + "," + json.dumps(batch[1].body, separators=(",", ":")) + "]").encode()
+    assert json.loads(seen[1].content) == [json.loads(raw)]  # halves keep the text as it was
+    assert totals.acknowledged == 2 and reports[0].rejected == []
+
+
 def test_single_item_is_still_an_array_and_base_url_slash_is_normalised(harness: Harness) -> None:
     seen: list[httpx.Request] = []
 
