@@ -221,12 +221,13 @@ def test_two_replicas_run_each_slot_once(project: Project, daemons: list[Daemon]
         add_customers(project, range(next_id, next_id + 5))  # a change for the next slot to send
         next_id += 5
         time.sleep(0.5)
+    for daemon in daemons:  # both replicas were up and competing for every slot until here
+        assert daemon.http.get("/healthz").status_code == 200
     for daemon in daemons:
         assert daemon.stop()[0] == 0
     slots = project.sql("SELECT slot FROM runs WHERE trigger = 'schedule'")
     assert len(slots) == len({s[0] for s in slots}) >= 11
-    owners = {r[0].split(":")[1] for r in project.sql("SELECT owner FROM runs")}
-    assert len(owners) == 2, "both replicas should have won some slots"
+    # Which replica wins a slot is a race (often the same one, its ticks being phase-locked): not asserted.
     items = project.emulator.items()
     counts = Counter(i["user_identifiers"]["userId"] for i in items)
     assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1][:5]
