@@ -121,6 +121,9 @@ def write_plan(
     as quarantined and not sent. full: every current member, plus the exits. reconcile: full, plus the
     exit value again for every known non-member.
     """
+    if not is_sqlite(conn):
+        # Fresh statistics, so that a big first sync is not planned as if members were empty.
+        conn.exec_driver_sql("ANALYZE members")
     pending = Outcome.PLANNED if dry_run else Outcome.PENDING
     manual = mode in (Mode.FULL, Mode.RECONCILE)
     outcome = (
@@ -257,10 +260,13 @@ def record_batch(
         )
 
 
+# A correlated scalar subquery, not EXISTS: PostgreSQL then always looks members up by primary key per
+# change. With EXISTS and fresh (unanalysed) tables it chose a nested loop scanning every member of the
+# audience per change: 35 s for 20k changes instead of 0.1 s.
 _SETTLE = text(
     f"UPDATE run_changes SET outcome = '{Outcome.SENT}' WHERE run_id = :r AND outcome = '{Outcome.PENDING}' "
-    "AND EXISTS (SELECT 1 FROM members m WHERE m.audience = :a AND m.member = run_changes.member "
-    "AND m.acked = run_changes.value AND m.acked_at >= :started)"
+    "AND value = (SELECT m.acked FROM members m WHERE m.audience = :a AND m.member = run_changes.member "
+    "AND m.acked_at >= :started)"
 ).bindparams(bindparam("started", type_=UTCDateTime()))
 
 

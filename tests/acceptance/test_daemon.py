@@ -48,6 +48,10 @@ class Daemon:
             self.process.send_signal(sig)
         try:
             code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate(timeout=10)
+            raise AssertionError(f"the daemon did not stop within {timeout} s; its log ends:\n{err[-4000:]}") from None
         finally:
             self.http.close()
         return code, time.monotonic() - started
