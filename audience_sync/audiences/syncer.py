@@ -24,7 +24,7 @@ from audience_sync.errors import SourceError
 from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
-from audience_sync.store.engine import make_engine, upsert
+from audience_sync.store.engine import begin_write, make_engine, upsert
 from audience_sync.store.tables import audiences as audiences_table
 
 log = logging.getLogger("audience_sync.sync")
@@ -174,6 +174,8 @@ class Syncer:
                 conn.rollback()
                 counts = {"members": 0, "invalid": stats.invalid}
                 return Status.FAILED, str(exc), counts
+            conn.commit()  # the staged snapshot stays (a temp table); the plan gets a transaction of its own
+            begin_write(conn)
             acknowledged = member_store.acknowledged_count(conn, audience.key, exit_value)
             entered, exited, quarantined = member_store.write_plan(
                 conn,

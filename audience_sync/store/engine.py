@@ -102,6 +102,30 @@ def id_list(conn: Connection, ids: Sequence[int]) -> Any:
     return json.dumps(list(ids)) if is_sqlite(conn) else list(ids)
 
 
+def begin_write(conn: Connection) -> None:
+    """Start a transaction that reads and then writes, on a connection with no transaction open.
+
+    SQLite: takes the write lock first (``BEGIN IMMEDIATE``). A deferred transaction that has read
+    cannot become a writer once another connection has committed: it fails at once with "database
+    is locked" instead of waiting for the lock. PostgreSQL needs nothing.
+    """
+    if is_sqlite(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """``engine.begin()`` for a transaction that reads before it writes (see :func:`begin_write`)."""
+    with engine.connect() as conn:
+        begin_write(conn)
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+
 @contextmanager
 def migration_lock(conn: Connection) -> Iterator[None]:
     """Serialise migrations of replicas starting together.

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, bindparam, delete, func, literal_column, select, 
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnClause
 
-from audience_sync.store.engine import bind_value, claim_lock, insert_new
+from audience_sync.store.engine import bind_value, claim_lock, insert_new, write_transaction
 from audience_sync.store.tables import rt_deliveries, rt_messages
 
 __all__ = [
@@ -125,7 +125,7 @@ def route_messages(
     """
     now = now or utcnow()
     for _ in range(5):
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:  # reads, then writes
             query = claim_lock(
                 select(m.c.id, m.c.message_id, m.c.received_at, m.c.payload)
                 .where(m.c.routed_at.is_(None))

@@ -182,32 +182,41 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
     """Mark ``running`` runs whose process is gone as ``interrupted``; returns their ids.
 
     A run on this host is dead when its pid is; a run elsewhere when its heartbeat is older than the lease.
+    The check reads without locking; each update applies only if the run has not moved on (still running,
+    same heartbeat), so a replica that renews its lease in between keeps its run.
     """
     now = utcnow()
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         rows = conn.execute(
             select(runs.c.id, runs.c.audience, runs.c.started_at, runs.c.owner, runs.c.heartbeat_at).where(
                 runs.c.status == Status.RUNNING
             )
         ).all()
-        dead = []
-        for row in rows:
-            alive = Owner.is_alive(row.owner)
-            if alive is None:
-                alive = row.heartbeat_at is not None and now - row.heartbeat_at < lease
-            if not alive:
-                dead.append(row)
-        if dead:
-            conn.execute(
+    suspects = []
+    for row in rows:
+        alive = Owner.is_alive(row.owner)
+        if alive is None:
+            alive = row.heartbeat_at is not None and now - row.heartbeat_at < lease
+        if not alive:
+            suspects.append(row)
+    dead = []
+    for row in suspects:
+        same_beat = (
+            runs.c.heartbeat_at.is_(None) if row.heartbeat_at is None else runs.c.heartbeat_at == row.heartbeat_at
+        )
+        with engine.begin() as conn:
+            marked = conn.execute(
                 update(runs)
-                .where(runs.c.id.in_([row.id for row in dead]), runs.c.status == Status.RUNNING)
+                .where(runs.c.id == row.id, runs.c.status == Status.RUNNING, same_beat)
                 .values(
                     status=Status.INTERRUPTED,
                     finished_at=now,
                     heartbeat_at=None,
                     error="the process running this sync stopped before it finished",
                 )
-            )
+            ).rowcount
+        if marked:
+            dead.append(row)
     from audience_sync.store.members import settle_sent
 
     for row in dead:  # what the dead process got acknowledged shows as sent in its change log

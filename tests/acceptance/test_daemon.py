@@ -332,11 +332,19 @@ def test_quick_start_daemon_uses_the_bundled_emulator(tmp_path: Any) -> None:
             )
             return json.loads(out.stdout) if out.returncode == 0 else []
 
-        done = wait_for(lambda: len([r for r in runs() if r["status"] == "succeeded"]) >= 2 and runs(), 30, "demo")
+        try:
+            done = wait_for(lambda: len([r for r in runs() if r["status"] == "succeeded"]) >= 2 and runs(), 30, "demo")
+        except AssertionError:
+            process.kill()
+            _, err = process.communicate(timeout=10)
+            raise AssertionError(
+                f"the demo runs did not succeed; history: {runs()}; daemon log:\n{err[-4000:]}"
+            ) from None
         assert {r["audience"] for r in done} == {"demo_members", "vip_customers"}
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
     assert "bundled ODP emulator" in process.stderr.read()  # type: ignore[union-attr]
 
 

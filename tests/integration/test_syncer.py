@@ -288,3 +288,36 @@ def test_settling_a_run_looks_members_up_by_key_even_on_fresh_tables(h: Harness)
     from audience_sync.store.members import settle_sent
 
     assert settle_sent(h.engine, run_id, "a", started) == 1500
+
+
+def test_plans_survive_other_writers_committing_meanwhile(h: Harness) -> None:
+    """The daemon runs audiences, leases and deliveries concurrently. On SQLite a plan that read before
+    writing failed at once with "database is locked" when another connection had committed meanwhile."""
+    import threading
+
+    rows = [f"u{i},u{i}@x" for i in range(300)]
+    config = h.config(file_audience("One", h.csv("one.csv", rows)), file_audience("Two", h.csv("two.csv", rows)))
+    results: dict[str, list[str]] = {"one": [], "two": []}
+    done = threading.Event()
+
+    def other_writer() -> None:  # like lease renewals and ingestion: short write transactions
+        while not done.is_set():
+            with h.engine.begin() as conn:
+                conn.execute(text("UPDATE audiences SET updated_at = updated_at"))
+
+    def loop(key: str) -> None:
+        for round_ in range(8):
+            h.csv(f"{key}.csv", rows[: 300 - round_ * 10])
+            results[key].append(h.sync(config, key)["status"])
+
+    h.sync(config, "one")
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    threads = [threading.Thread(target=loop, args=(key,)) for key in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    done.set()
+    writer.join(10)
+    assert results == {"one": ["succeeded"] * 8, "two": ["succeeded"] * 8}
