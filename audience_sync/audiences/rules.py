@@ -55,21 +55,6 @@ class Outcome(StrEnum):
     PLANNED = "planned"  # dry run
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One row of an audience snapshot: its key, its identifiers, and the JSON text of its value."""
-
-    key: str
-    user_id: str | None
-    email: str | None
-    anonymous_id: str | None
-    optimizely_vuid: str | None
-    value: str
-
-    def as_row(self) -> tuple[str, str | None, str | None, str | None, str | None, str]:
-        return (self.key, self.user_id, self.email, self.anonymous_id, self.optimizely_vuid, self.value)
-
-
 def _text(value: Any) -> str | None:
     if value is None:
         return None
@@ -161,21 +146,6 @@ def member_rows(
         if k is not None
     ]
     return rows, n - len(rows)
-
-
-def member_from_row(row: Mapping[str, Any], *, kind: str, needs_user_or_anonymous: bool) -> Member | None:
-    """A Member from a source row keyed by column name (see member_row)."""
-    user_id, email, anonymous_id, vuid = (row.get(name) for name in IDENTIFIER_FIELDS)
-    values = member_row(
-        user_id,
-        email,
-        anonymous_id,
-        vuid,
-        row.get("value"),
-        kind=kind,
-        needs_user_or_anonymous=needs_user_or_anonymous,
-    )
-    return Member(*values) if values else None
 
 
 def exit_value(kind: str) -> str:

@@ -8,7 +8,6 @@ it back by keyset pages. Python never holds a whole audience.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine, bindparam, select, text, update
@@ -23,17 +22,6 @@ STAGE = "stage_members"
 _STAGE_COLUMNS = ("member", *IDENTIFIER_COLUMNS, "value")
 _IDS = ", ".join(IDENTIFIER_COLUMNS)
 _IDS_S = ", s.".join(IDENTIFIER_COLUMNS)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run will send: counts of the rows it wrote to ``run_changes``."""
-
-    members: int
-    entered: int
-    exited: int
-    quarantined: int
-    acknowledged: int  # members ODP held as in the audience before this run
 
 
 def has_acknowledged(engine: Engine, audience: str) -> bool:

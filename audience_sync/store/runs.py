@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audience_sync import owners
@@ -119,16 +119,6 @@ def slot_taken(engine: Engine, audience: str, slot: datetime) -> bool:
         query = select(runs.c.id).where(runs.c.audience == audience, runs.c.slot == slot)
         found = conn.execute(query).first()
     return found is not None
-
-
-def heartbeat_owned(engine: Engine, owner: Owner = PROCESS_OWNER) -> int:
-    """Renew the lease of every running run of this process; returns how many."""
-    with engine.begin() as conn:
-        return conn.execute(
-            update(runs)
-            .where(runs.c.owner == str(owner), runs.c.status == Status.RUNNING)
-            .values(heartbeat_at=utcnow())
-        ).rowcount
 
 
 @dataclass(frozen=True)
@@ -276,10 +266,3 @@ def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: in
             }
             for r in conn.execute(query)
         ]
-
-
-def running_run(engine: Engine, audience: str) -> int | None:
-    with engine.connect() as conn:
-        return conn.execute(
-            select(runs.c.id).where(and_(runs.c.audience == audience, runs.c.status == Status.RUNNING))
-        ).scalar()
