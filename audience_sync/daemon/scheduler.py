@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from audience_sync.audiences.rules import Trigger
 from audience_sync.audiences.syncer import PreparedRun, Syncer, SyncOptions
 from audience_sync.config import AudienceSettings, Config
-from audience_sync.daemon.slots import LastRun, Schedule, next_due
+from audience_sync.daemon.slots import Schedule, next_due
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.store import runs as run_store
 
@@ -121,10 +121,7 @@ class AudienceScheduler:
         now = datetime.now(UTC)
         out: dict[str, datetime] = {}
         for key in self.audiences:
-            row = latest.get(key)
-            due = next_due(
-                key, self.schedules[key], LastRun(row.status, row.started_at, row.slot) if row else None, now
-            )
+            due = next_due(key, self.schedules[key], latest.get(key), now)
             if due is not None:
                 out[key] = due.at
         return out
@@ -150,10 +147,8 @@ class AudienceScheduler:
         except Exception:
             log.exception("could not read the run history of %s", key)
             return
-        row = latest.get(key)
-        last = LastRun(row.status, row.started_at, row.slot) if row else None
         now = datetime.now(UTC)
-        due = next_due(key, self.schedules[key], last, now)
+        due = next_due(key, self.schedules[key], latest.get(key), now)
         if due is not None and now < due.at <= now + timedelta(seconds=TICK_SECONDS):
             await asyncio.sleep((due.at - now).total_seconds())  # start on time, not on the next tick
             now = due.at

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 INITIAL_SLOT = datetime(1970, 1, 1, tzinfo=UTC)
 RETRY_STEP = timedelta(microseconds=1)
@@ -66,7 +67,18 @@ def next_cron_time(cron: str, after: datetime) -> datetime:
     return moment
 
 
-def next_due(audience: str, schedule: Schedule, last: LastRun | None, now: datetime) -> Due | None:
+class PastRun(Protocol):
+    """What next_due reads of the newest run: a :class:`LastRun`, or the store's record of it."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def started_at(self) -> datetime: ...
+    @property
+    def slot(self) -> datetime | None: ...
+
+
+def next_due(audience: str, schedule: Schedule, last: PastRun | None, now: datetime) -> Due | None:
     """The next scheduled run of ``audience``, or None while a run of it is in progress."""
     if last is None:
         return Due(INITIAL_SLOT, now)
