@@ -12,6 +12,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
+from audience_sync.store.members import acknowledged_counts
+
 RUN_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
 
@@ -54,13 +56,8 @@ class _SyncCollector(Collector):
             ):
                 moment = finished if isinstance(finished, datetime) else datetime.fromisoformat(str(finished))
                 success.add_metric([audience], _epoch(moment))
-            for audience, count in conn.execute(
-                text(
-                    "SELECT audience, count(*) FROM members WHERE acked IS NOT NULL "
-                    "AND acked NOT IN ('false', 'null') GROUP BY audience"
-                )
-            ):
-                members.add_metric([audience], count)
+        for audience, count in acknowledged_counts(self.engine).items():
+            members.add_metric([audience], count)
         for audience, at in self.next_runs().items():
             upcoming.add_metric([audience], at.timestamp())
         yield from (runs, sent, failed, success, members, upcoming)

@@ -33,25 +33,27 @@ def has_acknowledged(engine: Engine, audience: str) -> bool:
     return row is not None
 
 
-def acknowledged_count(conn: Connection | Engine, audience: str, exit_value: str) -> int:
+def acknowledged_count(conn: Connection, audience: str, exit_value: str) -> int:
     """Members ODP currently holds as in the audience (acknowledged with a value other than the exit)."""
     sql = text("SELECT count(*) FROM members WHERE audience = :a AND acked IS NOT NULL AND acked <> :x")
-    if isinstance(conn, Engine):
-        with conn.connect() as c:
-            return int(c.execute(sql, {"a": audience, "x": exit_value}).scalar_one())
     return int(conn.execute(sql, {"a": audience, "x": exit_value}).scalar_one())
 
 
-def acknowledged_counts(engine: Engine, keys: Sequence[str]) -> dict[str, int]:
-    """Members acknowledged as ``true`` (or with a trait value) per audience, for ``audiences``."""
-    if not keys:
+def acknowledged_counts(engine: Engine, keys: Sequence[str] | None = None) -> dict[str, int]:
+    """Members acknowledged as ``true`` (or with a trait value) per audience; ``keys=None``: every audience."""
+    where = "acked IS NOT NULL AND acked NOT IN ('false', 'null')"
+    if keys is None:
+        sql = text(f"SELECT audience, count(*) FROM members WHERE {where} GROUP BY audience")
+        params: dict[str, object] = {}
+    elif not keys:
         return {}
-    sql = text(
-        "SELECT audience, count(*) FROM members WHERE audience IN :keys AND acked IS NOT NULL "
-        "AND acked NOT IN ('false', 'null') GROUP BY audience"
-    ).bindparams(bindparam("keys", expanding=True))
+    else:
+        sql = text(
+            f"SELECT audience, count(*) FROM members WHERE audience IN :keys AND {where} GROUP BY audience"
+        ).bindparams(bindparam("keys", expanding=True))
+        params = {"keys": list(keys)}
     with engine.connect() as conn:
-        return {a: int(n) for a, n in conn.execute(sql, {"keys": list(keys)})}
+        return {a: int(n) for a, n in conn.execute(sql, params)}
 
 
 def stage_snapshot(conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk: Callable[[int], None]) -> int:
