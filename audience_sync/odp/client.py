@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 import httpx
 
@@ -47,6 +47,7 @@ __all__ = [
     "USER_AGENT",
     "BatchReport",
     "ClientOptions",
+    "EncodedBatch",
     "OdpClient",
     "OutboundItem",
     "SendTotals",
@@ -100,12 +101,46 @@ class OutboundItem:
     body: Mapping[str, Any] | str  # a str is the item's JSON text, sent as it is
 
 
+class EncodedBatch(Sequence[OutboundItem]):
+    """A batch whose request body is already encoded: ``content`` is the JSON array of its items.
+
+    The client sends ``content`` as it is. The items themselves are only made, by :meth:`unpack`,
+    when something needs them one by one: splitting a rejected batch, or reporting a partial outcome.
+    A fully acknowledged batch is reported as itself (``report.acknowledged is report.batch``).
+    """
+
+    def __init__(self, content: bytes, size: int) -> None:
+        self.content = content
+        self._size = size
+        self._items: list[OutboundItem] | None = None
+
+    def unpack(self) -> list[OutboundItem]:
+        """The batch's items, in the order of ``content``."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._size
+
+    @overload
+    def __getitem__(self, index: int) -> OutboundItem: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[OutboundItem]: ...
+
+    def __getitem__(self, index: int | slice) -> OutboundItem | list[OutboundItem]:
+        if self._items is None:
+            self._items = self.unpack()
+            if len(self._items) != self._size:
+                raise ValueError(f"an encoded batch of {self._size} items unpacked into {len(self._items)}")
+        return self._items[index]
+
+
 @dataclass
 class BatchReport:
     """The outcome of one input batch, once all its (sub-)requests are settled."""
 
     batch: Sequence[OutboundItem]
-    acknowledged: list[OutboundItem] = field(default_factory=list)
+    acknowledged: Sequence[OutboundItem] = field(default_factory=list)
     rejected: list[tuple[OutboundItem, str]] = field(default_factory=list)
     failed: list[tuple[OutboundItem, str]] = field(default_factory=list)
     requests: int = 0
@@ -132,6 +167,8 @@ def _json_default(value: object) -> object:
 
 def _encode(items: Sequence[OutboundItem]) -> bytes:
     """The request body: a JSON array of the items; a str body is already the item's JSON text."""
+    if isinstance(items, EncodedBatch):
+        return items.content
     parts = [
         item.body if isinstance(item.body, str) else json.dumps(item.body, separators=(",", ":"), default=_json_default)
         for item in items
@@ -379,13 +416,13 @@ class OdpClient:
     def _send_batch(self, url: str, batch: Sequence[OutboundItem], stop: threading.Event) -> BatchReport:
         report = BatchReport(batch=batch)
         if len(batch):
-            self._deliver(url, list(batch), report, stop)
+            self._deliver(url, batch if isinstance(batch, EncodedBatch) else list(batch), report, stop)
         return report
 
     def _deliver(
         self,
         url: str,
-        items: list[OutboundItem],
+        items: Sequence[OutboundItem],
         report: BatchReport,
         stop: threading.Event,
         split_from: str | None = None,
@@ -400,7 +437,8 @@ class OdpClient:
             return
         outcome = self._request(url, items, report, stop)
         if outcome.kind == "ok":
-            report.acknowledged.extend(items)
+            # Usually the whole batch: reported as it is, without copying (or unpacking) its items.
+            report.acknowledged = [*report.acknowledged, *items] if report.acknowledged else items
         elif outcome.kind == "failed":
             report.failed.extend((item, outcome.message) for item in items)
         elif len(items) == 1:
@@ -411,7 +449,7 @@ class OdpClient:
             self._deliver(url, items[:half], report, stop, outcome.message)
             self._deliver(url, items[half:], report, stop, outcome.message)
 
-    def _request(self, url: str, items: list[OutboundItem], report: BatchReport, stop: threading.Event) -> _Outcome:
+    def _request(self, url: str, items: Sequence[OutboundItem], report: BatchReport, stop: threading.Event) -> _Outcome:
         """One logical request with its retries; counts every HTTP request made in ``report``."""
         opts = self.options
         content = _encode(items)

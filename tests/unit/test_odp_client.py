@@ -32,6 +32,7 @@ from audience_sync.odp.client import (
     USER_AGENT,
     BatchReport,
     ClientOptions,
+    EncodedBatch,
     OdpClient,
     OutboundItem,
     SendTotals,
@@ -185,6 +186,52 @@ def test_a_str_body_is_the_items_json_text_sent_verbatim(harness: Harness) -> No
     assert seen[0].content == ("[" + raw + "," + json.dumps(batch[1].body, separators=(",", ":")) + "]").encode()
     assert json.loads(seen[1].content) == [json.loads(raw)]  # halves keep the text as it was
     assert totals.acknowledged == 2 and reports[0].rejected == []
+
+
+class Encoded(EncodedBatch):
+    """An encoded batch of ``item``s that counts how often it was unpacked."""
+
+    def __init__(self, batch: list[OutboundItem], *, size: int | None = None) -> None:
+        super().__init__(json.dumps([i.body for i in batch], separators=(",", ":")).encode(), size or len(batch))
+        self.batch = batch
+        self.unpacked = 0
+
+    def unpack(self) -> list[OutboundItem]:
+        self.unpacked += 1
+        return list(self.batch)
+
+
+def test_an_encoded_batch_is_sent_as_it_is_and_reported_whole_without_unpacking(harness: Harness) -> None:
+    handler, seen = scripted()
+    client, _ = harness.client(handler)
+    batch = Encoded(items(3))
+    totals, reports, _ = send_all(client, [batch])
+    assert seen[0].content == batch.content
+    assert reports[0].acknowledged is batch and reports[0].batch is batch
+    assert batch.unpacked == 0
+    assert totals == SendTotals(requests=1, acknowledged=3)
+
+
+def test_a_rejected_encoded_batch_is_unpacked_once_and_halved(harness: Harness) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "bad" in keys_of(request):
+            return httpx.Response(400, json={"message": "invalid item: bad"})
+        return ok(request)
+
+    client, _ = harness.client(handler)
+    batch = Encoded([item("m0"), item("bad"), item("m2"), item("m3")])
+    totals, reports, _ = send_all(client, [batch])
+    assert sorted(i.key for i in reports[0].acknowledged) == ["m0", "m2", "m3"]
+    assert reports[0].rejected == [(item("bad"), "HTTP 400: invalid item: bad")]
+    assert batch.unpacked == 1
+    assert totals == SendTotals(requests=5, acknowledged=3, rejected=1)
+
+
+def test_an_encoded_batch_that_unpacks_into_another_size_is_an_error(harness: Harness) -> None:
+    handler, _ = scripted(httpx.Response(400, json={"message": "no"}))
+    client, _ = harness.client(handler)
+    with pytest.raises(ValueError, match="encoded batch of 3 items unpacked into 2"):
+        send_all(client, [Encoded(items(2), size=3)])
 
 
 def test_single_item_is_still_an_array_and_base_url_slash_is_normalised(harness: Harness) -> None:
