@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from json.encoder import encode_basestring
 from typing import Any
 
 IDENTIFIER_FIELDS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
@@ -195,41 +194,6 @@ def sync_audience_body(key: str, value_json: str, ids: Mapping[str, str | None],
         "subscription": value_json == TRUE,
         "userId": ids.get("user_id") or ids.get("anonymous_id"),
     }
-
-
-IdentifierRow = tuple[str | None, str | None, str | None, str | None]  # user_id, email, anonymous_id, vuid
-
-
-def body_encoder(delivery: str, key: str, timestamp: str) -> Callable[[IdentifierRow, str], str]:
-    """A fast writer of one item's JSON text: the same JSON as ``json.dumps`` of
-    :func:`upsert_contact_body` / :func:`sync_audience_body`, built from strings, since the send path
-    writes one per member."""
-    quote = encode_basestring
-    key_json = quote(key)
-    if delivery == "sync_audience":
-        head = f'{{"audienceId":{key_json},"audienceName":{key_json},"timestamp":{quote(timestamp)},"subscription":'
-
-        def sync_audience(ids: IdentifierRow, value_json: str) -> str:
-            user = ids[0] or ids[2]
-            return f'{head}{"true" if value_json == TRUE else "false"},"userId":{quote(user) if user else "null"}}}'
-
-        return sync_audience
-
-    def upsert_contact(ids: IdentifierRow, value_json: str) -> str:
-        user_id, email, anonymous_id, vuid = ids
-        parts = []
-        if user_id:
-            q = quote(user_id)
-            parts.append(f'"userId":{q},"fs_user_id":{q},"web_user_id":{q}')
-        if email:
-            parts.append('"email":' + quote(email))
-        if anonymous_id:
-            parts.append('"anonymousId":' + quote(anonymous_id))
-        if vuid:
-            parts.append('"optimizely_vuid":' + quote(vuid))
-        return '{"user_identifiers":{' + ",".join(parts) + "}," + key_json + ":" + value_json + "}"
-
-    return upsert_contact
 
 
 @dataclass(frozen=True)

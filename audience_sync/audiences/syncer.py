@@ -21,7 +21,7 @@ from audience_sync.audiences.rules import Mode, Status
 from audience_sync.audiences.sources import SourceStats, stream_members
 from audience_sync.config import AudienceSettings, Config
 from audience_sync.errors import SourceError
-from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
+from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import begin_write, make_engine, upsert
@@ -211,18 +211,14 @@ class Syncer:
 
     def _send(self, audience: AudienceSettings, run_id: int, started: datetime, total: int) -> tuple[int, int]:
         key = audience.key
-        batch_size = self.config.settings.odp.batch_size
-        encode = rules.body_encoder(audience.delivery, key, run_store.iso(started) or "")
-
-        def batches() -> Iterator[list[OutboundItem]]:
-            batch: list[OutboundItem] = []
-            for change_id, ids, value in member_store.pending_changes(self.engine, run_id):
-                batch.append(OutboundItem(change_id, encode(ids, value)))
-                if len(batch) >= batch_size:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+        batches = member_store.pending_batches(
+            self.engine,
+            run_id,
+            delivery=audience.delivery,
+            key=key,
+            timestamp=run_store.iso(started) or "",
+            batch_size=self.config.settings.odp.batch_size,
+        )
 
         done = {"sent": 0, "failed": 0}
 
@@ -231,7 +227,7 @@ class Syncer:
                 self.engine,
                 run_id=run_id,
                 audience=key,
-                acknowledged=[i.key for r in reports for i in r.acknowledged],
+                acknowledged=",".join(_acknowledged_ids(r) for r in reports if r.acknowledged),
                 rejected=[(i.key, msg) for r in reports for i, msg in r.rejected],
                 failed=[(i.key, msg) for r in reports for i, msg in r.failed],
                 requests=sum(r.requests for r in reports),
@@ -249,11 +245,33 @@ class Syncer:
 
         path = "/batch_sync_audience" if audience.delivery == "sync_audience" else "/batch_upsert_contact"
         try:
-            self.client.send(path, _prefetched(batches(), depth=4), on_report, should_stop=self.should_stop)
+            outbound = (_PendingBatch(*batch) for batch in batches)
+            self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)
         finally:
             writer.close()  # every acknowledgement is written before the run is recorded
             member_store.settle_sent(self.engine, run_id, key, started)
         return done["sent"], done["failed"]
+
+
+class _PendingBatch(EncodedBatch):
+    """A batch of pending changes as the store wrote it (see ``members.pending_batches``): sent as one
+    encoded body; items (keyed by change id) only made if ODP's answer needs them one by one."""
+
+    def __init__(self, ids: str, texts: str, count: int) -> None:
+        super().__init__(("[" + texts.replace(member_store.ITEM_SEPARATOR, ",") + "]").encode(), count)
+        self.ids = ids
+        self.texts = texts
+
+    def unpack(self) -> list[OutboundItem]:
+        keys = map(int, self.ids.split(","))
+        return [OutboundItem(k, t) for k, t in zip(keys, self.texts.split(member_store.ITEM_SEPARATOR), strict=True)]
+
+
+def _acknowledged_ids(report: BatchReport) -> str:
+    """The change ids a report acknowledged, comma-separated (a whole batch: as the store wrote them)."""
+    if isinstance(report.acknowledged, _PendingBatch):
+        return report.acknowledged.ids
+    return ",".join(str(item.key) for item in report.acknowledged)
 
 
 def _failure_note(failed: int) -> str | None:

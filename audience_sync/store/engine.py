@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -86,20 +85,74 @@ def bulk_load(conn: Connection, table_name: str, columns: Sequence[str], rows: I
             copy.write_row(row)
 
 
-def in_id_list(conn: Connection, column: str, param: str = "ids") -> str:
-    """SQL testing ``column`` against a list of ids bound as ONE parameter (see :func:`id_list`).
+def in_id_list(conn: Connection, column: str) -> str:
+    """SQL for a driver-level statement (see :func:`driver_execute`) testing ``column`` against a list
+    of ids bound as ONE ``?`` parameter (see :func:`id_list`).
 
     One parameter instead of one per id keeps per-batch statements cheap: SQLite reads a JSON array
     with ``json_each``, PostgreSQL binds an array.
     """
     if is_sqlite(conn):
-        return f"{column} IN (SELECT value FROM json_each(:{param}))"
-    return f"{column} = ANY(CAST(:{param} AS BIGINT[]))"
+        return f"{column} IN (SELECT value FROM json_each(?))"
+    return f"{column} = ANY(CAST(? AS BIGINT[]))"
 
 
-def id_list(conn: Connection, ids: Sequence[int]) -> Any:
-    """The bound value for :func:`in_id_list`."""
-    return json.dumps(list(ids)) if is_sqlite(conn) else list(ids)
+def json_string(conn: Connection, expr: str) -> str:
+    """SQL for the JSON text of a text expression (a quoted, escaped JSON string; NULL stays NULL on
+    PostgreSQL and becomes ``null`` on SQLite, so callers guard NULLs themselves)."""
+    return f"json_quote({expr})" if is_sqlite(conn) else f"to_json(CAST({expr} AS TEXT))::text"
+
+
+def string_agg(conn: Connection, expr: str, separator: int, order_by: str) -> str:
+    """SQL aggregating ``expr`` as text joined by the character of code ``separator``, in ``order_by``
+    order. SQLite (before 3.44) takes no ORDER BY in an aggregate: it joins rows in the order its
+    subquery yields them, so every such aggregate of one query sees the same order."""
+    if is_sqlite(conn):
+        return f"group_concat({expr}, char({separator}))"
+    return f"string_agg(CAST({expr} AS TEXT), chr({separator}) ORDER BY {order_by})"
+
+
+def driver_rows(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """Rows of a query straight from the driver's cursor, as the driver's plain tuples, in ``conn``'s
+    transaction: for hot reads where SQLAlchemy's per-row result handling would cost more than the
+    query. ``sql`` marks parameters with ``?`` (see :func:`driver_execute`)."""
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.execute(_driver_sql(conn, sql), tuple(params))
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def driver_execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
+    """Run one statement straight through the driver in ``conn``'s transaction; returns its rowcount.
+
+    For statements run once per batch on the hot path, where SQLAlchemy's per-execution work costs
+    more than the statement. ``sql`` marks parameters with ``?``, turned into ``%s`` for psycopg (so it
+    must hold no other ``?`` or ``%``); values must already be what the dialect stores (see
+    :func:`bind_value`)."""
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.execute(_driver_sql(conn, sql), tuple(params))
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
+def _driver_cursor(conn: Connection) -> Any:
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    return raw.cursor()
+
+
+def _driver_sql(conn: Connection, sql: str) -> str:
+    return sql if is_sqlite(conn) else sql.replace("?", "%s")
+
+
+def id_list(conn: Connection, ids: str) -> str:
+    """The bound value for :func:`in_id_list` from integer ids joined by commas: a JSON array for
+    SQLite, an array literal for PostgreSQL."""
+    return f"[{ids}]" if is_sqlite(conn) else f"{{{ids}}}"
 
 
 def begin_write(conn: Connection) -> None:
@@ -163,16 +216,13 @@ def insert_new(
     ``conn``'s transaction."""
     if not rows:
         return
-    mark = "?" if is_sqlite(conn) else "%s"
     sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(mark for _ in columns)}) "
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
         f"ON CONFLICT ({conflict}) DO NOTHING"
     )
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    cursor = raw.cursor()
+    cursor = _driver_cursor(conn)
     try:
-        cursor.executemany(sql, rows)
+        cursor.executemany(_driver_sql(conn, sql), rows)
     finally:
         cursor.close()
 

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from functools import partial
+from json.encoder import encode_basestring
 
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import TextClause
 
 from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode, Outcome
-from audience_sync.store.engine import bulk_load, id_list, in_id_list, is_sqlite
-from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, members, run_changes, runs
+from audience_sync.store.engine import (
+    bind_value,
+    bulk_load,
+    driver_execute,
+    driver_rows,
+    id_list,
+    in_id_list,
+    is_sqlite,
+    json_string,
+    string_agg,
+)
+from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, members, run_changes
 
 STAGE = "stage_members"
 _STAGE_COLUMNS = ("member", *IDENTIFIER_COLUMNS, "value")
@@ -156,45 +167,107 @@ def write_plan(
     return entered, exited, quarantined
 
 
-class _Acknowledge:
-    """Members' acknowledged state from a batch's ``run_changes`` rows, set-based (one statement)."""
-
-    _cache: dict[tuple[str, str], TextClause] = {}
-
-    def text(self, conn: Connection, where: str) -> TextClause:
-        key = (conn.dialect.name, where)
-        if key not in self._cache:
-            updates = ", ".join(f"{c} = excluded.{c}" for c in (*IDENTIFIER_COLUMNS, "acked", "acked_at"))
-            self._cache[key] = text(
-                f"INSERT INTO members (audience, member, {_IDS}, acked, acked_at, rejections, last_error) "
-                f"SELECT :a, member, {_IDS}, value, :now, 0, NULL FROM run_changes WHERE {where} "
-                f"ON CONFLICT (audience, member) DO UPDATE SET {updates}, rejections = 0, last_error = NULL"
-            ).bindparams(bindparam("now", type_=UTCDateTime()))
-        return self._cache[key]
+_UPDATES = ", ".join(f"{c} = excluded.{c}" for c in (*IDENTIFIER_COLUMNS, "acked", "acked_at"))
 
 
-_ACKNOWLEDGE = _Acknowledge()
-
-
-PendingRow = tuple[int, tuple[str | None, str | None, str | None, str | None], str]  # id, identifiers, value
-
-
-def pending_changes(engine: Engine, run_id: int, page: int = 5000) -> Iterator[PendingRow]:
-    """Stream a run's pending changes as (id, (user_id, email, anonymous_id, optimizely_vuid), value),
-    in plan order, a short read per page (keyset pagination)."""
-    last = 0
-    query = text(
-        f"SELECT id, {_IDS}, value FROM run_changes "
-        "WHERE run_id = :run AND id > :last AND outcome = 'pending' ORDER BY id LIMIT :n"
+def _acknowledge_sql(conn: Connection) -> str:
+    """Members' acknowledged state from a batch's ``run_changes`` rows, set-based (one statement).
+    Parameters: audience, acknowledged-at, the ids (see :func:`in_id_list`)."""
+    return (
+        f"INSERT INTO members (audience, member, {_IDS}, acked, acked_at, rejections, last_error) "
+        f"SELECT ?, member, {_IDS}, value, ?, 0, NULL FROM run_changes WHERE {in_id_list(conn, 'id')} "
+        f"ON CONFLICT (audience, member) DO UPDATE SET {_UPDATES}, rejections = 0, last_error = NULL"
     )
+
+
+_COUNT_RUN = (
+    "UPDATE runs SET sent = sent + ?, failed = failed + ?, requests = requests + ?, heartbeat_at = ? WHERE id = ?"
+)
+
+
+def _item_sql(conn: Connection, delivery: str) -> str:
+    """SQL for one pending change's ODP item as JSON text, the same JSON as ``json.dumps`` of
+    :func:`rules.upsert_contact_body` / :func:`rules.sync_audience_body` (tests hold the two equal).
+    Built by the database because the send path writes one per member: Python then only handles
+    (id, text) pairs. Parameter: the JSON text written before the first column-dependent part."""
+    q = partial(json_string, conn)
+
+    def present(column: str) -> str:
+        return f"{column} IS NOT NULL AND {column} <> ''"
+
+    if delivery == "sync_audience":
+        user = "COALESCE(NULLIF(user_id, ''), NULLIF(anonymous_id, ''))"
+        return (
+            "CAST(? AS TEXT) || CASE WHEN value = 'true' THEN 'true' ELSE 'false' END || ',\"userId\":' || "
+            f"CASE WHEN {user} IS NULL THEN 'null' ELSE {q(user)} END || '}}'"
+        )
+    parts = " || ".join(
+        f"CASE WHEN {present(column)} THEN {fields} ELSE '' END"
+        for column, fields in (
+            (
+                "user_id",
+                f"'\"userId\":' || {q('user_id')} || ',\"fs_user_id\":' || {q('user_id')} || "
+                f"',\"web_user_id\":' || {q('user_id')} || ','",
+            ),
+            ("email", f"'\"email\":' || {q('email')} || ','"),
+            ("anonymous_id", f"'\"anonymousId\":' || {q('anonymous_id')} || ','"),
+            ("optimizely_vuid", f"'\"optimizely_vuid\":' || {q('optimizely_vuid')} || ','"),
+        )
+    )
+    identifiers = f"'{{\"user_identifiers\":{{' || rtrim({parts}, ',') || '}},'"
+    return f"{identifiers} || CAST(? AS TEXT) || COALESCE(value, 'null') || '}}'"
+
+
+ITEM_SEPARATOR = "\x1e"
+"""Joins the item texts of a :data:`PendingBatch`: the ASCII record separator, which JSON text never
+holds raw (JSON escapes every control character inside strings)."""
+
+PendingBatch = tuple[str, str, int]
+"""One batch of pending changes: (change ids joined by commas, their item JSON texts joined by
+:data:`ITEM_SEPARATOR` in the same order, count)."""
+
+
+def pending_batches(
+    engine: Engine,
+    run_id: int,
+    *,
+    delivery: str,
+    key: str,
+    timestamp: str,
+    batch_size: int,
+    per_read: int = 10,
+) -> Iterator[PendingBatch]:
+    """A run's pending changes, in plan order, as batches of ``batch_size`` whose item JSON the
+    database writes and joins (see :func:`_item_sql`): Python handles two strings per batch, not
+    objects per member. ``per_read`` batches per connection (keyset pagination).
+    ``key``: the trait key; ``timestamp``: sync_audience's."""
+    if delivery == "sync_audience":
+        quoted, when = encode_basestring(key), encode_basestring(timestamp)
+        lead = f'{{"audienceId":{quoted},"audienceName":{quoted},"timestamp":{when},"subscription":'
+    else:
+        lead = encode_basestring(key) + ":"
+    last = 0
+    sql = ""
     while True:
+        batches: list[PendingBatch] = []
         with engine.connect() as conn:
-            rows = conn.execute(query, {"run": run_id, "last": last, "n": page}).all()
-        for row in rows:
-            yield row[0], (row[1], row[2], row[3], row[4]), row[5]
-        if len(rows) < page:
+            if not sql:
+                sep = ord(ITEM_SEPARATOR)
+                sql = (
+                    f"SELECT {string_agg(conn, 'id', ord(','), 'id')}, {string_agg(conn, 'body', sep, 'id')}, "
+                    f"count(*), max(id) FROM (SELECT id, {_item_sql(conn, delivery)} AS body FROM run_changes "
+                    f"WHERE run_id = ? AND id > ? AND outcome = '{Outcome.PENDING}' ORDER BY id LIMIT ?) AS batch"
+                )
+            for _ in range(per_read):
+                ids, bodies, count, top = driver_rows(conn, sql, (lead, run_id, last, batch_size))[0]
+                if count:
+                    batches.append((ids, bodies, int(count)))
+                    last = top
+                if count < batch_size:
+                    break
+        yield from batches
+        if len(batches) < per_read or batches[-1][2] < batch_size:
             return
-        last = rows[-1][0]
 
 
 def record_batch(
@@ -202,13 +275,14 @@ def record_batch(
     *,
     run_id: int,
     audience: str,
-    acknowledged: Sequence[int],
+    acknowledged: str,
     rejected: Sequence[tuple[int, str]],
     failed: Sequence[tuple[int, str]],
     requests: int,
     now: datetime,
 ) -> None:
     """Write one batch's outcome (by ``run_changes`` ids) in one transaction, right after ODP answered.
+    ``acknowledged``: the acknowledged ids joined by commas.
 
     Acknowledged items become the members' acknowledged state (one set-based upsert); rejected items
     count towards quarantine; items that failed retryably leave acknowledged state alone (the next run
@@ -216,10 +290,14 @@ def record_batch(
     ones are marked by :func:`settle_sent` when the run ends.
     """
     with engine.begin() as conn:
+        # Driver-level statements: this runs once per batch while sending, and SQLAlchemy's
+        # per-execution work would cost more than the statements themselves.
+        stamp = bind_value(conn, members, "acked_at", now)
+        sent = 0
         if acknowledged:
             # Only the members' state here; the change log learns "sent" from it in settle_sent().
-            ids = id_list(conn, acknowledged)
-            conn.execute(_ACKNOWLEDGE.text(conn, in_id_list(conn, "id")), {"a": audience, "now": now, "ids": ids})
+            driver_execute(conn, _acknowledge_sql(conn), (audience, stamp, id_list(conn, acknowledged)))
+            sent = acknowledged.count(",") + 1
         if rejected or failed:
             conn.execute(
                 update(run_changes)
@@ -238,16 +316,7 @@ def record_batch(
                 ),
                 [{"a": audience, "cid": cid, "e": msg} for cid, msg in rejected],
             )
-        conn.execute(
-            update(runs)
-            .where(runs.c.id == run_id)
-            .values(
-                sent=runs.c.sent + len(acknowledged),
-                failed=runs.c.failed + len(rejected) + len(failed),
-                requests=runs.c.requests + requests,
-                heartbeat_at=now,
-            )
-        )
+        driver_execute(conn, _COUNT_RUN, (sent, len(rejected) + len(failed), requests, stamp, run_id))
 
 
 # A correlated scalar subquery, not EXISTS: PostgreSQL then always looks members up by primary key per

@@ -205,19 +205,21 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
     import json
 
     from audience_sync.audiences import rules
-    from audience_sync.store.members import pending_changes
+    from audience_sync.store.members import ITEM_SEPARATOR, pending_batches
 
     rows = [
         ("u1", "u1", "a@x", "an1", "v1", "true"),
         ("b@x", None, "b@x", None, None, "false"),
         ("an3", None, None, "an3", None, "true"),
         ('q"uote', 'q"uote', "é@x", None, "v\\4", "false"),
+        ("c\tl", "c\tl", "new\nline\x01@x", "😀</script>", None, "true"),
     ]
     if delivery == "upsert_contact":
         rows += [
             ("t1", "t1", None, None, None, '"gold"'),
             ("t2", "t2", None, None, None, "12.5"),
             ("t3", "t3", None, None, None, "null"),
+            ("t4", "t4", None, None, None, '{"tier":["a","é"],"n":-1e-7}'),
         ]
     run_id, started = run_store.start_run(h.engine, audience="ref", mode="initial", trigger="manual")
     with h.engine.begin() as conn:
@@ -230,8 +232,17 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
                 {"r": run_id, "m": member, "v": value, "u": uid, "e": email, "a": anon, "o": vuid},
             )
     timestamp = run_store.iso(started) or ""
-    encode = rules.body_encoder(delivery, "ref", timestamp)
-    built = [json.loads(encode(ids, value)) for _, ids, value in pending_changes(h.engine, run_id)]
+    by_id = {}
+    sizes = []
+    for ids, texts, count in pending_batches(
+        h.engine, run_id, delivery=delivery, key="ref", timestamp=timestamp, batch_size=3, per_read=2
+    ):
+        pairs = list(zip(ids.split(","), texts.split(ITEM_SEPARATOR), strict=True))
+        assert len(pairs) == count
+        sizes.append(count)
+        by_id.update((int(change_id), json.loads(body)) for change_id, body in pairs)
+    assert sizes == [3] * (len(rows) // 3) + ([len(rows) % 3] if len(rows) % 3 else [])
+    built = [by_id[change_id] for change_id in sorted(by_id)]
     expected = []
     for _, uid, email, anon, vuid, value in rows:
         ids = {"user_id": uid, "email": email, "anonymous_id": anon, "optimizely_vuid": vuid}
