@@ -160,4 +160,10 @@ class AudienceScheduler:
         except (SlotTaken, RunInProgress) as exc:
             log.debug("%s: not running slot %s: %s", key, due.slot, exc)
             return
-        await self.tracker.complete_later(prepared)
+        try:
+            await asyncio.shield(self.tracker.complete_later(prepared))
+        except asyncio.CancelledError:
+            if not self.stop.is_set():
+                raise
+            # The daemon is stopping and cancelled this tick; the run itself goes on (shielded), and
+            # the stop waits for it through the tracker.
