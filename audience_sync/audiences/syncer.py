@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
@@ -30,6 +30,7 @@ from audience_sync.store.tables import audiences as audiences_table
 log = logging.getLogger("audience_sync.sync")
 
 HEARTBEAT_SECONDS = 10.0
+T = TypeVar("T")
 Progress = Callable[[str], None]
 
 
@@ -168,12 +169,16 @@ class Syncer:
 
         with self.engine.connect() as conn:
             try:
-                chunks = stream_members(audience, stats, self._engine_for)
+                chunks = _until_stopped(stream_members(audience, stats, self._engine_for), self.should_stop)
                 members = member_store.stage_snapshot(conn, chunks, staged)
             except SourceError as exc:
                 conn.rollback()
                 counts = {"members": 0, "invalid": stats.invalid}
                 return Status.FAILED, str(exc), counts
+            except _Stopped:
+                conn.rollback()
+                note = "stopped while reading the source (shutdown); nothing was sent, the next run starts over"
+                return Status.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
             conn.commit()  # the staged snapshot stays (a temp table); the plan gets a transaction of its own
             begin_write(conn)
             acknowledged = member_store.acknowledged_count(conn, audience.key, exit_value)
@@ -272,6 +277,24 @@ def _acknowledged_ids(report: BatchReport) -> str:
     if isinstance(report.acknowledged, _PendingBatch):
         return report.acknowledged.ids
     return ",".join(str(item.key) for item in report.acknowledged)
+
+
+class _Stopped(Exception):
+    """The process is stopping: the source is read no further."""
+
+
+def _until_stopped(chunks: Iterator[T], should_stop: Callable[[], bool]) -> Iterator[T]:
+    """``chunks``, until ``should_stop()``: then the source is closed and :class:`_Stopped` raised, so
+    that a stop does not wait for a big source to be read to its end."""
+    try:
+        for chunk in chunks:
+            if should_stop():
+                raise _Stopped
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _failure_note(failed: int) -> str | None:

@@ -332,3 +332,33 @@ def test_plans_survive_other_writers_committing_meanwhile(h: Harness) -> None:
     done.set()
     writer.join(10)
     assert results == {"one": ["succeeded"] * 8, "two": ["succeeded"] * 8}
+
+
+def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h: Harness) -> None:
+    """A daemon's stop does not wait for a big source to be read to its end: the run stops at the next
+    chunk, is recorded interrupted, sends nothing and changes no member; the next run starts over."""
+    from audience_sync.audiences import sources
+
+    total = sources.CHUNK_ROWS * 3
+    with h.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE people (user_id VARCHAR(20))"))
+        conn.execute(text("INSERT INTO people VALUES (:u)"), [{"u": f"p{i}"} for i in range(total)])
+    config = h.config({"name": "People", "source": {"type": "sql", "query": "SELECT user_id FROM people"}})
+    audience = config.settings.audiences[0]
+    stop = {"set": False}
+    staged: list[str] = []
+
+    def progress(message: str) -> None:
+        if "staged" in message:
+            staged.append(message)
+            stop["set"] = True  # a stop signal arrives while the source is being read
+
+    stopping = Syncer(config, h.engine, h.client, progress=progress, should_stop=lambda: stop["set"])
+    run = stopping.sync(audience)
+    assert run["status"] == "interrupted" and "stopped while reading the source" in run["error"]
+    assert staged == [f"people: staged {sources.CHUNK_ROWS:,} rows"]  # not read to its end
+    assert (run["sent"], run["requests"]) == (0, 0)
+    assert h.emulator.requests() == [] and h.acked("people") == {}
+
+    again = h.sync(config)
+    assert (again["status"], again["mode"], again["sent"]) == ("succeeded", "initial", total)
