@@ -121,6 +121,16 @@ class ServerSettings(_Section):
     port: int = Field(default=8787, ge=0, le=65535)
     admin_token: SecretStr | None = None
     write_keys: list[SecretStr] = Field(default_factory=list)
+    # How long a stop (SIGTERM/SIGINT) waits for runs and deliveries in flight; then the process exits
+    # at once. Below a supervisor's kill timeout (30 s is common).
+    shutdown_timeout: Duration = timedelta(seconds=25)
+
+    @field_validator("shutdown_timeout")
+    @classmethod
+    def _shutdown_timeout(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(minutes=10):
+            raise ValueError("must be between 1s and 10m")
+        return value
 
 
 class SourceSettings(_Section):

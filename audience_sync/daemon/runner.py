@@ -2,7 +2,10 @@
 delivery worker, until SIGTERM/SIGINT.
 
 On a stop signal it takes no new work, lets the batches in flight finish (runs cut short are recorded
-``interrupted`` and resumed by the next start), and exits 0, well within 30 s.
+``interrupted`` and resumed by the next start), and exits 0. ``server.shutdown_timeout`` (25 s) bounds
+the whole stop: if something is still busy then (a source query or database call that does not
+return), the process exits at once with code 1; its unfinished run is marked ``interrupted`` by the
+next start, and anything not yet recorded as acknowledged is sent again (at-least-once).
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -32,21 +37,62 @@ from audience_sync.store import outbox
 
 log = logging.getLogger("audience_sync.daemon")
 
-SHUTDOWN_GRACE_SECONDS = 20.0
+EXIT_FORCED = 1
+
+
+class _Deadline:
+    """Ends the process when a stop takes longer than ``server.shutdown_timeout``.
+
+    Python cannot abandon a thread stuck in a database call: the interpreter waits for it at exit. So
+    once the time is up, this timer thread logs what happened and ends the process with ``os._exit``.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = 0.0
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._timer = threading.Timer(self.seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return max(0.0, self.started + self.seconds - time.monotonic())
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        log.error(
+            "could not stop within server.shutdown_timeout (%gs): exiting now; a run cut short is marked "
+            "interrupted at the next start and what it had not recorded is sent again",
+            self.seconds,
+        )
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
 
 
 def run_daemon(config: Config, engine: Engine) -> int:
     """Serve until a stop signal; returns the process exit code."""
     stop = threading.Event()
-    with open_client(config.settings.odp) as client:
-        syncer = Syncer(config, engine, client, should_stop=stop.is_set)
-        try:
-            return asyncio.run(_serve(config, engine, client, syncer, stop))
-        finally:
-            syncer.close()
+    deadline = _Deadline(config.settings.server.shutdown_timeout.total_seconds())
+    try:
+        with open_client(config.settings.odp) as client:
+            syncer = Syncer(config, engine, client, should_stop=stop.is_set)
+            try:
+                return asyncio.run(_serve(config, engine, client, syncer, stop, deadline))
+            finally:
+                syncer.close()
+    finally:
+        deadline.cancel()
 
 
-async def _serve(config: Config, engine: Engine, client: OdpClient, syncer: Syncer, stop: threading.Event) -> int:
+async def _serve(
+    config: Config, engine: Engine, client: OdpClient, syncer: Syncer, stop: threading.Event, deadline: _Deadline
+) -> int:
     settings = config.settings
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
@@ -83,13 +129,14 @@ async def _serve(config: Config, engine: Engine, client: OdpClient, syncer: Sync
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
     log.info("stopping: no new work; finishing the batches in flight")
+    deadline.start()
     stop.set()
     scheduler.shutdown()
-    await tracker.wait(timeout=SHUTDOWN_GRACE_SECONDS)
-    await asyncio.to_thread(realtime.join, 5.0)
+    await tracker.wait(timeout=deadline.remaining())
+    await asyncio.to_thread(realtime.join, deadline.remaining())
     server.should_exit = True
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(serving, timeout=5)
+        await asyncio.wait_for(serving, timeout=deadline.remaining())
     waiter.cancel()
     log.info("stopped")
     return 0

@@ -57,12 +57,12 @@ class Daemon:
         return code, time.monotonic() - started
 
 
-def start_daemon(project: Project, **schedule: str) -> Daemon:
+def start_daemon(project: Project, server: dict[str, Any] | None = None, **schedule: str) -> Daemon:
     port = free_port()
     path = project.write()
     extra = {
         "schedule": {"interval": "2h", "jitter": "0s", "lease": "3s", **schedule},
-        "server": {"port": port, "admin_token": TOKEN},
+        "server": {"port": port, "admin_token": TOKEN, **(server or {})},
     }
     from tests.conftest import render_toml
 
@@ -210,6 +210,33 @@ def test_sigterm_during_a_large_run_exits_cleanly_and_the_next_run_finishes(
     acked = project.sql("SELECT count(*) FROM members WHERE acked = 'true'")[0][0]
     assert acked == total
     again.stop()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_stop_stuck_in_a_source_query_ends_at_the_shutdown_timeout(project: Project, daemons: list[Daemon]) -> None:
+    """A source query that does not return (here: waiting for a table lock) cannot be abandoned by
+    Python; the stop still ends at server.shutdown_timeout, with code 1 and a log line saying why, and
+    the next start marks the run interrupted and syncs the audience."""
+    import psycopg
+
+    make_customers(project, range(10))
+    sql_audience(project)
+    dsn = project.database.url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(dsn) as locker:
+        locker.execute("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")  # held until the block ends
+        daemon = start_daemon(project, server={"shutdown_timeout": "3s"})
+        daemons.append(daemon)
+        wait_for(lambda: [r["status"] for r in history(project)] == ["running"], 30, "the run to start")
+        time.sleep(0.5)  # the source query is waiting for the lock
+        code, seconds = daemon.stop(signal.SIGTERM, timeout=20)
+        locker.rollback()
+    log = daemon.process.stderr.read()  # type: ignore[union-attr]
+    assert code == 1 and 3 <= seconds < 8, (code, seconds, log[-2000:])
+    assert "could not stop within server.shutdown_timeout (3s): exiting now" in log
+
+    [run] = project.cli_json("sync", KEY)
+    assert (run["status"], run["mode"], run["sent"]) == ("succeeded", "initial", 10)
+    assert [r["status"] for r in history(project)] == ["succeeded", "interrupted"]
 
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)

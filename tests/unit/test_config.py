@@ -67,6 +67,8 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ("[odp]\nregoin = 'US'\n", "odp.regoin: unknown key"),
         ('[schedule]\ninterval = "soon"\n', "schedule.interval: 'soon' is not a duration"),
         ('[schedule]\ncron = "61 * * * *"\n', "schedule.cron: invalid cron expression"),
+        ('[server]\nshutdown_timeout = "0s"\n', "server.shutdown_timeout: must be between 1s and 10m"),
+        ('[server]\nshutdown_timeout = "1h"\n', "server.shutdown_timeout: must be between 1s and 10m"),
         (
             '[[audiences]]\nname = "A"\n[audiences.source]\ntype = "sql"\n',
             "audiences[0].source.query: required",
