@@ -13,11 +13,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from audience_sync import __version__
 from audience_sync.audiences.rules import Mode, Status, exit_code
-from audience_sync.config import Config, load_config, redact_url
+from audience_sync.config import Config, format_duration, load_config, redact_url
 from audience_sync.errors import AudienceSyncError, ConfigError, RunInProgress, UnknownAudience
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
@@ -192,7 +193,7 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.store.runs import changes, get_run
+    from audience_sync.store.runs import changes, get_run, utcnow
 
     engine = _open_store(config)
     try:
@@ -213,7 +214,16 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
     if args.changes:
         print()
         print(_table(record["changes"], ("member", "value", "outcome", "error")))
+        retention = config.settings.database.change_log_retention
+        finished = record["finished_at"]
+        if not record["changes"] and retention and finished and _parse_iso(finished) < utcnow() - retention:
+            kept = format_duration(retention)
+            print(f"(change logs of runs finished more than {kept} ago are deleted: database.change_log_retention)")
     return EXIT_OK
+
+
+def _parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def audience_objects(config: Config, engine: Any, next_runs: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -59,6 +59,17 @@ def parse_duration(value: object) -> timedelta:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
+def format_duration(value: timedelta) -> str:
+    """A duration as the config writes it: ``30d``, ``1h30m``, ``90s`` -> ``1m30s``."""
+    rest = round(value.total_seconds())
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or f"{value.total_seconds():g}s"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -90,6 +101,8 @@ class OdpSettings(_Section):
 
 class DatabaseSettings(_Section):
     url: str = "sqlite:///audience_sync.db"
+    # The per-member change logs of runs finished longer ago are deleted (run records stay); 0 keeps them.
+    change_log_retention: Duration = timedelta(days=30)
 
 
 class ScheduleSettings(_Section):

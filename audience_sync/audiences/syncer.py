@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from audience_sync.audiences import rules
 from audience_sync.audiences.rules import Mode, Status
 from audience_sync.audiences.sources import SourceStats, stream_members
-from audience_sync.config import AudienceSettings, Config
+from audience_sync.config import AudienceSettings, Config, format_duration
 from audience_sync.errors import SourceError
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
 from audience_sync.store import members as member_store
@@ -122,6 +122,7 @@ class Syncer:
         run_store.finish_run(self.engine, run_id, status, error=error, **counts)
         record = run_store.get_run(self.engine, run_id)
         assert record is not None
+        self._purge_change_logs(audience.key)
         log.info(
             "run %s of %s %s: members=%s entered=%s exited=%s invalid=%s sent=%s failed=%s requests=%s%s",
             run_id,
@@ -137,6 +138,25 @@ class Syncer:
             f" error={error}" if error else "",
         )
         return record
+
+    def _purge_change_logs(self, key: str) -> None:
+        """Delete the change logs of the audience's runs older than ``database.change_log_retention``.
+        A failure is logged, never the run's: it is retried after the next run."""
+        retention = self.config.settings.database.change_log_retention
+        if not retention:
+            return
+        try:
+            deleted = run_store.purge_changes(self.engine, key, before=run_store.utcnow() - retention)
+        except Exception:
+            log.warning("%s: could not delete old change logs", key, exc_info=True)
+            return
+        if deleted:
+            log.info(
+                "%s: deleted %s changes of runs finished more than %s ago (database.change_log_retention)",
+                key,
+                deleted,
+                format_duration(retention),
+            )
 
     def _register(self, audience: AudienceSettings) -> None:
         now = run_store.utcnow()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audience_sync import owners
@@ -157,6 +157,21 @@ def heartbeat(engine: Engine, run_id: int) -> None:
 def set_counts(engine: Engine, run_id: int, **counts: int | str) -> None:
     with engine.begin() as conn:
         conn.execute(update(runs).where(runs.c.id == run_id).values(**counts))
+
+
+def purge_changes(engine: Engine, audience: str, *, before: datetime, chunk: int = 50_000) -> int:
+    """Delete the change logs of ``audience``'s runs that finished before ``before``, in chunks (short
+    transactions, so other writers wait little); the run records and their counts stay. Returns the
+    number of changes deleted."""
+    old_runs = select(runs.c.id).where(runs.c.audience == audience, runs.c.finished_at < before)
+    total = 0
+    while True:
+        with engine.begin() as conn:
+            ids = select(run_changes.c.id).where(run_changes.c.run_id.in_(old_runs)).limit(chunk)
+            deleted = int(conn.execute(delete(run_changes).where(run_changes.c.id.in_(ids))).rowcount)
+        total += deleted
+        if deleted < chunk:
+            return total
 
 
 def finish_run(engine: Engine, run_id: int, status: str, *, error: str | None = None, **counts: int) -> None:

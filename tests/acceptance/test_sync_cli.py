@@ -282,3 +282,38 @@ def test_dry_run_sends_nothing_and_reports_the_real_counts(project: Project) -> 
         == (515, 40, 25)
     )
     assert real["sent"] == 65
+
+
+def test_change_logs_past_the_retention_are_deleted_and_show_says_so(project: Project) -> None:
+    """database.change_log_retention (30d): a run deletes the change logs of its audience's runs that
+    finished longer ago; the run records and their counts stay, and `show --changes` says why the
+    list is empty."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from audience_sync.store.tables import runs
+
+    make_customers(project, range(50))
+    sql_audience(project)
+    [old] = project.cli_json("sync")
+    [recent] = project.cli_json("sync", "--full")
+    engine = project.engine()
+    try:
+        with engine.begin() as conn:
+            aged = datetime.now(UTC) - timedelta(days=31)
+            conn.execute(update(runs).where(runs.c.id == old["id"]).values(finished_at=aged))
+    finally:
+        engine.dispose()
+    assert len(project.cli_json("show", str(old["id"]), "--changes")["changes"]) == 50
+
+    add_customers(project, range(50, 53))
+    [new] = project.cli_json("sync")
+    assert (new["status"], new["sent"]) == ("succeeded", 3)
+    shown = project.cli_json("show", str(old["id"]), "--changes")
+    assert shown["changes"] == [] and (shown["entered"], shown["sent"]) == (50, 50)
+    assert len(project.cli_json("show", str(recent["id"]), "--changes")["changes"]) == 50  # not old enough
+    assert len(project.cli_json("show", str(new["id"]), "--changes")["changes"]) == 3
+    text = project.cli("show", str(old["id"]), "--changes").stdout
+    assert "(none)\n(change logs of runs finished more than 30d ago are deleted: database.change_log_retention)" in text
+    assert "deleted" not in project.cli("show", str(recent["id"]), "--changes").stdout

@@ -38,13 +38,13 @@ class Harness:
             )
         )
 
-    def config(self, *audiences: dict[str, Any], batch_size: int = 100) -> Config:
+    def config(self, *audiences: dict[str, Any], batch_size: int = 100, **database: Any) -> Config:
         path = self.tmp_path / "audience-sync.toml"
         path.write_text(
             render_toml(
                 {
                     "odp": {"api_key": "test-key", "endpoint": self.emulator.base, "batch_size": batch_size},
-                    "database": {"url": self.database.url},
+                    "database": {"url": self.database.url, **database},
                     "audiences": list(audiences),
                 }
             )
@@ -362,3 +362,30 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
 
     again = h.sync(config)
     assert (again["status"], again["mode"], again["sent"]) == ("succeeded", "initial", total)
+
+
+@pytest.mark.parametrize("retention", ["30d", "0s"])
+def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harness, retention: str) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from audience_sync.store.tables import runs
+
+    config = h.config(
+        file_audience("A", h.csv("a.csv", ["a1,a1@x", "a2,a2@x"])),
+        file_audience("B", h.csv("b.csv", ["b1,b1@x"])),
+        change_log_retention=retention,
+    )
+    first_a, first_b = h.sync(config, "a"), h.sync(config, "b")
+    with h.engine.begin() as conn:
+        aged = run_store.utcnow() - timedelta(days=31)
+        conn.execute(update(runs).where(runs.c.id.in_([first_a["id"], first_b["id"]])).values(finished_at=aged))
+    h.sync(config, "a")  # a delta with nothing to send: it still tidies its own audience's change logs
+
+    kept = {r: len(run_store.changes(h.engine, r)) for r in (first_a["id"], first_b["id"])}
+    if retention == "0s":
+        assert kept == {first_a["id"]: 2, first_b["id"]: 1}
+    else:
+        assert kept == {first_a["id"]: 0, first_b["id"]: 1}  # B's own next run will tidy B
+    assert run_store.get_run(h.engine, first_a["id"])["sent"] == 2  # type: ignore[index]

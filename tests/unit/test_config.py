@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from audience_sync.config import load_config, parse_duration, redact_url
+from audience_sync.config import format_duration, load_config, parse_duration, redact_url
 from audience_sync.errors import ConfigError
 
 MINIMAL = """
@@ -111,3 +111,11 @@ def test_durations_and_url_redaction() -> None:
     assert parse_duration(2) == timedelta(seconds=2)
     assert redact_url("postgresql+psycopg://app:pw@db/x") == "postgresql+psycopg://app:***@db/x"
     assert redact_url("sqlite:///a.db") == "sqlite:///a.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("30d", "30d"), ("90s", "1m30s"), ("1.5h", "1h30m"), ("1d2h3m4s", "1d2h3m4s"), ("500ms", "0.5s")],
+)
+def test_durations_are_shown_as_the_config_writes_them(text: str, shown: str) -> None:
+    assert format_duration(parse_duration(text)) == shown
