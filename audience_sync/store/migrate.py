@@ -12,14 +12,25 @@ from sqlalchemy import Engine
 
 from audience_sync.store.engine import migration_lock
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+_PACKAGE = Path(__file__).resolve().parents[1]
+MIGRATIONS_DIRS = (
+    _PACKAGE / "_migrations",  # an installed package (pip install ., a wheel)
+    _PACKAGE.parent / "migrations",  # a checkout (pip install -e .)
+)
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic migrations are: in the installed package, else in the source checkout."""
+    for path in MIGRATIONS_DIRS:
+        if (path / "env.py").is_file():
+            return path
+    searched = ", ".join(str(p) for p in MIGRATIONS_DIRS)
+    raise RuntimeError(f"the database migrations are missing (looked in {searched}); reinstall audience-sync")
 
 
 def _alembic_config() -> AlembicConfig:
-    if not (MIGRATIONS_DIR / "env.py").exists():
-        raise RuntimeError(f"migrations not found at {MIGRATIONS_DIR}; install with `pip install -e .`")
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     return cfg
 
 
