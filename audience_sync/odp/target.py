@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from audience_sync.config import OdpSettings
+from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.client import REGION_BASE_URLS, ClientOptions, OdpClient
 
 log = logging.getLogger("audience_sync.odp")
@@ -34,23 +34,10 @@ def client_options(odp: OdpSettings, base: str, api_key: str) -> ClientOptions:
 @contextmanager
 def embedded_emulator() -> Iterator[str]:
     """Run the bundled emulator on a free loopback port in a background thread; yields its base URL."""
-    import uvicorn
-
     from audience_sync.odp.emulator import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="odp-emulator", daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the bundled ODP emulator failed to start")
-        threading.Event().wait(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with serve_in_thread(create_app(), what="the bundled ODP emulator") as port:
         yield f"http://127.0.0.1:{port}/twilio_segment"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
+from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.emulator import Faults, create_app
 
 KEY = "test-key"
@@ -24,21 +23,11 @@ UPSERT = "/twilio_segment/batch_upsert_contact"
 def running_emulator(api_key: str | None = KEY, faults: Faults | None = None) -> Iterator[httpx.Client]:
     """Serve a fresh emulator on a free loopback port; yield an httpx client bound to it."""
     app = create_app(api_key=api_key, faults=faults)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("emulator did not start")
-        time.sleep(0.005)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)
+    with (
+        serve_in_thread(app, what="the emulator", start_timeout=5) as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client,
+    ):
+        yield client
 
 
 Start = Callable[..., httpx.Client]

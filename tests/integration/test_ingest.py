@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,13 +24,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, select
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from audience_sync.config import Config, load_config
+from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.client import OdpClient
 from audience_sync.odp.target import client_options
 from audience_sync.realtime.admin import admin_routes
@@ -80,21 +79,8 @@ write_keys = ["{WRITE_KEY}", "{OTHER_KEY}"]
 @contextmanager
 def serve(routes: list[BaseRoute]) -> Iterator[str]:
     """Serve ``routes`` with uvicorn in a thread on a free loopback port; yields the base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with serve_in_thread(Starlette(routes=routes), what="the test server", stop_timeout=10) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @dataclass

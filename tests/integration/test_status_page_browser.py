@@ -14,7 +14,6 @@ import os
 import shutil
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from audience_sync.daemon.web import render_status_page
+from audience_sync.local_server import serve_in_thread
 
 INSTALL_TIMEOUT = 300.0
 """Seconds for the whole install attempt (apt-get install, and apt-get update + retry if needed)."""
@@ -284,21 +283,8 @@ def serving(document: str) -> Iterator[str]:
         return HTMLResponse(document)
 
     app = Starlette(routes=[Route("/", index)])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("the status page server did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with serve_in_thread(app, what="the status page server", stop_timeout=10) as port:
         yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 class DomIndex(HTMLParser):

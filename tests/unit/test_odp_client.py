@@ -10,7 +10,6 @@ import itertools
 import json
 import logging
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import audience_sync
+from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.client import (
     REGION_BASE_URLS,
     USER_AGENT,
@@ -850,24 +849,8 @@ def _odp_app(received: list[Any]) -> Starlette:
 @pytest.fixture
 def live_odp() -> Iterator[tuple[str, list[Any]]]:
     received: list[Any] = []
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(_odp_app(received), log_level="warning", lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        assert thread.is_alive(), "uvicorn died"
-        time.sleep(0.01)
-    try:
+    with serve_in_thread(_odp_app(received), what="the stand-in ODP", stop_timeout=10) as port:
         yield f"http://127.0.0.1:{port}/twilio_segment", received
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def test_against_a_real_http_server(live_odp: tuple[str, list[Any]]) -> None:
