@@ -234,19 +234,15 @@ def resolve(mapping: Any, payload: Any) -> Any:
             if name == "@if":
                 return _resolve_if(argument, payload)
             return _resolve_array_path(argument, payload)
-        resolved: dict[str, Any] = {}
-        for key, sub_mapping in mapping.items():
-            value = resolve(sub_mapping, payload)
-            if value is not UNDEFINED:
-                resolved[key] = value
-        return resolved
+        return resolve_fields(mapping, payload)
     if isinstance(mapping, list | tuple):
         return [None if (v := resolve(item, payload)) is UNDEFINED else v for item in mapping]
     return mapping
 
 
 def resolve_fields(fields: Mapping[str, Any], payload: Any) -> dict[str, Any]:
-    """Resolve an object of field mappings; fields that resolve to undefined are absent."""
+    """Resolve an object of field mappings key by key (none of its keys is a directive); fields that
+    resolve to undefined are absent."""
     resolved: dict[str, Any] = {}
     for name, mapping in fields.items():
         value = resolve(mapping, payload)
