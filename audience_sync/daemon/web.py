@@ -297,11 +297,15 @@ def _summary(
     return '<div class="summary" data-testid="summary">' + "".join(parts) + "</div>"
 
 
-def _audiences_section(audiences: Sequence[Mapping[str, Any]], now: datetime | None) -> str:
-    head = (
-        '<section data-testid="audiences-section" aria-labelledby="audiences-title">'
-        f'<h2 id="audiences-title">Audiences <span class="count">({len(audiences)})</span></h2>'
+def _section_head(name: str, title_html: str) -> str:
+    """A section's opening tag and heading: ``data-testid="<name>-section"``, titled by its h2."""
+    return (
+        f'<section data-testid="{name}-section" aria-labelledby="{name}-title"><h2 id="{name}-title">{title_html}</h2>'
     )
+
+
+def _audiences_section(audiences: Sequence[Mapping[str, Any]], now: datetime | None) -> str:
+    head = _section_head("audiences", f'Audiences <span class="count">({len(audiences)})</span>')
     if not audiences:
         return head + '<p class="empty" data-testid="audiences-empty">No audiences configured.</p></section>'
     rows = []
@@ -441,10 +445,7 @@ def _chart(key: str, points: Sequence[tuple[str, int]]) -> str:
 
 
 def _charts_section(audiences: Sequence[Mapping[str, Any]], history: Mapping[str, Sequence[tuple[str, int]]]) -> str:
-    head = (
-        '<section data-testid="charts-section" aria-labelledby="charts-title">'
-        '<h2 id="charts-title">Members over time</h2>'
-    )
+    head = _section_head("charts", "Members over time")
     if not audiences:
         return head + '<p class="empty">No audiences configured.</p></section>'
     figures = []
@@ -489,10 +490,7 @@ def _error_cell(error: Any) -> str:
 
 
 def _runs_section(runs: Sequence[Mapping[str, Any]], names: Mapping[str, str], now: datetime | None) -> str:
-    head = (
-        '<section data-testid="runs-section" aria-labelledby="runs-title">'
-        f'<h2 id="runs-title">Recent runs <span class="count">({len(runs)})</span></h2>'
-    )
+    head = _section_head("runs", f'Recent runs <span class="count">({len(runs)})</span>')
     if not runs:
         return head + '<p class="empty" data-testid="runs-empty">No runs yet.</p></section>'
     rows = []
@@ -527,10 +525,7 @@ def _runs_section(runs: Sequence[Mapping[str, Any]], names: Mapping[str, str], n
 
 
 def _deliveries_section(deliveries: Mapping[str, int]) -> str:
-    head = (
-        '<section data-testid="deliveries-section" aria-labelledby="deliveries-title">'
-        '<h2 id="deliveries-title">Real-time delivery backlog</h2>'
-    )
+    head = _section_head("deliveries", "Real-time delivery backlog")
     if not deliveries:
         return head + '<p class="empty" data-testid="deliveries-empty">No deliveries yet.</p></section>'
     known = [s for s in DELIVERY_ORDER if s in deliveries]
