@@ -12,6 +12,7 @@ import platform
 import resource
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,14 @@ def build_source_db(path: Path, members: int) -> float:
     finally:
         conn.close()
     return time.perf_counter() - started
+
+
+def make_workdir(given: str | None, prefix: str) -> tuple[Path, bool]:
+    """The folder a benchmark works in: ``given`` (created if missing), or a new temporary folder under
+    /tmp; the flag says the benchmark owns it (and removes it at the end)."""
+    workdir = Path(given) if given else Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir, not given
 
 
 def sqlite_url(path: Path) -> str:

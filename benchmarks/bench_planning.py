@@ -20,7 +20,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from _common import (
     email,
     load_average,
     machine,
+    make_workdir,
     peak_rss_mb,
     user_id,
     verdict,
@@ -339,9 +339,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         raise SystemExit("--churn must give at least one and at most N members")
     if args.repeat < 1:
         raise SystemExit("--repeat must be at least 1")
-    own_workdir = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="bench-planning-", dir="/tmp") if own_workdir else args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir, own_workdir = make_workdir(args.workdir, "bench-planning-")
     source, store, config, floor_db = (
         workdir / "source.db",
         workdir / "store.db",

@@ -33,7 +33,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -46,6 +45,7 @@ from _common import (
     email,
     load_average,
     machine,
+    make_workdir,
     user_id,
     verdict,
     write_config,
@@ -306,9 +306,7 @@ def main() -> int:
     if n < 1 or not 1 <= batch <= 500 or args.repeat < 1:
         raise SystemExit("--members >= 1, 1 <= --batch <= 500 and --repeat >= 1 please")
 
-    own_workdir = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="bench-send-", dir="/tmp") if own_workdir else args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir, own_workdir = make_workdir(args.workdir, "bench-send-")
     source, template, store, config_path = (
         workdir / "source.db",
         workdir / "store-template.db",
