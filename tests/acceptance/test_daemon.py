@@ -101,6 +101,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
     raise AssertionError(message)
 
 
+def start_slow_initial_run(project: Project, daemons: list[Daemon], total: int) -> Daemon:
+    """A daemon in the middle of a slow initial run: ``total`` members, one request at a time, 20 ms
+    each at the emulator; returns once 2,000 have reached it."""
+    make_customers(project, range(total))
+    sql_audience(project)
+    project.odp.update(concurrency=1)
+    project.emulator.faults(latency_ms=20)
+    daemon = start_daemon(project)
+    daemons.append(daemon)
+    wait_for(lambda: project.emulator.stats()["items"] >= 2000, 60, "the initial run to get going")
+    return daemon
+
+
 def history(project: Project) -> list[dict[str, Any]]:
     return list(project.cli_json("history", "--limit", "200"))
 
@@ -190,13 +203,7 @@ def test_sigterm_during_a_large_run_exits_cleanly_and_the_next_run_finishes(
     project: Project, daemons: list[Daemon]
 ) -> None:
     total = 20_000
-    make_customers(project, range(total))
-    sql_audience(project)
-    project.odp.update(concurrency=1)
-    project.emulator.faults(latency_ms=20)
-    daemon = start_daemon(project)
-    daemons.append(daemon)
-    wait_for(lambda: project.emulator.stats()["items"] >= 2000, 60, "the initial run to get going")
+    daemon = start_slow_initial_run(project, daemons, total)
     code, seconds = daemon.stop(signal.SIGTERM)
     assert code == 0 and seconds < 30
     [stopped] = history(project)
@@ -269,13 +276,7 @@ def test_two_replicas_run_each_slot_once(project: Project, daemons: list[Daemon]
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_a_replica_killed_mid_run_is_taken_over(project: Project, daemons: list[Daemon]) -> None:
     total = 20_000
-    make_customers(project, range(total))
-    sql_audience(project)
-    project.odp.update(concurrency=1)
-    project.emulator.faults(latency_ms=20)
-    first = start_daemon(project)
-    daemons.append(first)
-    wait_for(lambda: project.emulator.stats()["items"] >= 2000, 60, "the initial run to get going")
+    first = start_slow_initial_run(project, daemons, total)
     survivor = start_daemon(project)
     daemons.append(survivor)
     first.process.send_signal(signal.SIGKILL)
