@@ -304,10 +304,25 @@ class _Ingest:
         return _json(200, {"success": True, "accepted": len(prepared.accepted), "rejected": prepared.rejected})
 
 
+async def _library_metrics(request: Request) -> Response:
+    """``/v1/m``: analytics.js posts its own usage counters here (``{"series": [...]}``, no write key)
+    from every page of a site. They are acknowledged with a 200 that a browser may read, and ignored:
+    never stored, never delivered (a 404 without CORS headers is a console error on every page)."""
+    if request.method == "OPTIONS":
+        return _Ingest.preflight(request)
+    if request.method != "POST":
+        return _error(405, "method_not_allowed", "use POST")
+    return _json(200, {"success": True})
+
+
 def ingest_routes(config: Config, engine: Engine, counters: IngestCounters | None = None) -> list[BaseRoute]:
     """The ``/v1/*`` routes (long and short forms, every method: POST ingests, OPTIONS answers CORS
-    preflight, anything else 405). ``counters`` (from
+    preflight, anything else 405), and ``/v1/m`` for analytics.js's usage counters. ``counters`` (from
     :func:`~audience_sync.realtime.metrics.register_realtime_metrics`) counts accepted and rejected events.
     The routes share one :class:`MessageWriter` (a daemon thread started by the first request)."""
     ingest = _Ingest(config, MessageWriter(engine), counters)
-    return [Route(f"/v1/{name}", ingest.endpoint(kind), methods=_ALL_METHODS) for name, kind in ENDPOINTS.items()]
+    routes: list[BaseRoute] = [
+        Route(f"/v1/{name}", ingest.endpoint(kind), methods=_ALL_METHODS) for name, kind in ENDPOINTS.items()
+    ]
+    routes.append(Route("/v1/m", _library_metrics, methods=_ALL_METHODS))
+    return routes

@@ -449,6 +449,27 @@ def test_cors(realtime: Realtime) -> None:
     assert error_of(realtime.http.get(realtime.url + "/v1/track")) == (405, "method_not_allowed", "use POST")
 
 
+def test_the_usage_counters_of_analytics_js_are_acknowledged_for_browsers_and_never_delivered(
+    realtime: Realtime,
+) -> None:
+    # analytics.js posts {"series": [...]} as text/plain, without a write key, from the user's site.
+    series = {"series": [{"type": "Counter", "metric": "analytics_js.invoke", "value": 1, "tags": {"type": "track"}}]}
+    origin = {"Origin": "https://shop.test"}
+    response = realtime.http.post(
+        realtime.url + "/v1/m", content=json.dumps(series), headers={**origin, "Content-Type": "text/plain"}
+    )
+    assert response.status_code == 200 and response.json() == {"success": True}
+    assert response.headers["access-control-allow-origin"] == "*"
+    preflight = realtime.http.options(
+        realtime.url + "/v1/m",
+        headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"},
+    )
+    assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert realtime.messages() == []
+    assert realtime.registry.get_sample_value("audience_sync_events_accepted_total") == 0
+
+
 def test_envelope_merge_and_timestamps_are_stored(realtime: Realtime) -> None:
     sent_at = datetime.now(UTC) + timedelta(hours=1)  # the client's clock is an hour fast
     original = sent_at - timedelta(seconds=30)
