@@ -33,7 +33,12 @@ from audience_sync.local_server import serve_in_thread
 from tests.acceptance.test_daemon import Daemon, wait_for
 from tests.cdp import Browser, Event
 from tests.conftest import ROOT, Emulator, free_port
-from tests.integration.test_status_page_browser import chromium_args, chromium_problem, find_or_install_chromium
+from tests.integration.test_status_page_browser import (
+    INSTALL_TIMEOUT,
+    chromium_args,
+    chromium_problem,
+    find_or_install_chromium,
+)
 
 WRITE_KEY = "wk-browser"
 JS_DIR = ROOT / "tests" / "js"
@@ -81,12 +86,16 @@ def analytics_js() -> Path:
     return dist
 
 
-@pytest.fixture(scope="session")
-def chromium() -> str:
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    """Headless Chromium (installed when missing, see test_status_page_browser) on a fresh profile."""
     binary = find_or_install_chromium()
     if binary is None:
         pytest.skip(f"chromium is not installed and could not be installed: {chromium_problem()}")
-    return binary
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    with Browser.launch(chromium_args(binary, profile), tmp_path) as launched:
+        yield launched
 
 
 # --- the daemon and the shop --------------------------------------------------------------------------
@@ -110,17 +119,19 @@ port = {port}
 write_keys = ["{WRITE_KEY}"]
 """
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "audience_sync", "run", "--config", str(config)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with open(tmp_path / "daemon.log", "w") as log:  # a file, not a pipe nobody reads
+        process = subprocess.Popen(
+            [sys.executable, "-m", "audience_sync", "run", "--config", str(config)],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
     running = Daemon(None, process, port)  # type: ignore[arg-type]
     try:
         running.wait_ready()
         yield running
+        assert process.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
     finally:
         if process.poll() is None:
             process.kill()
@@ -280,26 +291,23 @@ def visit_shop(browser: Browser, shop: str, daemon: Daemon, mode: str) -> tuple[
     return requests_of(browser.events, session), console_messages(browser.events, session)
 
 
-@pytest.mark.timeout(NPM_TIMEOUT + 300)
+@pytest.mark.timeout(INSTALL_TIMEOUT + NPM_TIMEOUT + 120)  # installs (once), then well under a minute
 def test_analytics_js_in_a_browser_is_accepted_without_a_cors_error(
-    chromium: str, daemon: Daemon, shop: str, emulator: Emulator, tmp_path: Path
+    browser: Browser, daemon: Daemon, shop: str, emulator: Emulator
 ) -> None:
-    profile = tmp_path / "profile"
-    profile.mkdir()
-    with Browser.launch(chromium_args(chromium, profile), tmp_path) as browser:
-        for mode, paths in MODES.items():
-            requests, console = visit_shop(browser, shop, daemon, mode)
-            assert all(urlsplit(r["url"]).hostname == "127.0.0.1" for r in requests.values()), requests
-            canary = [r for r in requests.values() if urlsplit(r["url"]).path == CANARY_PATH]
-            assert [r["outcome"] for r in canary] == ["failed: net::ERR_FAILED (CORS: MissingAllowOriginHeader)"]
-            to_daemon = [r for r in requests.values() if r["url"].startswith(daemon.url) and r not in canary]
-            assert {urlsplit(r["url"]).path for r in to_daemon} == paths
-            assert events_sent(requests) == EVENTS_PER_PAGE
-            failed = [r for r in to_daemon if r["outcome"] != "finished" or r["status"] != ANSWERED.get(r["method"])]
-            assert failed == [], failed
-            assert any(r["method"] == "OPTIONS" for r in to_daemon), "analytics.js's Basic auth needs a preflight"
-            errors = [message for message in console if CANARY_PATH not in message]
-            assert errors == [], errors
+    for mode, paths in MODES.items():
+        requests, console = visit_shop(browser, shop, daemon, mode)
+        assert all(urlsplit(r["url"]).hostname == "127.0.0.1" for r in requests.values()), requests
+        canary = [r for r in requests.values() if urlsplit(r["url"]).path == CANARY_PATH]
+        assert [r["outcome"] for r in canary] == ["failed: net::ERR_FAILED (CORS: MissingAllowOriginHeader)"]
+        to_daemon = [r for r in requests.values() if r["url"].startswith(daemon.url) and r not in canary]
+        assert {urlsplit(r["url"]).path for r in to_daemon} == paths
+        assert events_sent(requests) == EVENTS_PER_PAGE
+        failed = [r for r in to_daemon if r["outcome"] != "finished" or r["status"] != ANSWERED.get(r["method"])]
+        assert failed == [], failed
+        assert any(r["method"] == "OPTIONS" for r in to_daemon), "analytics.js's Basic auth needs a preflight"
+        errors = [message for message in console if CANARY_PATH not in message]
+        assert errors == [], errors
 
     # The daemon accepted the six events, and the mappings delivered what they select.
     metrics = daemon.http.get("/metrics").text.splitlines()
