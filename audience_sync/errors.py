@@ -18,10 +18,6 @@ class SourceError(AudienceSyncError):
     """The audience source could not be read."""
 
 
-class StoreError(AudienceSyncError):
-    """The database could not be used."""
-
-
 class RunInProgress(AudienceSyncError):
     """A run of this audience is already in progress."""
 

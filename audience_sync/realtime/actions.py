@@ -105,10 +105,6 @@ class Action:
     default_trigger: str | None = None
     _builder: Builder = field(repr=False, compare=False, kw_only=True)
 
-    def field_named(self, name: str) -> Field | None:
-        """The declared field ``name`` or ``None``."""
-        return next((f for f in self.fields if f.name == name), None)
-
     def build_item(self, event: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
         """The request item for ``event`` under the (already merged) field mappings ``fields``.
 

@@ -197,13 +197,6 @@ def pending_backlog(engine: Engine, now: datetime | None = None) -> list[PathBac
     return [PathBacklog(path, int(ready), _aware(oldest)) for path, ready, oldest in rows]
 
 
-def next_available(engine: Engine) -> datetime | None:
-    """When the next pending item becomes available (None: nothing pending)."""
-    with engine.connect() as conn:
-        value = conn.scalar(select(func.min(t.c.available_at)).where(t.c.status == _S[PENDING]))
-    return None if value is None else _aware(value)
-
-
 def _aware(value: Any) -> datetime:
     # func.min() loses the column type on SQLite: the value may come back as text.
     moment = datetime.fromisoformat(value) if isinstance(value, str) else value
