@@ -20,6 +20,7 @@ from audience_sync import __version__
 from audience_sync.audiences.rules import Mode, Status, exit_code
 from audience_sync.config import Config, format_duration, load_config, redact_url
 from audience_sync.errors import AudienceSyncError, ConfigError, RunInProgress, UnknownAudience
+from audience_sync.odp.regions import AUTH, BASE_PATH
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
 COUNT_COLUMNS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
@@ -298,7 +299,7 @@ def cmd_db(args: argparse.Namespace, config: Config) -> int:
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
     from sqlalchemy import text
 
-    from audience_sync.odp.target import base_url, open_client
+    from audience_sync.odp.target import describe_target, open_client
     from audience_sync.store.engine import make_engine
 
     settings = config.settings
@@ -318,11 +319,11 @@ def cmd_check(args: argparse.Namespace, config: Config) -> int:
         results.append({"check": "database", "ok": False, "detail": _first_line(exc)})
     finally:
         engine.dispose()
-    target = base_url(settings.odp) if settings.odp.api_key or settings.odp.endpoint else "bundled emulator"
+    target = describe_target(settings.odp)
     try:
         with open_client(settings.odp) as client:
             ok, detail = client.auth()
-        results.append({"check": "odp", "ok": ok, "detail": f"POST {target}/auth: {detail}"})
+        results.append({"check": "odp", "ok": ok, "detail": f"POST {target}{AUTH}: {detail}"})
     except Exception as exc:
         results.append({"check": "odp", "ok": False, "detail": f"{target}: {_first_line(exc)}"})
     if args.json:
@@ -353,7 +354,7 @@ def cmd_emulator(args: argparse.Namespace, config: Config | None) -> int:
         )
     except ValueError as exc:
         raise UsageError(f"emulator: {exc}") from None
-    print(f"ODP emulator on http://{args.host}:{args.port}/twilio_segment", file=sys.stderr, flush=True)
+    print(f"ODP emulator on http://{args.host}:{args.port}{BASE_PATH}", file=sys.stderr, flush=True)
     serve(host=args.host, port=args.port, api_key=args.api_key, faults=faults, log_level=args.log_level)
     return EXIT_OK
 

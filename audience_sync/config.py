@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from audience_sync.errors import ConfigError
 from audience_sync.naming import trait_key
+from audience_sync.odp.regions import REGIONS
 from audience_sync.realtime.actions import resolve_action
 from audience_sync.realtime.mapping import MappingError, validate_mapping
 from audience_sync.realtime.presets import PRESETS, get_preset
@@ -35,7 +36,6 @@ from audience_sync.realtime.triggers import TriggerError, parse_trigger
 
 ENV_PREFIX = "AUDIENCE_SYNC_"
 DEFAULT_CONFIG_PATH = Path("audience-sync.toml")
-REGIONS = ("US", "EU", "AU")
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|d|h|m|s))+\s*$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|d|h|m|s)")

@@ -55,11 +55,12 @@ from _common import (
     cpu_seconds as self_cpu,
 )
 
-from audience_sync.audiences.rules import upsert_contact_body
 from audience_sync.audiences.syncer import Syncer, SyncOptions
 from audience_sync.config import load_config
 from audience_sync.odp.client import USER_AGENT, BatchReport, OdpClient, OutboundItem, SendTotals
-from audience_sync.odp.target import base_url, client_options
+from audience_sync.odp.payloads import upsert_contact_body
+from audience_sync.odp.regions import BASE_PATH, BATCH_UPSERT_CONTACT, base_url
+from audience_sync.odp.target import client_options
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
 
@@ -177,7 +178,7 @@ def run_product(config_path: Path, emulator_pid: int, profile: bool = False) -> 
     odp = settings.odp
     assert odp.api_key is not None
     # Exactly what open_client(settings.odp) builds when an api_key is set, with timestamps around send.
-    client = TimedClient(client_options(odp, base_url(odp), odp.api_key.get_secret_value()))
+    client = TimedClient(client_options(odp, base_url(odp.region, odp.endpoint), odp.api_key.get_secret_value()))
     syncer = Syncer(config, engine, client)
     try:
         profiler = None
@@ -249,7 +250,7 @@ def run_floor(
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
     }
-    url = endpoint + "/batch_upsert_contact"
+    url = endpoint + BATCH_UPSERT_CONTACT
     encoded = [json.dumps(p, separators=(",", ":")).encode() for p in payloads] if pre_encoded else []
     bad = 0
     with httpx.Client(headers=headers, timeout=httpx.Timeout(10.0)) as http:
@@ -327,7 +328,7 @@ def main() -> int:
     try:
         build_source_db(source, n)
         port = free_port()
-        endpoint = f"http://127.0.0.1:{port}/twilio_segment"
+        endpoint = f"http://127.0.0.1:{port}{BASE_PATH}"
         control = f"http://127.0.0.1:{port}/_emulator"
         write_config(
             config_path,

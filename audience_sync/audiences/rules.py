@@ -1,4 +1,4 @@
-"""The audience-sync domain rules: members, modes, run states, the circuit breaker, item bodies.
+"""The audience-sync domain rules: members, modes, run states, the circuit breaker.
 
 Pure Python: no database and no HTTP here, so every rule is tested without I/O.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -150,50 +150,6 @@ def member_rows(
 def exit_value(kind: str) -> str:
     """What a member who left is sent: ``false`` for an audience, ``null`` (cleared) for a trait."""
     return NULL if kind == "trait" else FALSE
-
-
-def user_identifiers(ids: Mapping[str, str | None]) -> dict[str, str]:
-    """ODP ``user_identifiers`` from stored identifiers; empty ones are omitted."""
-    out: dict[str, str] = {}
-    user_id = ids.get("user_id")
-    if user_id:
-        out["userId"] = user_id
-        out["fs_user_id"] = user_id
-        out["web_user_id"] = user_id
-    if ids.get("email"):
-        out["email"] = ids["email"]  # type: ignore[assignment]
-    if ids.get("anonymous_id"):
-        out["anonymousId"] = ids["anonymous_id"]  # type: ignore[assignment]
-    if ids.get("optimizely_vuid"):
-        out["optimizely_vuid"] = ids["optimizely_vuid"]  # type: ignore[assignment]
-    return out
-
-
-_COMMON_VALUES: dict[str, Any] = {TRUE: True, FALSE: False, NULL: None}
-
-
-def decode_value(value_json: str) -> Any:
-    """A stored value back to Python (the common true/false/null without parsing)."""
-    try:
-        return _COMMON_VALUES[value_json]
-    except KeyError:
-        return json.loads(value_json)
-
-
-def upsert_contact_body(key: str, value_json: str, ids: Mapping[str, str | None]) -> dict[str, Any]:
-    """``batch_upsert_contact`` item: ``{"user_identifiers": {...}, "<trait_key>": value}``."""
-    return {"user_identifiers": user_identifiers(ids), key: decode_value(value_json)}
-
-
-def sync_audience_body(key: str, value_json: str, ids: Mapping[str, str | None], timestamp: str) -> dict[str, Any]:
-    """``batch_sync_audience`` item (Advanced Audience Targeting format)."""
-    return {
-        "audienceId": key,
-        "audienceName": key,
-        "timestamp": timestamp,
-        "subscription": value_json == TRUE,
-        "userId": ids.get("user_id") or ids.get("anonymous_id"),
-    }
 
 
 @dataclass(frozen=True)

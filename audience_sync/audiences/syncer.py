@@ -22,6 +22,7 @@ from audience_sync.audiences.sources import SourceStats, stream_members
 from audience_sync.config import AudienceSettings, Config, format_duration
 from audience_sync.errors import SourceError
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
+from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import begin_write, make_engine, upsert
@@ -268,7 +269,7 @@ class Syncer:
             failed = f", {done['failed']:,} failed" if done["failed"] else ""
             self.progress(f"{key}: sent {done['sent']:,}/{total:,}{failed}")
 
-        path = "/batch_sync_audience" if audience.delivery == "sync_audience" else "/batch_upsert_contact"
+        path = AUDIENCE_ENDPOINTS[audience.delivery]
         try:
             outbound = (_PendingBatch(*batch) for batch in batches)
             self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)

@@ -41,9 +41,9 @@ from typing import Any, overload
 import httpx
 
 from audience_sync import __version__
+from audience_sync.odp.regions import AUTH
 
 __all__ = [
-    "REGION_BASE_URLS",
     "USER_AGENT",
     "BatchReport",
     "ClientOptions",
@@ -56,12 +56,6 @@ __all__ = [
 log = logging.getLogger("audience_sync.odp")
 
 USER_AGENT = f"audience-sync/{__version__}"
-
-REGION_BASE_URLS: dict[str, str] = {
-    "US": "https://function.zaius.app/twilio_segment",
-    "EU": "https://function.eu1.ocp.optimizely.com/twilio_segment",
-    "AU": "https://function.au1.ocp.optimizely.com/twilio_segment",
-}
 
 MESSAGE_LIMIT = 500
 """Server messages put in reports are truncated to this many characters."""
@@ -328,7 +322,7 @@ class OdpClient:
         never = threading.Event()
         self._pacer.acquire(lambda seconds: self._wait(seconds, never))
         try:
-            response = self._http.post(self._base_url + "/auth")
+            response = self._http.post(self._base_url + AUTH)
         except httpx.HTTPError as exc:
             return False, self._redact(f"connection error: {self._describe(exc)}")
         if response.is_success:

@@ -17,43 +17,22 @@ from datetime import UTC, date, datetime
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
+from audience_sync.odp.regions import BATCH_CUSTOM_EVENT, BATCH_EMAIL_EVENT, BATCH_SYNC_AUDIENCE, BATCH_UPSERT_CONTACT
 from audience_sync.realtime.mapping import UNDEFINED, resolve_fields, to_js_string, validate_mapping
 
 __all__ = [
     "ACTIONS",
     "ALIASES",
     "PRODUCTS_ITEM",
-    "REGIONS",
     "Action",
     "BuildResult",
     "Field",
     "ValidationError",
-    "base_url",
     "build_requests",
     "merge_fields",
     "parse_date_like",
     "resolve_action",
 ]
-
-REGIONS: Final[Mapping[str, str]] = MappingProxyType(
-    {
-        "US": "https://function.zaius.app/twilio_segment",
-        "EU": "https://function.eu1.ocp.optimizely.com/twilio_segment",
-        "AU": "https://function.au1.ocp.optimizely.com/twilio_segment",
-    }
-)
-
-
-def base_url(region: str, endpoint: str | None = None) -> str:
-    """The ODP base URL of ``region``, or ``endpoint`` (emulator, proxy) when one is configured.
-
-    The region is checked even with an endpoint: any region other than US, EU, AU is a config error.
-    """
-    if region not in REGIONS:
-        raise ValueError(f"must be one of {', '.join(REGIONS)}")
-    if endpoint:
-        return endpoint.rstrip("/")
-    return REGIONS[region]
 
 
 class ValidationError(ValueError):
@@ -407,7 +386,7 @@ _UPSERT_CONTACT: Final = Action(
     name="upsert_contact",
     title="Upsert Contact",
     slug="upsertContact",
-    path="/batch_upsert_contact",
+    path=BATCH_UPSERT_CONTACT,
     default_trigger='type = "identify"',
     fields=(
         _USER_IDENTIFIERS,
@@ -479,7 +458,7 @@ _EMAIL_EVENT: Final = Action(
     name="email_event",
     title="Email Event",
     slug="emailEvent",
-    path="/batch_email_event",
+    path=BATCH_EMAIL_EVENT,
     fields=(
         _EMAIL_USER_IDENTIFIERS,
         Field("event_action", "Optimizely Event Action", required=True),
@@ -530,7 +509,7 @@ _ECOMMERCE_EVENT: Final = Action(
     name="ecommerce_event",
     title="Ecommerce Event",
     slug="customEvent",
-    path="/batch_custom_event",
+    path=BATCH_CUSTOM_EVENT,
     fields=(
         _USER_IDENTIFIERS,
         Field("event_type", "Optimizely Event Type"),
@@ -563,7 +542,7 @@ _CUSTOM_EVENT: Final = Action(
     name="custom_event",
     title="Custom Event",
     slug="nonEcommCustomEvent",
-    path="/batch_custom_event",
+    path=BATCH_CUSTOM_EVENT,
     fields=(
         _USER_IDENTIFIERS,
         Field("event_type", "Optimizely Event Type"),
@@ -613,7 +592,7 @@ _SYNC_AUDIENCE: Final = Action(
     name="sync_audience",
     title="Sync Audience",
     slug="syncAudience",
-    path="/batch_sync_audience",
+    path=BATCH_SYNC_AUDIENCE,
     fields=(
         Field("custom_audience_name", "Custom Audience Name"),
         Field("segment_computation_action", "Segment Computation Action", choices=("audience", "journey_step")),

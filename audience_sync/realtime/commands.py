@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from audience_sync.config import Config, OdpSettings
+from audience_sync.config import Config
 
 
 def register(sub: Any, common: argparse.ArgumentParser, json_flag: argparse.ArgumentParser) -> None:
@@ -72,29 +70,6 @@ class _Recorder(httpx.BaseTransport):
         self.inner.close()
 
 
-@contextmanager
-def _sending_client(odp: OdpSettings, transport: httpx.BaseTransport) -> Iterator[tuple[Any, str]]:
-    """(client, base URL) the way :func:`audience_sync.odp.target.open_client` picks the target, with our
-    transport: the region or ``odp.endpoint`` with the key, else the endpoint or the bundled emulator."""
-    from audience_sync.odp.client import OdpClient
-    from audience_sync.odp.target import LOCAL_TOKEN, base_url, client_options, embedded_emulator
-
-    if odp.api_key is not None:
-        base = base_url(odp)
-        with OdpClient(client_options(odp, base, odp.api_key.get_secret_value()), transport=transport) as client:
-            yield client, base
-        return
-    if odp.endpoint:
-        with OdpClient(client_options(odp, odp.endpoint, LOCAL_TOKEN), transport=transport) as client:
-            yield client, odp.endpoint
-        return
-    with (
-        embedded_emulator() as url,
-        OdpClient(client_options(odp, url, LOCAL_TOKEN), transport=transport) as client,
-    ):
-        yield client, url
-
-
 def _response_body(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -105,7 +80,9 @@ def _response_body(response: httpx.Response) -> Any:
 def cmd_test_event(args: argparse.Namespace, config: Config) -> int:
     from audience_sync.cli import EXIT_FAILED, EXIT_OK, UsageError, _emit_json
     from audience_sync.odp.client import BatchReport, OutboundItem
-    from audience_sync.realtime.actions import base_url, build_requests, resolve_action
+    from audience_sync.odp.regions import base_url
+    from audience_sync.odp.target import open_client
+    from audience_sync.realtime.actions import build_requests, resolve_action
     from audience_sync.realtime.mapping import MappingError
 
     try:
@@ -138,8 +115,8 @@ def cmd_test_event(args: argparse.Namespace, config: Config) -> int:
     else:
         recorder = _Recorder()
         reports: list[BatchReport] = []
-        with _sending_client(odp, recorder) as (client, base):
-            result = build(base)
+        with open_client(odp, transport=recorder) as client:
+            result = build(client.options.base_url)
             for request in result.requests:
                 items = [OutboundItem(key=i, body=body) for i, body in enumerate(request["body"])]
                 client.send(action.path, [items], reports.append)

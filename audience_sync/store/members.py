@@ -187,7 +187,8 @@ _COUNT_RUN = (
 
 def _item_sql(conn: Connection, delivery: str) -> str:
     """SQL for one pending change's ODP item as JSON text, the same JSON as ``json.dumps`` of
-    :func:`rules.upsert_contact_body` / :func:`rules.sync_audience_body` (tests hold the two equal).
+    :func:`odp.payloads.upsert_contact_body` / :func:`odp.payloads.sync_audience_body` (their
+    reference: tests hold the two equal on both databases).
     Built by the database because the send path writes one per member: Python then only handles
     (id, text) pairs. Parameter: the JSON text written before the first column-dependent part."""
     q = partial(json_string, conn)

@@ -201,10 +201,10 @@ def test_jsonl_source_and_bad_line(h: Harness) -> None:
 @pytest.mark.parametrize("delivery", ["upsert_contact", "sync_audience"])
 def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, delivery: str) -> None:
     """The send path writes item JSON as text for speed; read back from the store, it must mean exactly
-    what the reference builders rules.*_body build."""
+    what the reference builders odp.payloads.*_body build."""
     import json
 
-    from audience_sync.audiences import rules
+    from audience_sync.odp import payloads
     from audience_sync.store.members import ITEM_SEPARATOR, pending_batches
 
     rows = [
@@ -247,9 +247,9 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
     for _, uid, email, anon, vuid, value in rows:
         ids = {"user_id": uid, "email": email, "anonymous_id": anon, "optimizely_vuid": vuid}
         if delivery == "upsert_contact":
-            expected.append(rules.upsert_contact_body("ref", value, ids))
+            expected.append(payloads.upsert_contact_body("ref", value, ids))
         else:
-            expected.append(rules.sync_audience_body("ref", value, ids, timestamp))
+            expected.append(payloads.sync_audience_body("ref", value, ids, timestamp))
     assert built == expected
 
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
+from audience_sync.odp.regions import base_url
 from audience_sync.realtime.actions import (
     ACTIONS,
     ValidationError,
-    base_url,
     build_requests,
     merge_fields,
     resolve_action,
