@@ -13,14 +13,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any
 
 from audience_sync import __version__
-from audience_sync.audiences.rules import Mode, Status, exit_code
+from audience_sync.audiences.rules import Mode, exit_code
 from audience_sync.config import Config, format_duration, load_config, redact_url
 from audience_sync.errors import AudienceSyncError, ConfigError, RunInProgress, UnknownAudience
 from audience_sync.odp.regions import AUTH, BASE_PATH
+from audience_sync.statuses import RUN_STATUSES
+from audience_sync.timestamps import parse_iso, utcnow
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
 COUNT_COLUMNS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
@@ -177,8 +178,8 @@ def cmd_sync(args: argparse.Namespace, config: Config) -> int:
 def cmd_history(args: argparse.Namespace, config: Config) -> int:
     from audience_sync.store.runs import list_runs
 
-    if args.status and args.status not in {s.value for s in Status}:
-        raise UsageError(f"--status must be one of {', '.join(s.value for s in Status)}")
+    if args.status and args.status not in RUN_STATUSES:
+        raise UsageError(f"--status must be one of {', '.join(RUN_STATUSES)}")
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
     engine = _open_store(config)
@@ -194,7 +195,7 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_show(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.store.runs import changes, get_run, utcnow
+    from audience_sync.store.runs import changes, get_run
 
     engine = _open_store(config)
     try:
@@ -217,14 +218,10 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
         print(_table(record["changes"], ("member", "value", "outcome", "error")))
         retention = config.settings.database.change_log_retention
         finished = record["finished_at"]
-        if not record["changes"] and retention and finished and _parse_iso(finished) < utcnow() - retention:
+        if not record["changes"] and retention and finished and parse_iso(finished) < utcnow() - retention:
             kept = format_duration(retention)
             print(f"(change logs of runs finished more than {kept} ago are deleted: database.change_log_retention)")
     return EXIT_OK
-
-
-def _parse_iso(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def audience_objects(config: Config, engine: Any, next_runs: dict[str, Any] | None = None) -> list[dict[str, Any]]:

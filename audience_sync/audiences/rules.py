@@ -14,6 +14,8 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
+from audience_sync.statuses import RunStatus
+
 IDENTIFIER_FIELDS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
 MEMBER_KEY_FIELDS = ("user_id", "email", "anonymous_id")
 TRUE = "true"
@@ -29,29 +31,10 @@ class Mode(StrEnum):
     RECONCILE = "reconcile"
 
 
-class Status(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    PARTIAL = "partial"
-    FAILED = "failed"
-    HELD = "held"
-    INTERRUPTED = "interrupted"
-    PLANNED = "planned"
-
-
 class Trigger(StrEnum):
     SCHEDULE = "schedule"
     MANUAL = "manual"
     API = "api"
-
-
-class Outcome(StrEnum):
-    PENDING = "pending"
-    SENT = "sent"
-    REJECTED = "rejected"  # ODP answered a permanent 4xx for this very item
-    FAILED = "failed"  # retryable failures outlasted the run's attempts
-    QUARANTINED = "quarantined"  # rejected in QUARANTINE_AFTER runs; not sent by delta runs
-    PLANNED = "planned"  # dry run
 
 
 def _text(value: Any) -> str | None:
@@ -176,17 +159,17 @@ def circuit_breaker(
     return BreakerVerdict(False)
 
 
-def final_status(*, sent: int, failed: int) -> Status:
+def final_status(*, sent: int, failed: int) -> RunStatus:
     """succeeded: nothing left unacknowledged; partial: some sent, some not; failed: none sent."""
     if failed == 0:
-        return Status.SUCCEEDED
-    return Status.PARTIAL if sent > 0 else Status.FAILED
+        return RunStatus.SUCCEEDED
+    return RunStatus.PARTIAL if sent > 0 else RunStatus.FAILED
 
 
 def exit_code(statuses: list[str]) -> int:
     """CLI exit code for a set of runs: 1 any failed/partial, 3 any held, else 0."""
-    if any(s in (Status.FAILED, Status.PARTIAL, Status.INTERRUPTED) for s in statuses):
+    if any(s in (RunStatus.FAILED, RunStatus.PARTIAL, RunStatus.INTERRUPTED) for s in statuses):
         return 1
-    if any(s == Status.HELD for s in statuses):
+    if any(s == RunStatus.HELD for s in statuses):
         return 3
     return 0

@@ -17,16 +17,18 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 
 from audience_sync.audiences import rules
-from audience_sync.audiences.rules import Mode, Status
+from audience_sync.audiences.rules import Mode
 from audience_sync.audiences.sources import SourceStats, stream_members
 from audience_sync.config import AudienceSettings, Config, format_duration
 from audience_sync.errors import SourceError
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
 from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
+from audience_sync.statuses import RunStatus
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import begin_write, make_engine, upsert
 from audience_sync.store.tables import audiences as audiences_table
+from audience_sync.timestamps import iso, utcnow
 
 log = logging.getLogger("audience_sync.sync")
 
@@ -115,7 +117,7 @@ class Syncer:
             interrupted = isinstance(exc, KeyboardInterrupt)
             detail = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
             run_store.finish_run(
-                self.engine, run_id, Status.INTERRUPTED if interrupted else Status.FAILED, error=detail
+                self.engine, run_id, RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED, error=detail
             )
             raise
         finally:
@@ -147,7 +149,7 @@ class Syncer:
         if not retention:
             return
         try:
-            deleted = run_store.purge_changes(self.engine, key, before=run_store.utcnow() - retention)
+            deleted = run_store.purge_changes(self.engine, key, before=utcnow() - retention)
         except Exception:
             log.warning("%s: could not delete old change logs", key, exc_info=True)
             return
@@ -160,7 +162,7 @@ class Syncer:
             )
 
     def _register(self, audience: AudienceSettings) -> None:
-        now = run_store.utcnow()
+        now = utcnow()
         with self.engine.begin() as conn:
             upsert(
                 conn,
@@ -195,11 +197,11 @@ class Syncer:
             except SourceError as exc:
                 conn.rollback()
                 counts = {"members": 0, "invalid": stats.invalid}
-                return Status.FAILED, str(exc), counts
+                return RunStatus.FAILED, str(exc), counts
             except _Stopped:
                 conn.rollback()
                 note = "stopped while reading the source (shutdown); nothing was sent, the next run starts over"
-                return Status.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
+                return RunStatus.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
             conn.commit()  # the staged snapshot stays (a temp table); the plan gets a transaction of its own
             begin_write(conn)
             acknowledged = member_store.acknowledged_count(conn, audience.key, exit_value)
@@ -221,18 +223,18 @@ class Syncer:
             if verdict.hold and not options.force:
                 conn.rollback()
                 member_store.drop_snapshot(conn)
-                return Status.HELD, f"held: {verdict.reason}; run with --force to send", counts
+                return RunStatus.HELD, f"held: {verdict.reason}; run with --force to send", counts
             member_store.drop_snapshot(conn)
             conn.commit()
         if quarantined:
             log.warning("%s: %s members are quarantined after repeated rejections", audience.key, quarantined)
         if options.dry_run:
-            return Status.PLANNED, None, counts
+            return RunStatus.PLANNED, None, counts
         run_store.set_counts(self.engine, run_id, **counts)
         sent, failed = self._send(audience, run_id, started, entered + exited - quarantined)
         if self.should_stop():
             note = "stopped before it finished (shutdown); the next run sends what is left"
-            return Status.INTERRUPTED, note, counts
+            return RunStatus.INTERRUPTED, note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 
     def _send(self, audience: AudienceSettings, run_id: int, started: datetime, total: int) -> tuple[int, int]:
@@ -242,7 +244,7 @@ class Syncer:
             run_id,
             delivery=audience.delivery,
             key=key,
-            timestamp=run_store.iso(started) or "",
+            timestamp=iso(started),
             batch_size=self.config.settings.odp.batch_size,
         )
 
@@ -257,7 +259,7 @@ class Syncer:
                 rejected=[(i.key, msg) for r in reports for i, msg in r.rejected],
                 failed=[(i.key, msg) for r in reports for i, msg in r.failed],
                 requests=sum(r.requests for r in reports),
-                now=run_store.utcnow(),
+                now=utcnow(),
             )
 
         writer = _Background(record, name=f"acks-{run_id}")

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from audience_sync.store.members import acknowledged_counts
+from audience_sync.timestamps import as_utc, parse_iso
 
 RUN_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
@@ -54,19 +55,12 @@ class _SyncCollector(Collector):
             for audience, finished in conn.execute(
                 text("SELECT audience, max(finished_at) FROM runs WHERE status = 'succeeded' GROUP BY audience")
             ):
-                moment = finished if isinstance(finished, datetime) else datetime.fromisoformat(str(finished))
-                success.add_metric([audience], _epoch(moment))
+                success.add_metric([audience], as_utc(finished).timestamp())
         for audience, count in acknowledged_counts(self.engine).items():
             members.add_metric([audience], count)
         for audience, at in self.next_runs().items():
             upcoming.add_metric([audience], at.timestamp())
         yield from (runs, sent, failed, success, members, upcoming)
-
-
-def _epoch(moment: datetime) -> float:
-    from datetime import UTC
-
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 class SyncMetrics:
@@ -87,5 +81,5 @@ class SyncMetrics:
         started, finished = record.get("started_at"), record.get("finished_at")
         if not started or not finished:
             return
-        seconds = (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+        seconds = (parse_iso(finished) - parse_iso(started)).total_seconds()
         self.run_duration.labels(record["audience"], record["status"]).observe(max(seconds, 0.0))

@@ -26,6 +26,7 @@ from audience_sync.config import AudienceSettings, Config
 from audience_sync.daemon.slots import Schedule, next_due
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.store import runs as run_store
+from audience_sync.timestamps import iso, utcnow
 
 log = logging.getLogger("audience_sync.scheduler")
 
@@ -96,14 +97,14 @@ class AudienceScheduler:
                 IntervalTrigger(seconds=TICK_SECONDS, timezone=UTC),
                 args=[key],
                 id=f"audience:{key}",
-                next_run_time=datetime.now(UTC),
+                next_run_time=utcnow(),
             )
         lease_check = max(1.0, self.lease.total_seconds() / 4)
         self._scheduler.add_job(
             self._check_leases,
             IntervalTrigger(seconds=lease_check, timezone=UTC),
             id="leases",
-            next_run_time=datetime.now(UTC),
+            next_run_time=utcnow(),
         )
         self._scheduler.start()
         log.info("scheduling %d audiences: %s", len(self.audiences), ", ".join(self.audiences) or "none")
@@ -118,7 +119,7 @@ class AudienceScheduler:
         An audience with a run in progress has none.
         """
         latest = run_store.latest_runs(self.engine, list(self.audiences))
-        now = datetime.now(UTC)
+        now = utcnow()
         out: dict[str, datetime] = {}
         for key in self.audiences:
             due = next_due(key, self.schedules[key], latest.get(key), now)
@@ -128,7 +129,7 @@ class AudienceScheduler:
 
     def next_runs(self) -> dict[str, str | None]:
         """ISO form of :meth:`next_run_times` (blocking)."""
-        return {key: run_store.iso(at) for key, at in self.next_run_times().items()}
+        return {key: iso(at) for key, at in self.next_run_times().items()}
 
     async def _check_leases(self) -> None:
         try:
@@ -147,7 +148,7 @@ class AudienceScheduler:
         except Exception:
             log.exception("could not read the run history of %s", key)
             return
-        now = datetime.now(UTC)
+        now = utcnow()
         due = next_due(key, self.schedules[key], latest.get(key), now)
         if due is not None and now < due.at <= now + timedelta(seconds=TICK_SECONDS):
             await asyncio.sleep((due.at - now).total_seconds())  # start on time, not on the next tick

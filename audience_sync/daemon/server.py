@@ -19,14 +19,16 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from audience_sync import __version__
-from audience_sync.audiences.rules import Mode, Status, Trigger
+from audience_sync.audiences.rules import Mode, Trigger
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.config import Config
 from audience_sync.daemon.metrics import SyncMetrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.errors import RunInProgress, UnknownAudience
+from audience_sync.statuses import RUN_STATUSES, RunStatus
 from audience_sync.store import runs as run_store
 from audience_sync.store.tables import runs
+from audience_sync.timestamps import iso, utcnow
 
 API_MODES = {"delta": Mode.DELTA, "full": Mode.FULL, "reconcile": Mode.RECONCILE}
 
@@ -142,8 +144,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
 
     async def list_runs(request: Request) -> Response:
         status = request.query_params.get("status") or None
-        if status and status not in {s.value for s in Status}:
-            return error(400, "invalid_request", f"status must be one of {', '.join(s.value for s in Status)}")
+        if status and status not in RUN_STATUSES:
+            return error(400, "invalid_request", f"status must be one of {', '.join(RUN_STATUSES)}")
         try:
             limit = _int_param(request, "limit", 20, 1, 1000)
         except ValueError as exc:
@@ -195,12 +197,12 @@ def size_history(engine: Engine, keys: list[str], points: int = 60) -> dict[str,
         for key in keys:
             query = (
                 select(runs.c.started_at, runs.c.members)
-                .where(runs.c.audience == key, runs.c.status.in_([Status.SUCCEEDED, Status.PARTIAL]))
+                .where(runs.c.audience == key, runs.c.status.in_([RunStatus.SUCCEEDED, RunStatus.PARTIAL]))
                 .order_by(runs.c.id.desc())
                 .limit(points)
             )
             rows = conn.execute(query).all()
-            out[key] = [(run_store.iso(r.started_at) or "", int(r.members)) for r in reversed(rows)]
+            out[key] = [(iso(r.started_at), int(r.members)) for r in reversed(rows)]
     return out
 
 
@@ -214,7 +216,7 @@ def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
         runs=run_store.list_runs(state.engine, limit=30),
         history=size_history(state.engine, [a["key"] for a in audiences]),
         deliveries=state.delivery_counts() if state.delivery_counts else None,
-        generated_at=run_store.iso(run_store.utcnow()) or "",
+        generated_at=iso(utcnow()),
         version=__version__,
     )
 

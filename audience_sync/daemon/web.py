@@ -1,4 +1,5 @@
-"""The daemon's HTML status page (``GET /``): a pure renderer, stdlib only.
+"""The daemon's HTML status page (``GET /``): a pure renderer (the stdlib, and the project's status and
+time vocabularies).
 
 ``render_status_page`` turns what the daemon already has (the ``audiences --json`` objects, recent run
 records, per-audience size history and the real-time delivery backlog) into one self-contained HTML5
@@ -11,18 +12,21 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from html import escape
 from typing import Any
+
+from audience_sync.statuses import ATTENTION, DELIVERY_STATUSES, DeliveryStatus, RunStatus
+from audience_sync.timestamps import as_utc, parse_iso
 
 __all__ = ["HIGHLIGHTED_STATUSES", "render_status_page"]
 
 PRODUCT = "audience-sync"
 REFRESH_SECONDS = 30
-HIGHLIGHTED_STATUSES = frozenset({"failed", "partial", "held", "interrupted"})
+HIGHLIGHTED_STATUSES = ATTENTION
 """Run statuses whose rows are highlighted (an operator should look at them)."""
 
-DELIVERY_ORDER = ("pending", "delivering", "retrying", "delivered", "invalid", "dead")
+DELIVERY_ORDER = DELIVERY_STATUSES
 ERROR_DISPLAY_CHARS = 300
 ERROR_TITLE_CHARS = 4000
 MAX_POINT_MARKERS = 120
@@ -96,11 +100,11 @@ td.error { min-width: 10rem; max-width: 30rem; overflow-wrap: anywhere; color: v
 }
 .badge.status-succeeded, .badge.status-delivered { background: var(--ok-bg); color: var(--ok);
   border-color: #aceebb; }
-.badge.status-running, .badge.status-pending, .badge.status-delivering {
+.badge.status-running, .badge.status-pending, .badge.status-sending {
   background: #ddf4ff; color: var(--accent); border-color: #b6e3ff; }
 .badge.status-planned { background: var(--info-bg); color: var(--info); border-color: #ecd8ff; }
-.badge.status-partial, .badge.status-held, .badge.status-interrupted, .badge.status-invalid,
-.badge.status-retrying { background: var(--warn-bg); color: var(--warn); border-color: #f5e0a0; }
+.badge.status-partial, .badge.status-held, .badge.status-interrupted, .badge.status-invalid {
+  background: var(--warn-bg); color: var(--warn); border-color: #f5e0a0; }
 .badge.status-failed, .badge.status-dead { background: var(--bad-bg); color: var(--bad);
   border-color: #ffcecb; }
 .badge.disabled { margin-left: .35rem; }
@@ -156,18 +160,15 @@ def _badge(status: Any) -> str:
 
 
 def _parse_time(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
+    """The time of an ISO text (or a datetime); None for anything else: odd values render as text."""
     if isinstance(value, datetime):
-        parsed = value
-    else:
-        try:
-            parsed = datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+        return as_utc(value)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return parse_iso(value)
+    except ValueError:
+        return None
 
 
 def _fmt_time(value: Any, *, seconds: bool = True, zone: bool = True) -> str:
@@ -277,7 +278,7 @@ def _summary(
 ) -> str:
     members = sum(_int(a.get("members")) or 0 for a in audiences)
     attention = sum(1 for r in runs if str(r.get("status")) in HIGHLIGHTED_STATUSES)
-    running = sum(1 for r in runs if r.get("status") == "running")
+    running = sum(1 for r in runs if r.get("status") == RunStatus.RUNNING)
     cards = [
         ("Audiences", f"{len(audiences):,}", False, "summary-audiences"),
         ("Members (acknowledged)", f"{members:,}", False, "summary-members"),
@@ -285,8 +286,8 @@ def _summary(
         ("Recent runs needing attention", f"{attention:,}", attention > 0, "summary-attention"),
     ]
     if deliveries is not None:
-        pending = _int(deliveries.get("pending")) or 0
-        dead = _int(deliveries.get("dead")) or 0
+        pending = _int(deliveries.get(DeliveryStatus.PENDING)) or 0
+        dead = _int(deliveries.get(DeliveryStatus.DEAD)) or 0
         cards.append(("Deliveries pending", f"{pending:,}", False, "summary-pending"))
         cards.append(("Dead deliveries", f"{dead:,}", dead > 0, "summary-dead"))
     parts = [
@@ -467,7 +468,7 @@ def _duration_cell(run: Mapping[str, Any], now: datetime | None) -> str:
     if started is None:
         return '<td class="num muted">—</td>'
     if finished is None:
-        if run.get("status") == "running" and now is not None:
+        if run.get("status") == RunStatus.RUNNING and now is not None:
             return f'<td class="num muted">{_e(_fmt_duration((now - started).total_seconds()))}…</td>'
         return '<td class="num muted">—</td>'
     return f'<td class="num">{_e(_fmt_duration((finished - started).total_seconds()))}</td>'
@@ -535,7 +536,7 @@ def _deliveries_section(deliveries: Mapping[str, int]) -> str:
         count = deliveries.get(status)
         number = _int(count) or 0
         # A dead count of zero is good news: only a non-zero one is highlighted.
-        row_class = _status_class(status) if status != "dead" or number > 0 else "status-none"
+        row_class = _status_class(status) if status != DeliveryStatus.DEAD or number > 0 else "status-none"
         rows.append(
             f'<tr class="{row_class}" data-testid="delivery-{_e(status)}">'
             f"<td>{_badge(status)}</td>{_num_cell(count)}</tr>"

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, overload
@@ -42,6 +42,7 @@ import httpx
 
 from audience_sync import __version__
 from audience_sync.odp.regions import AUTH
+from audience_sync.timestamps import utcnow
 
 __all__ = [
     "USER_AGENT",
@@ -184,7 +185,7 @@ def parse_retry_after(value: str | None) -> float | None:
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
+        seconds = (when - utcnow()).total_seconds()
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from audience_sync.config import Config
+from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
 from audience_sync.store import outbox
 
 __all__ = ["MAX_LIMIT", "admin_routes"]
@@ -35,8 +36,8 @@ def admin_routes(config: Config, engine: Engine) -> list[BaseRoute]:
 
     async def deliveries(request: Request) -> Response:
         status = request.query_params.get("status") or None
-        if status is not None and status not in outbox.STATUSES:
-            return _error(400, "invalid_request", f"status must be one of {', '.join(outbox.STATUSES)}")
+        if status is not None and status not in DELIVERY_STATUSES:
+            return _error(400, "invalid_request", f"status must be one of {', '.join(DELIVERY_STATUSES)}")
         raw_limit = request.query_params.get("limit") or str(DEFAULT_LIMIT)
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
             return _error(400, "invalid_request", f"limit must be a whole number from 1 to {MAX_LIMIT}")
@@ -53,11 +54,9 @@ def admin_routes(config: Config, engine: Engine) -> list[BaseRoute]:
                 return _error(400, "invalid_json", "the body is not valid JSON")
         if not isinstance(payload, dict):
             return _error(400, "invalid_json", "the body must be a JSON object")
-        status = payload.get("status", outbox.DEAD)
-        if status not in outbox.REPLAYABLE:
-            return _error(
-                400, "invalid_request", f"status must be one of {', '.join(outbox.REPLAYABLE)} (got {status!r})"
-            )
+        status = payload.get("status", DeliveryStatus.DEAD)
+        if status not in REPLAYABLE:
+            return _error(400, "invalid_request", f"status must be one of {', '.join(REPLAYABLE)} (got {status!r})")
         replayed = await asyncio.to_thread(outbox.replay, engine, status)
         return JSONResponse({"replayed": replayed})
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from audience_sync.config import Config
+from audience_sync.statuses import DELIVERY_STATUSES, DeliveryStatus
 
 
 def register(sub: Any, common: argparse.ArgumentParser, json_flag: argparse.ArgumentParser) -> None:
@@ -152,8 +153,8 @@ def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
     from audience_sync.cli import EXIT_OK, UsageError, _emit_json, _open_store, _table
     from audience_sync.store import outbox
 
-    if args.status and args.status not in outbox.STATUSES:
-        raise UsageError(f"--status must be one of {', '.join(outbox.STATUSES)}")
+    if args.status and args.status not in DELIVERY_STATUSES:
+        raise UsageError(f"--status must be one of {', '.join(DELIVERY_STATUSES)}")
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
     engine = _open_store(config)
@@ -179,7 +180,7 @@ def cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
     engine = _open_store(config)
     try:
-        replayed = outbox.replay(engine, outbox.DEAD)
+        replayed = outbox.replay(engine, DeliveryStatus.DEAD)
     finally:
         engine.dispose()
     if args.json:

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Final
 
 from sqlalchemy import Engine
@@ -42,6 +42,7 @@ from audience_sync.realtime.ingest import ingest_rate
 from audience_sync.realtime.metrics import RealtimeMetrics
 from audience_sync.realtime.routing import Router
 from audience_sync.store import outbox
+from audience_sync.timestamps import utcnow
 
 __all__ = ["DEDUP_WINDOW", "DeliveryWorker"]
 
@@ -51,10 +52,6 @@ DEDUP_WINDOW: Final = timedelta(hours=24)
 """A ``messageId`` accepted within this window is acknowledged but not delivered again."""
 
 _LIVE_TOKENS: set[str] = set()  # tokens of the workers of this process
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class DeliveryWorker:
@@ -129,7 +126,7 @@ class DeliveryWorker:
     def purge(self, now: datetime | None = None) -> tuple[int, int]:
         """Delete delivered/invalid items past the retention and routed messages past the de-duplication
         window; returns (items, messages)."""
-        now = now or _utcnow()
+        now = now or utcnow()
         items, messages = outbox.purge(
             self.engine, items_before=now - self.retention, messages_before=now - DEDUP_WINDOW
         )
@@ -147,7 +144,7 @@ class DeliveryWorker:
     def _idle_wait(self) -> float:
         wait = self.poll_seconds
         if self._next_due is not None:
-            wait = min(wait, max(0.01, (self._next_due - _utcnow()).total_seconds()))
+            wait = min(wait, max(0.01, (self._next_due - utcnow()).total_seconds()))
         return wait
 
     # --- routing -----------------------------------------------------------------------------------------
@@ -217,7 +214,7 @@ class DeliveryWorker:
             log.warning("took back %d delivery items from workers that stopped", released)
 
     def _send_due(self, stop: threading.Event, flush: bool) -> int:
-        now = _utcnow()
+        now = utcnow()
         self._next_due = None
         settled = 0
         for backlog in outbox.pending_backlog(self.engine, now):
@@ -230,7 +227,7 @@ class DeliveryWorker:
                 self._next_due = due if self._next_due is None else min(self._next_due, due)
                 continue
             while limit > 0 and not stop.is_set():
-                lease_until = _utcnow() + timedelta(seconds=self.lease_seconds)
+                lease_until = utcnow() + timedelta(seconds=self.lease_seconds)
                 claimed = outbox.claim(self.engine, backlog.path, min(limit, self.claim_limit), self.owner, lease_until)
                 if not claimed:
                     break
@@ -248,7 +245,7 @@ class DeliveryWorker:
 
         def on_report(report: BatchReport) -> None:
             nonlocal settled
-            now = _utcnow()
+            now = utcnow()
             delivered = [item.key for item in report.acknowledged]
             dead = [(item.key.id, message) for item, message in report.rejected]
             retry = [
@@ -286,7 +283,7 @@ class DeliveryWorker:
         def beat() -> None:
             while not done.wait(self.lease_seconds / 3):
                 try:
-                    until = _utcnow() + timedelta(seconds=self.lease_seconds)
+                    until = utcnow() + timedelta(seconds=self.lease_seconds)
                     outbox.renew_lease(self.engine, self.owner, until)
                 except Exception as exc:
                     log.warning("renewing delivery leases failed: %s", exc)

@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import Engine
@@ -39,6 +39,7 @@ from audience_sync.config import Config
 from audience_sync.realtime.messages import MAX_REQUEST_BYTES, AcceptedMessage, RequestError, prepare
 from audience_sync.realtime.metrics import IngestCounters
 from audience_sync.store import outbox
+from audience_sync.timestamps import utcnow
 
 __all__ = ["ENDPOINTS", "MessageWriter", "ingest_rate", "ingest_routes"]
 
@@ -286,7 +287,7 @@ class _Ingest:
             basic_key = _basic_user(request.headers.get("authorization"))
             if not _authorized(self.keys, (basic_key, body_key if isinstance(body_key, str) else None)):
                 raise RequestError(401, "unauthorized", "missing or unknown write key")
-            prepared = prepare(body, kind, datetime.now(UTC), len(raw))
+            prepared = prepare(body, kind, utcnow(), len(raw))
         except RequestError as exc:
             if self.metrics is not None:
                 self.metrics.request_rejected(exc.code, events=1 if exc.code == "invalid_message" and kind else 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -19,6 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from audience_sync.store import outbox
+from audience_sync.timestamps import utcnow
 
 __all__ = ["DELIVERY_BUCKETS", "IngestCounters", "RealtimeMetrics", "register_realtime_metrics"]
 
@@ -104,7 +104,7 @@ class _OutboxCollector(Collector):
         for status, count in counts.items():
             items.add_metric([status], count)
         unrouted.add_metric([], backlog)
-        lag.add_metric([], 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+        lag.add_metric([], 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds()))
         yield from (items, unrouted, lag)
 
 

@@ -15,7 +15,8 @@ from json.encoder import encode_basestring
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
-from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode, Outcome
+from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.statuses import Outcome
 from audience_sync.store.engine import (
     bind_value,
     bulk_load,

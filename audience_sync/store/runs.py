@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from audience_sync import owners
-from audience_sync.audiences.rules import Status
 from audience_sync.errors import RunInProgress, SlotTaken
+from audience_sync.statuses import RunStatus
 from audience_sync.store.tables import run_changes, runs
+from audience_sync.timestamps import iso, utcnow
 
 RUN_FIELDS = (
     "id",
@@ -35,17 +36,6 @@ RUN_FIELDS = (
 )
 COUNTERS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
 DEFAULT_LEASE = timedelta(seconds=60)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 UTC with a ``Z``, as in every JSON output."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -98,7 +88,7 @@ def start_run(
                     audience=audience,
                     mode=mode,
                     trigger=trigger,
-                    status=Status.RUNNING,
+                    status=RunStatus.RUNNING,
                     started_at=now,
                     owner=str(owner),
                     heartbeat_at=now,
@@ -137,7 +127,7 @@ def latest_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, LastRun]:
         return {}
     newest = (
         select(func.max(runs.c.id))
-        .where(runs.c.audience.in_(list(audiences)), runs.c.status != Status.PLANNED)
+        .where(runs.c.audience.in_(list(audiences)), runs.c.status != RunStatus.PLANNED)
         .group_by(runs.c.audience)
     )
     with engine.connect() as conn:
@@ -194,7 +184,7 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
     with engine.connect() as conn:
         rows = conn.execute(
             select(runs.c.id, runs.c.audience, runs.c.started_at, runs.c.owner, runs.c.heartbeat_at).where(
-                runs.c.status == Status.RUNNING
+                runs.c.status == RunStatus.RUNNING
             )
         ).all()
     suspects = []
@@ -212,9 +202,9 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
         with engine.begin() as conn:
             marked = conn.execute(
                 update(runs)
-                .where(runs.c.id == row.id, runs.c.status == Status.RUNNING, same_beat)
+                .where(runs.c.id == row.id, runs.c.status == RunStatus.RUNNING, same_beat)
                 .values(
-                    status=Status.INTERRUPTED,
+                    status=RunStatus.INTERRUPTED,
                     finished_at=now,
                     heartbeat_at=None,
                     error="the process running this sync stopped before it finished",

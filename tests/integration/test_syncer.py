@@ -18,6 +18,7 @@ from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.store import migrate
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import make_engine
+from audience_sync.timestamps import iso, utcnow
 from tests.conftest import Database, Emulator, render_toml
 
 
@@ -181,7 +182,7 @@ def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
     with h.engine.begin() as conn:  # the other host stopped renewing its lease
         conn.execute(
             text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
-            {"t": run_store.utcnow().replace(tzinfo=None) - run_store.DEFAULT_LEASE * 2, "i": live_id},
+            {"t": utcnow().replace(tzinfo=None) - run_store.DEFAULT_LEASE * 2, "i": live_id},
         )
     assert run_store.mark_interrupted(h.engine) == [live_id]
 
@@ -231,7 +232,7 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
                 ),
                 {"r": run_id, "m": member, "v": value, "u": uid, "e": email, "a": anon, "o": vuid},
             )
-    timestamp = run_store.iso(started) or ""
+    timestamp = iso(started)
     by_id = {}
     sizes = []
     for ids, texts, count in pending_batches(
@@ -379,7 +380,7 @@ def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harne
     )
     first_a, first_b = h.sync(config, "a"), h.sync(config, "b")
     with h.engine.begin() as conn:
-        aged = run_store.utcnow() - timedelta(days=31)
+        aged = utcnow() - timedelta(days=31)
         conn.execute(update(runs).where(runs.c.id.in_([first_a["id"], first_b["id"]])).values(finished_at=aged))
     h.sync(config, "a")  # a delta with nothing to send: it still tidies its own audience's change logs
 
