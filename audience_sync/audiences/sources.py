@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
 
 from audience_sync.audiences.rules import IDENTIFIER_FIELDS, MEMBER_KEY_FIELDS, MemberRow, member_rows
 from audience_sync.config import AudienceSettings, redact_url
 from audience_sync.errors import SourceError
+from audience_sync.store.sources import SourceDatabases, stream_query
 
 CHUNK_ROWS = 10_000
 
@@ -68,12 +68,12 @@ class _Normaliser:
 def stream_members(
     audience: AudienceSettings,
     stats: SourceStats,
-    engine_for: Callable[[str | None], Engine],
+    databases: SourceDatabases,
 ) -> Iterator[list[MemberRow]]:
     """Yield chunks of valid snapshot rows; count rows and invalid rows in ``stats``."""
     source = audience.source
     if source.type == "sql":
-        yield from _sql(audience, stats, engine_for(source.url))
+        yield from _sql(audience, stats, databases.engine(source.url))
     elif source.path is not None and source.path.suffix.lower() == ".csv":
         yield from _csv(audience, source.path, stats)
     elif source.path is not None:
@@ -104,16 +104,9 @@ def _batched(rows: Iterator[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
 
 def _sql(audience: AudienceSettings, stats: SourceStats, engine: Engine) -> Iterator[list[MemberRow]]:
     query = audience.source.query or ""
-    origin = "the source query"
-    try:
-        with engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(text(query))
-            normalise = _Normaliser(audience, list(result.keys()), origin)
-            # partitions() needs the size: on SQLite it ignores yield_per and hands out single rows.
-            yield from _chunks(result.partitions(CHUNK_ROWS), normalise, stats)
-    except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise SourceError(f"source query of audience {audience.key!r} failed: {detail}") from None
+    with stream_query(engine, query, CHUNK_ROWS, what=f"source query of audience {audience.key!r}") as (columns, raw):
+        normalise = _Normaliser(audience, columns, "the source query")
+        yield from _chunks(raw, normalise, stats)
 
 
 def _open(path: Path) -> Any:

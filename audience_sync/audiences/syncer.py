@@ -26,8 +26,7 @@ from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
 from audience_sync.statuses import RunStatus
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
-from audience_sync.store.engine import begin_write, make_engine, upsert
-from audience_sync.store.tables import audiences as audiences_table
+from audience_sync.store.sources import SourceDatabases
 from audience_sync.timestamps import iso, utcnow
 
 log = logging.getLogger("audience_sync.sync")
@@ -76,20 +75,10 @@ class Syncer:
         self.client = client
         self.progress = progress or (lambda _msg: None)
         self.should_stop = should_stop or (lambda: False)
-        self._source_engines: dict[str, Engine] = {}
-        self._lock = threading.Lock()  # the daemon runs several audiences' syncs at once
-
-    def _engine_for(self, url: str | None) -> Engine:
-        if url is None or url == self.config.settings.database.url:
-            return self.engine
-        with self._lock:
-            if url not in self._source_engines:
-                self._source_engines[url] = make_engine(url)
-            return self._source_engines[url]
+        self.sources = SourceDatabases(config.settings.database.url)
 
     def close(self) -> None:
-        for engine in self._source_engines.values():
-            engine.dispose()
+        self.sources.close()
 
     def sync(self, audience: AudienceSettings, options: SyncOptions = SyncOptions()) -> dict[str, Any]:
         """Run one sync of ``audience`` and return its run record. Raises RunInProgress / SlotTaken."""
@@ -111,7 +100,9 @@ class Syncer:
         lease = _LeaseKeeper(self.engine, run_id)
         lease.start()
         try:
-            self._register(audience)
+            member_store.register_audience(
+                self.engine, key=audience.key, name=audience.name, kind=audience.kind, delivery=audience.delivery
+            )
             status, error, counts = self._run(prepared)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
@@ -161,26 +152,6 @@ class Syncer:
                 format_duration(retention),
             )
 
-    def _register(self, audience: AudienceSettings) -> None:
-        now = utcnow()
-        with self.engine.begin() as conn:
-            upsert(
-                conn,
-                audiences_table,
-                [
-                    {
-                        "key": audience.key,
-                        "name": audience.name,
-                        "kind": audience.kind,
-                        "delivery": audience.delivery,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                ],
-                keys=("key",),
-                update=("name", "kind", "delivery", "updated_at"),
-            )
-
     def _run(self, prepared: PreparedRun) -> tuple[str, str | None, dict[str, int]]:
         audience, run_id, started = prepared.audience, prepared.run_id, prepared.started
         mode, options = prepared.mode, prepared.options
@@ -190,42 +161,27 @@ class Syncer:
         def staged(count: int) -> None:
             self.progress(f"{audience.key}: staged {count:,} rows")
 
-        with self.engine.connect() as conn:
+        with member_store.Planning(self.engine) as planning:
             try:
-                chunks = _until_stopped(stream_members(audience, stats, self._engine_for), self.should_stop)
-                members = member_store.stage_snapshot(conn, chunks, staged)
+                chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
+                members = planning.stage(chunks, staged)
             except SourceError as exc:
-                conn.rollback()
-                counts = {"members": 0, "invalid": stats.invalid}
-                return RunStatus.FAILED, str(exc), counts
+                return RunStatus.FAILED, str(exc), {"members": 0, "invalid": stats.invalid}
             except _Stopped:
-                conn.rollback()
                 note = "stopped while reading the source (shutdown); nothing was sent, the next run starts over"
                 return RunStatus.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
-            conn.commit()  # the staged snapshot stays (a temp table); the plan gets a transaction of its own
-            begin_write(conn)
-            acknowledged = member_store.acknowledged_count(conn, audience.key, exit_value)
-            entered, exited, quarantined = member_store.write_plan(
-                conn,
-                run_id=run_id,
-                audience=audience.key,
-                mode=mode,
-                exit_value=exit_value,
-                dry_run=options.dry_run,
+            plan = planning.plan(
+                run_id=run_id, audience=audience.key, mode=mode, exit_value=exit_value, dry_run=options.dry_run
             )
+            entered, exited, quarantined = plan.entered, plan.exited, plan.quarantined
             counts = {"members": members, "entered": entered, "exited": exited, "invalid": stats.invalid}
             verdict = rules.circuit_breaker(
-                members=members,
-                exits=exited,
-                acknowledged=acknowledged,
-                max_exit_ratio=audience.max_exit_ratio,
+                members=members, exits=exited, acknowledged=plan.acknowledged, max_exit_ratio=audience.max_exit_ratio
             )
             if verdict.hold and not options.force:
-                conn.rollback()
-                member_store.drop_snapshot(conn)
+                planning.hold()
                 return RunStatus.HELD, f"held: {verdict.reason}; run with --force to send", counts
-            member_store.drop_snapshot(conn)
-            conn.commit()
+            planning.commit()
         if quarantined:
             log.warning("%s: %s members are quarantined after repeated rejections", audience.key, quarantined)
         if options.dry_run:

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnClause
 
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
-from audience_sync.store.engine import bind_value, claim_lock, insert_new, write_transaction
+from audience_sync.store.dialect import bind_value, claim_lock, insert_new, write_transaction
 from audience_sync.store.tables import rt_deliveries, rt_messages
 from audience_sync.timestamps import as_utc, iso, utcnow
 

@@ -267,6 +267,53 @@ def test_sql_source_streams_every_row(h: Harness) -> None:
     assert (run["members"], run["entered"], run["invalid"]) == (total, total, 0)
 
 
+def test_a_sqlite_source_is_read_without_being_modified(h: Harness) -> None:
+    """The store's pragmas (WAL above all) are never applied to a source: its file stays byte for byte
+    what it was, in the journal mode its owner chose, with no -wal or -shm file next to it."""
+    import hashlib
+    import sqlite3
+
+    source = h.tmp_path / "warehouse.db"
+    with sqlite3.connect(source) as db:
+        db.execute("CREATE TABLE customers (user_id TEXT, email TEXT)")
+        db.executemany("INSERT INTO customers VALUES (?, ?)", [(f"c{i}", f"c{i}@x") for i in range(50)])
+    db.close()
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    url = f"sqlite:///{source}"
+    config = h.config({"name": "Warehouse", "source": {"type": "sql", "url": url, "query": "SELECT * FROM customers"}})
+    run = h.sync(config)
+    assert (run["status"], run["sent"]) == ("succeeded", 50)
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in h.tmp_path.iterdir() if p.name.startswith("warehouse.db")) == ["warehouse.db"]
+    db = sqlite3.connect(source)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        db.close()
+
+
+def test_a_source_query_cannot_write_even_to_the_store(h: Harness) -> None:
+    """A source is opened read-only, also when it is the store's own database (no ``url``)."""
+    with h.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE people (user_id VARCHAR(20))"))
+        conn.execute(text("INSERT INTO people VALUES ('p1'), ('p2')"))
+        if h.database.kind == "postgresql":  # a server-side cursor only takes a SELECT: write from one
+            conn.execute(text("CREATE SEQUENCE people_seq"))
+    if h.database.kind == "postgresql":
+        query, read_only = "SELECT 'p' || nextval('people_seq') AS user_id FROM people", "read-only transaction"
+    else:
+        query, read_only = "DELETE FROM people RETURNING user_id", "readonly database"
+    run = h.sync(h.config({"name": "Writer", "source": {"type": "sql", "query": query}}))
+    assert run["status"] == "failed"
+    assert run["error"].startswith("source query of audience 'writer' failed:")
+    assert read_only in run["error"], run["error"]
+    with h.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM people")).scalar_one() == 2
+        if h.database.kind == "postgresql":
+            assert conn.execute(text("SELECT last_value, is_called FROM people_seq")).one() == (1, False)
+    assert h.emulator.requests() == []
+
+
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_settling_a_run_looks_members_up_by_key_even_on_fresh_tables(h: Harness) -> None:
     """Regression: with EXISTS, PostgreSQL planned settle_sent as a scan of every member per change

@@ -469,7 +469,7 @@ def test_every_status_the_store_writes_has_its_colour_and_place() -> None:
 
     for status in (*RunStatus, *DeliveryStatus):
         assert f".badge.status-{status}" in CSS, status
-    assert DELIVERY_ORDER == tuple(DeliveryStatus)
+    assert tuple(DeliveryStatus) == DELIVERY_ORDER
     counts = {status.value: 1 for status in DeliveryStatus}
     rows = parse(page(deliveries=counts)).by_testid("deliveries").iter("tbody")[0].iter("tr")
     assert [r.attrs["data-testid"] for r in rows] == [f"delivery-{s}" for s in DeliveryStatus]
