@@ -99,7 +99,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         return state.scheduler.next_runs() if state.scheduler else {}
 
     def audience_list() -> list[dict[str, Any]]:
-        from audience_sync.cli import audience_objects
+        from audience_sync.cli.audiences import audience_objects
 
         return audience_objects(config, engine, next_runs())
 
@@ -207,7 +207,7 @@ def size_history(engine: Engine, keys: list[str], points: int = 60) -> dict[str,
 
 
 def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
-    from audience_sync.cli import audience_objects
+    from audience_sync.cli.audiences import audience_objects
     from audience_sync.daemon.web import render_status_page
 
     audiences = audience_objects(state.config, state.engine, next_runs)

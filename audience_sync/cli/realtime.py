@@ -1,4 +1,4 @@
-"""CLI commands of the real-time path: ``test-event``, ``deliveries``, ``replay``."""
+"""The real-time path's commands: ``test-event``, ``deliveries``, ``replay``."""
 
 from __future__ import annotations
 
@@ -10,42 +10,21 @@ from typing import Any
 
 import httpx
 
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, UsageError, emit_json, table
 from audience_sync.config import Config
+from audience_sync.odp.client import BatchReport, OutboundItem
+from audience_sync.odp.regions import base_url
+from audience_sync.odp.target import open_client
+from audience_sync.realtime.actions import build_requests, resolve_action
+from audience_sync.realtime.mapping import MappingError
 from audience_sync.statuses import DELIVERY_STATUSES, DeliveryStatus
-
-
-def register(sub: Any, common: argparse.ArgumentParser, json_flag: argparse.ArgumentParser) -> None:
-    """Add the real-time commands to the ``audience-sync`` parser."""
-    p = sub.add_parser(
-        "test-event",
-        parents=[common, json_flag],
-        help="build (and with --send, send) the ODP request for an event",
-        description="Build the ODP request an action makes of an event (a JSON object, or an array of them "
-        "as one batch) and print it, or the validation errors. --send sends it and prints the response.",
-    )
-    p.add_argument("--action", required=True, metavar="A", help="upsert_contact, email_event, ... (or a slug)")
-    p.add_argument("--event", required=True, metavar="FILE", help="JSON file: one event, or an array of events")
-    p.add_argument("--fields", metavar="FILE", help="JSON object of field mappings, merged over the defaults")
-    p.add_argument("--no-defaults", action="store_true", help="use --fields alone, without the defaults")
-    p.add_argument("--send", action="store_true", help="send the request to ODP and print the response")
-    p.set_defaults(func=cmd_test_event)
-
-    p = sub.add_parser("deliveries", parents=[common, json_flag], help="real-time delivery items, newest first")
-    p.add_argument("--status", metavar="S", help="pending, sending, delivered, invalid or dead")
-    p.add_argument("--limit", type=int, default=50, metavar="N")
-    p.set_defaults(func=cmd_deliveries)
-
-    p = sub.add_parser("replay", parents=[common, json_flag], help="queue dead deliveries again")
-    p.add_argument("--dead", action="store_true", help="replay dead deliveries (the default)")
-    p.set_defaults(func=cmd_replay)
-
+from audience_sync.store import outbox
+from audience_sync.wiring import open_store
 
 # --- test-event ------------------------------------------------------------------------------------------
 
 
 def _read_json(path: str, flag: str) -> Any:
-    from audience_sync.cli import UsageError
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -78,14 +57,7 @@ def _response_body(response: httpx.Response) -> Any:
         return response.text
 
 
-def cmd_test_event(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.cli import EXIT_FAILED, EXIT_OK, UsageError, _emit_json
-    from audience_sync.odp.client import BatchReport, OutboundItem
-    from audience_sync.odp.regions import base_url
-    from audience_sync.odp.target import open_client
-    from audience_sync.realtime.actions import build_requests, resolve_action
-    from audience_sync.realtime.mapping import MappingError
-
+def test_event(args: argparse.Namespace, config: Config) -> int:
     try:
         action = resolve_action(args.action)
     except ValueError as exc:
@@ -128,7 +100,7 @@ def cmd_test_event(args: argparse.Namespace, config: Config) -> int:
         ]
         ok = not result.errors and all(not r.rejected and not r.failed for r in reports)
     if args.json:
-        _emit_json(output)
+        emit_json(output)
     else:
         _print_test_event(output)
     return EXIT_OK if ok else EXIT_FAILED
@@ -149,42 +121,36 @@ def _print_test_event(output: dict[str, Any]) -> None:
 # --- deliveries and replay --------------------------------------------------------------------------------
 
 
-def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.cli import EXIT_OK, UsageError, _emit_json, _open_store, _table
-    from audience_sync.store import outbox
-
+def deliveries(args: argparse.Namespace, config: Config) -> int:
     if args.status and args.status not in DELIVERY_STATUSES:
         raise UsageError(f"--status must be one of {', '.join(DELIVERY_STATUSES)}")
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    engine = _open_store(config)
+    engine = open_store(config.settings)
     try:
         records = [outbox.delivery_record(d) for d in outbox.list_deliveries(engine, args.status, args.limit)]
         counts = None if args.json else outbox.counts(engine)
     finally:
         engine.dispose()
     if args.json:
-        _emit_json(records)
+        emit_json(records)
         return EXIT_OK
     assert counts is not None
     print("  ".join(f"{status} {count}" for status, count in counts.items()))
     rows = [{**r, "error": (r["error"] or "")[:80]} for r in records]
     columns = ("id", "status", "mapping", "path", "attempts", "http_status", "received_at", "message_id", "error")
-    print(_table(rows, columns))
+    print(table(rows, columns))
     return EXIT_OK
 
 
-def cmd_replay(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.cli import EXIT_OK, _emit_json, _open_store
-    from audience_sync.store import outbox
-
-    engine = _open_store(config)
+def replay(args: argparse.Namespace, config: Config) -> int:
+    engine = open_store(config.settings)
     try:
         replayed = outbox.replay(engine, DeliveryStatus.DEAD)
     finally:
         engine.dispose()
     if args.json:
-        _emit_json({"replayed": replayed})
+        emit_json({"replayed": replayed})
     else:
         print(f"queued {replayed} dead deliveries again; the daemon's delivery worker sends them")
     return EXIT_OK

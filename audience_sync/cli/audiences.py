@@ -1,0 +1,158 @@
+"""The audience sync's commands: ``sync``, ``history``, ``show``, ``audiences``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from audience_sync.audiences.rules import Mode, exit_code
+from audience_sync.audiences.sources import describe
+from audience_sync.audiences.syncer import Syncer, SyncOptions
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, Progress, UsageError, emit_json, table
+from audience_sync.config import Config, format_duration
+from audience_sync.errors import RunInProgress
+from audience_sync.odp.target import open_client
+from audience_sync.statuses import RUN_STATUSES
+from audience_sync.store.members import acknowledged_counts
+from audience_sync.store.runs import changes, get_run, last_runs, list_runs
+from audience_sync.timestamps import parse_iso, utcnow
+from audience_sync.wiring import open_store
+
+COUNT_COLUMNS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
+SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNT_COLUMNS)
+HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", *COUNT_COLUMNS)
+
+
+def sync(args: argparse.Namespace, config: Config) -> int:
+    settings = config.settings
+    if args.full and args.reconcile:
+        raise UsageError("--full and --reconcile cannot be combined")
+    if args.keys:
+        selected = [settings.audience(k) for k in args.keys]
+    else:
+        selected = [a for a in settings.audiences if a.enabled]
+        if not selected:
+            raise UsageError("no enabled audiences are configured (add [[audiences]] to the config)")
+    mode = Mode.FULL if args.full else Mode.RECONCILE if args.reconcile else None
+    engine = open_store(settings)
+    progress = Progress(not args.json)
+    records: list[dict[str, Any]] = []
+    failures: list[str] = []
+    try:
+        with open_client(settings.odp) as client:
+            syncer = Syncer(config, engine, client, progress=progress)
+            try:
+                for audience in selected:
+                    options = SyncOptions(mode=mode, dry_run=args.dry_run, force=args.force)
+                    try:
+                        records.append(syncer.sync(audience, options))
+                    except RunInProgress as exc:
+                        failures.append(str(exc))
+                    finally:
+                        progress.done()
+            finally:
+                syncer.close()
+    finally:
+        engine.dispose()
+    if args.json:
+        emit_json(records)
+    else:
+        if records:
+            print(table(records, SYNC_COLUMNS))
+        for record in records:
+            if record["error"]:
+                print(f"run {record['id']} ({record['audience']}): {record['error']}", file=sys.stderr)
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    code = exit_code([r["status"] for r in records])
+    return EXIT_FAILED if failures else code
+
+
+def history(args: argparse.Namespace, config: Config) -> int:
+    if args.status and args.status not in RUN_STATUSES:
+        raise UsageError(f"--status must be one of {', '.join(RUN_STATUSES)}")
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    engine = open_store(config.settings)
+    try:
+        records = list_runs(engine, audience=args.audience, status=args.status, limit=args.limit)
+    finally:
+        engine.dispose()
+    if args.json:
+        emit_json(records)
+    else:
+        print(table(records, HISTORY_COLUMNS))
+    return EXIT_OK
+
+
+def show(args: argparse.Namespace, config: Config) -> int:
+    engine = open_store(config.settings)
+    try:
+        record = get_run(engine, args.run_id)
+        if record is None:
+            print(f"error: no run with id {args.run_id}", file=sys.stderr)
+            return EXIT_FAILED
+        if args.changes:
+            record["changes"] = changes(engine, args.run_id)
+    finally:
+        engine.dispose()
+    if args.json:
+        emit_json(record)
+        return EXIT_OK
+    for key, value in record.items():
+        if key != "changes":
+            print(f"{key:12} {'' if value is None else value}")
+    if args.changes:
+        print()
+        print(table(record["changes"], ("member", "value", "outcome", "error")))
+        retention = config.settings.database.change_log_retention
+        finished = record["finished_at"]
+        if not record["changes"] and retention and finished and parse_iso(finished) < utcnow() - retention:
+            kept = format_duration(retention)
+            print(f"(change logs of runs finished more than {kept} ago are deleted: database.change_log_retention)")
+    return EXIT_OK
+
+
+def audience_objects(config: Config, engine: Any, next_runs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The objects of ``audiences --json`` and ``GET /api/audiences``."""
+    keys = [a.key for a in config.settings.audiences]
+    counts = acknowledged_counts(engine, keys)
+    last = last_runs(engine, keys)
+    return [
+        {
+            "key": a.key,
+            "name": a.name,
+            "kind": a.kind,
+            "delivery": a.delivery,
+            "enabled": a.enabled,
+            "source": describe(a),
+            "members": counts.get(a.key, 0),
+            "last_run": last.get(a.key),
+            "next_run": (next_runs or {}).get(a.key),
+        }
+        for a in config.settings.audiences
+    ]
+
+
+def audiences(args: argparse.Namespace, config: Config) -> int:
+    engine = open_store(config.settings)
+    try:
+        objects = audience_objects(config, engine)
+    finally:
+        engine.dispose()
+    if args.json:
+        emit_json(objects)
+        return EXIT_OK
+    rows = [
+        {
+            **o,
+            "source": o["source"]["type"],
+            "last_run": f"{o['last_run']['id']} {o['last_run']['status']} {o['last_run']['started_at']}"
+            if o["last_run"]
+            else None,
+        }
+        for o in objects
+    ]
+    print(table(rows, ("key", "name", "kind", "delivery", "enabled", "source", "members", "last_run", "next_run")))
+    return EXIT_OK
