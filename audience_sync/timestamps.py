@@ -1,5 +1,5 @@
 """Time as the project writes it: aware UTC datetimes inside, ISO 8601 UTC with milliseconds and a ``Z``
-at the edges (JSON output, stored Segment messages, the status page).
+at the edges (JSON output, stored Segment messages, the status page), durations as the config does.
 
 The one definition of "now" and of the text form. Code that must be tested against a clock takes a
 :data:`Now` (``utcnow`` by default) instead of calling ``utcnow`` itself.
@@ -8,10 +8,10 @@ The one definition of "now" and of the text form. Code that must be tested again
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import overload
 
-__all__ = ["Now", "as_utc", "iso", "parse_iso", "utcnow"]
+__all__ = ["Now", "as_utc", "format_duration", "iso", "parse_iso", "utcnow"]
 
 Now = Callable[[], datetime]
 """A wall clock: returns the current time as an aware UTC datetime."""
@@ -50,3 +50,14 @@ def parse_iso(text: str) -> datetime:
     """The datetime of an ISO 8601 text (as :func:`iso` writes it, or any offset); ``ValueError`` when
     it is not one."""
     return as_utc(text.strip())
+
+
+def format_duration(value: timedelta) -> str:
+    """A duration as the config writes it: ``30d``, ``1h30m``, ``90s`` -> ``1m30s``."""
+    rest = round(value.total_seconds())
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts) or f"{value.total_seconds():g}s"

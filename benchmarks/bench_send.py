@@ -55,12 +55,13 @@ from _common import (
     cpu_seconds as self_cpu,
 )
 
-from audience_sync.audiences.syncer import Syncer, SyncOptions
+from audience_sync import wiring
+from audience_sync.audiences.rules import audience_named
+from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.config import load_config
 from audience_sync.odp.client import USER_AGENT, BatchReport, OdpClient, OutboundItem, SendTotals
 from audience_sync.odp.payloads import upsert_contact_body
 from audience_sync.odp.regions import BASE_PATH, BATCH_UPSERT_CONTACT, base_url
-from audience_sync.odp.target import client_options
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
 
@@ -173,13 +174,13 @@ def cpu_seconds(pid: int) -> float:
 def run_product(config_path: Path, emulator_pid: int, profile: bool = False) -> dict[str, Any]:
     config = load_config(config_path)
     settings = config.settings
-    audience = settings.audience(AUDIENCE_KEY)
+    audience = audience_named(wiring.audiences(settings), AUDIENCE_KEY)
     engine = make_engine(settings.database.url)
     odp = settings.odp
     assert odp.api_key is not None
     # Exactly what open_client(settings.odp) builds when an api_key is set, with timestamps around send.
-    client = TimedClient(client_options(odp, base_url(odp.region, odp.endpoint), odp.api_key.get_secret_value()))
-    syncer = Syncer(config, engine, client)
+    client = TimedClient(wiring.client_options(odp, base_url(odp.region, odp.endpoint), odp.api_key.get_secret_value()))
+    syncer = wiring.syncer(settings, engine, client)
     try:
         profiler = None
         if profile:

@@ -1,4 +1,4 @@
-"""The audience-sync domain rules: members, modes, run states, the circuit breaker.
+"""The audience-sync domain: audiences and their sources, members, modes, the circuit breaker.
 
 Pure Python: no database and no HTTP here, so every rule is tested without I/O.
 """
@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+from audience_sync.errors import UnknownAudience
+from audience_sync.masking import redact_url
 from audience_sync.statuses import RunStatus
 
 IDENTIFIER_FIELDS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
@@ -22,6 +25,61 @@ TRUE = "true"
 FALSE = "false"
 NULL = "null"
 QUARANTINE_AFTER = 5  # runs in which ODP rejected a member before it is left alone
+
+
+@dataclass(frozen=True)
+class SqlSource:
+    """The rows of a SQL query, on ``url`` (None: the store's own database)."""
+
+    query: str
+    url: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe description (the URL's password masked)."""
+        out: dict[str, Any] = {"type": "sql", "query": self.query}
+        if self.url:
+            out["url"] = redact_url(self.url)
+        return out
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """The rows of a ``.csv`` (header row) or ``.jsonl`` file."""
+
+    path: Path
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "file", "path": str(self.path)}
+
+
+Source = SqlSource | FileSource
+
+
+@dataclass(frozen=True)
+class Audience:
+    """A configured audience, as the sync, the scheduler and the reports take it.
+
+    ``key`` is the trait key ODP stores membership in; ``kind`` ``audience`` sends true/false, ``trait``
+    the source's ``value``; ``delivery`` names the endpoint (``upsert_contact`` or ``sync_audience``);
+    ``max_exit_ratio`` is the circuit breaker's limit.
+    """
+
+    key: str
+    name: str
+    source: Source
+    kind: Literal["audience", "trait"] = "audience"
+    delivery: Literal["upsert_contact", "sync_audience"] = "upsert_contact"
+    enabled: bool = True
+    max_exit_ratio: float = 0.5
+
+
+def audience_named(audiences: Sequence[Audience], key: str) -> Audience:
+    """The audience with ``key``; :class:`~audience_sync.errors.UnknownAudience` naming the known ones."""
+    for audience in audiences:
+        if audience.key == key:
+            return audience
+    known = ", ".join(a.key for a in audiences) or "none configured"
+    raise UnknownAudience(f"unknown audience {key!r} (known: {known})")
 
 
 class Mode(StrEnum):

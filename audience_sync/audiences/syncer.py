@@ -11,15 +11,14 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
 from audience_sync.audiences import rules
-from audience_sync.audiences.rules import Mode
+from audience_sync.audiences.rules import Audience, Mode
 from audience_sync.audiences.sources import SourceStats, stream_members
-from audience_sync.config import AudienceSettings, Config, format_duration
 from audience_sync.errors import SourceError
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
 from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
@@ -27,7 +26,7 @@ from audience_sync.statuses import RunStatus
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
 from audience_sync.store.sources import SourceDatabases
-from audience_sync.timestamps import iso, utcnow
+from audience_sync.timestamps import format_duration, iso, utcnow
 
 log = logging.getLogger("audience_sync.sync")
 
@@ -51,7 +50,7 @@ class SyncOptions:
 class PreparedRun:
     """A claimed run, recorded ``running``, not yet staged or sent."""
 
-    audience: AudienceSettings
+    audience: Audience
     run_id: int
     started: datetime
     mode: Mode
@@ -63,28 +62,35 @@ class Syncer:
 
     def __init__(
         self,
-        config: Config,
         engine: Engine,
         client: OdpClient,
+        sources: SourceDatabases,
         *,
+        batch_size: int,
+        change_log_retention: timedelta,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> None:
-        self.config = config
+        """``engine``: the store; ``sources``: the SQL sources' engines (closed by :meth:`close`);
+        ``batch_size``: items per request (``odp.batch_size``); ``change_log_retention``: change logs of
+        runs finished longer ago are deleted after each run (0: kept); ``progress`` gets status lines;
+        ``should_stop`` tells a run to stop reading and sending (the daemon's shutdown)."""
         self.engine = engine
         self.client = client
+        self.sources = sources
+        self.batch_size = batch_size
+        self.change_log_retention = change_log_retention
         self.progress = progress or (lambda _msg: None)
         self.should_stop = should_stop or (lambda: False)
-        self.sources = SourceDatabases(config.settings.database.url)
 
     def close(self) -> None:
         self.sources.close()
 
-    def sync(self, audience: AudienceSettings, options: SyncOptions = SyncOptions()) -> dict[str, Any]:
+    def sync(self, audience: Audience, options: SyncOptions = SyncOptions()) -> dict[str, Any]:
         """Run one sync of ``audience`` and return its run record. Raises RunInProgress / SlotTaken."""
         return self.complete(self.begin(audience, options))
 
-    def begin(self, audience: AudienceSettings, options: SyncOptions = SyncOptions()) -> PreparedRun:
+    def begin(self, audience: Audience, options: SyncOptions = SyncOptions()) -> PreparedRun:
         """Claim the run (the per-audience lock; the slot of a scheduled run) and record it ``running``."""
         has_state = member_store.has_acknowledged(self.engine, audience.key)
         mode = options.mode or (Mode.DELTA if has_state else Mode.INITIAL)
@@ -136,7 +142,7 @@ class Syncer:
     def _purge_change_logs(self, key: str) -> None:
         """Delete the change logs of the audience's runs older than ``database.change_log_retention``.
         A failure is logged, never the run's: it is retried after the next run."""
-        retention = self.config.settings.database.change_log_retention
+        retention = self.change_log_retention
         if not retention:
             return
         try:
@@ -193,7 +199,7 @@ class Syncer:
             return RunStatus.INTERRUPTED, note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 
-    def _send(self, audience: AudienceSettings, run_id: int, started: datetime, total: int) -> tuple[int, int]:
+    def _send(self, audience: Audience, run_id: int, started: datetime, total: int) -> tuple[int, int]:
         key = audience.key
         batches = member_store.pending_batches(
             self.engine,
@@ -201,7 +207,7 @@ class Syncer:
             delivery=audience.delivery,
             key=key,
             timestamp=iso(started),
-            batch_size=self.config.settings.odp.batch_size,
+            batch_size=self.batch_size,
         )
 
         done = {"sent": 0, "failed": 0}

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
-from audience_sync.audiences.rules import Mode, exit_code
-from audience_sync.audiences.sources import describe
-from audience_sync.audiences.syncer import Syncer, SyncOptions
+from audience_sync import wiring
+from audience_sync.audiences.rules import Audience, Mode, audience_named, exit_code
+from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, Progress, UsageError, emit_json, table
-from audience_sync.config import Config, format_duration
+from audience_sync.config import Config
 from audience_sync.errors import RunInProgress
-from audience_sync.odp.target import open_client
 from audience_sync.statuses import RUN_STATUSES
 from audience_sync.store.members import acknowledged_counts
 from audience_sync.store.runs import changes, get_run, last_runs, list_runs
-from audience_sync.timestamps import parse_iso, utcnow
-from audience_sync.wiring import open_store
+from audience_sync.timestamps import format_duration, parse_iso, utcnow
 
 COUNT_COLUMNS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
 SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNT_COLUMNS)
@@ -28,20 +27,21 @@ def sync(args: argparse.Namespace, config: Config) -> int:
     settings = config.settings
     if args.full and args.reconcile:
         raise UsageError("--full and --reconcile cannot be combined")
+    configured = wiring.audiences(settings)
     if args.keys:
-        selected = [settings.audience(k) for k in args.keys]
+        selected = [audience_named(configured, k) for k in args.keys]
     else:
-        selected = [a for a in settings.audiences if a.enabled]
+        selected = [a for a in configured if a.enabled]
         if not selected:
             raise UsageError("no enabled audiences are configured (add [[audiences]] to the config)")
     mode = Mode.FULL if args.full else Mode.RECONCILE if args.reconcile else None
-    engine = open_store(settings)
+    engine = wiring.open_store(settings)
     progress = Progress(not args.json)
     records: list[dict[str, Any]] = []
     failures: list[str] = []
     try:
-        with open_client(settings.odp) as client:
-            syncer = Syncer(config, engine, client, progress=progress)
+        with wiring.open_client(settings.odp) as client:
+            syncer = wiring.syncer(settings, engine, client, progress=progress)
             try:
                 for audience in selected:
                     options = SyncOptions(mode=mode, dry_run=args.dry_run, force=args.force)
@@ -74,7 +74,7 @@ def history(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(f"--status must be one of {', '.join(RUN_STATUSES)}")
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    engine = open_store(config.settings)
+    engine = wiring.open_store(config.settings)
     try:
         records = list_runs(engine, audience=args.audience, status=args.status, limit=args.limit)
     finally:
@@ -87,7 +87,7 @@ def history(args: argparse.Namespace, config: Config) -> int:
 
 
 def show(args: argparse.Namespace, config: Config) -> int:
-    engine = open_store(config.settings)
+    engine = wiring.open_store(config.settings)
     try:
         record = get_run(engine, args.run_id)
         if record is None:
@@ -114,9 +114,11 @@ def show(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def audience_objects(config: Config, engine: Any, next_runs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def audience_objects(
+    audiences: Sequence[Audience], engine: Any, next_runs: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """The objects of ``audiences --json`` and ``GET /api/audiences``."""
-    keys = [a.key for a in config.settings.audiences]
+    keys = [a.key for a in audiences]
     counts = acknowledged_counts(engine, keys)
     last = last_runs(engine, keys)
     return [
@@ -126,19 +128,19 @@ def audience_objects(config: Config, engine: Any, next_runs: dict[str, Any] | No
             "kind": a.kind,
             "delivery": a.delivery,
             "enabled": a.enabled,
-            "source": describe(a),
+            "source": a.source.describe(),
             "members": counts.get(a.key, 0),
             "last_run": last.get(a.key),
             "next_run": (next_runs or {}).get(a.key),
         }
-        for a in config.settings.audiences
+        for a in audiences
     ]
 
 
 def audiences(args: argparse.Namespace, config: Config) -> int:
-    engine = open_store(config.settings)
+    engine = wiring.open_store(config.settings)
     try:
-        objects = audience_objects(config, engine)
+        objects = audience_objects(wiring.audiences(config.settings), engine)
     finally:
         engine.dispose()
     if args.json:

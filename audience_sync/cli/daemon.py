@@ -7,15 +7,15 @@ import sys
 from typing import Any
 
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, UsageError, emit_json
-from audience_sync.config import Config, redact_url
+from audience_sync.config import Config
 from audience_sync.daemon.runner import run_daemon
 from audience_sync.errors import AudienceSyncError, first_line
+from audience_sync.masking import redact_url
 from audience_sync.odp.emulator import Faults, serve
 from audience_sync.odp.regions import AUTH, BASE_PATH
-from audience_sync.odp.target import describe_target, open_client
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine, ping
-from audience_sync.wiring import open_store
+from audience_sync.wiring import odp_target, open_client, open_store
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -65,7 +65,7 @@ def check(args: argparse.Namespace, config: Config) -> int:
         results.append({"check": "database", "ok": False, "detail": first_line(exc)})
     finally:
         engine.dispose()
-    target = describe_target(settings.odp)
+    target = odp_target(settings.odp).describe()
     try:
         with open_client(settings.odp) as client:
             ok, detail = client.auth()

@@ -14,12 +14,11 @@ from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, UsageError, emit_json
 from audience_sync.config import Config
 from audience_sync.odp.client import BatchReport, OutboundItem
 from audience_sync.odp.regions import base_url
-from audience_sync.odp.target import open_client
 from audience_sync.realtime.actions import build_requests, resolve_action
 from audience_sync.realtime.mapping import MappingError
 from audience_sync.statuses import DELIVERY_STATUSES, DeliveryStatus
 from audience_sync.store import outbox
-from audience_sync.wiring import open_store
+from audience_sync.wiring import open_client, open_store
 
 # --- test-event ------------------------------------------------------------------------------------------
 

@@ -22,15 +22,15 @@ from typing import Any
 import uvicorn
 from sqlalchemy import Engine
 
+from audience_sync import wiring
 from audience_sync.audiences.syncer import Syncer
 from audience_sync.config import Config
 from audience_sync.daemon.metrics import SyncMetrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
 from audience_sync.odp.client import OdpClient
-from audience_sync.odp.target import open_client
 from audience_sync.realtime.admin import admin_routes
-from audience_sync.realtime.dispatcher import DeliveryWorker
+from audience_sync.realtime.delivery import DeliveryWorker
 from audience_sync.realtime.ingest import ingest_routes
 from audience_sync.realtime.metrics import register_realtime_metrics
 from audience_sync.store import outbox
@@ -80,8 +80,8 @@ def run_daemon(config: Config, engine: Engine) -> int:
     stop = threading.Event()
     deadline = _Deadline(config.settings.server.shutdown_timeout.total_seconds())
     try:
-        with open_client(config.settings.odp) as client:
-            syncer = Syncer(config, engine, client, should_stop=stop.is_set)
+        with wiring.open_client(config.settings.odp) as client:
+            syncer = wiring.syncer(config.settings, engine, client, should_stop=stop.is_set)
             try:
                 return asyncio.run(_serve(config, engine, client, syncer, stop, deadline))
             finally:
@@ -102,8 +102,16 @@ async def _serve(
     scheduler: AudienceScheduler | None = None
     metrics = SyncMetrics(engine, lambda: scheduler.next_run_times() if scheduler else {})
     tracker = RunTracker(syncer, on_finished=metrics.observe_run)
-    scheduler = AudienceScheduler(config, engine, tracker, stop)
-    state = DaemonState(config, engine, tracker, scheduler, metrics)
+    scheduler = AudienceScheduler(engine, tracker, wiring.schedules(settings), lease=settings.schedule.lease, stop=stop)
+    token = settings.server.admin_token
+    state = DaemonState(
+        engine,
+        wiring.audiences(settings),
+        tracker,
+        scheduler,
+        metrics,
+        admin_token=token.get_secret_value() if token else None,
+    )
     realtime = _realtime(config, engine, client, metrics, state)
 
     app = create_app(state, realtime.routes)
@@ -162,5 +170,5 @@ class _Realtime:
 def _realtime(config: Config, engine: Engine, client: OdpClient, metrics: SyncMetrics, state: DaemonState) -> _Realtime:
     counters = register_realtime_metrics(metrics.registry, engine)
     state.delivery_counts = lambda: outbox.counts(engine)
-    routes = [*ingest_routes(config, engine, counters), *admin_routes(config, engine)]
-    return _Realtime(routes, DeliveryWorker(config, engine, client, metrics=counters))
+    routes = [*ingest_routes(engine, wiring.write_keys(config.settings), counters), *admin_routes(engine)]
+    return _Realtime(routes, wiring.delivery_worker(config.settings, engine, client, metrics=counters))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +19,8 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from audience_sync import __version__
-from audience_sync.audiences.rules import Mode, Trigger
+from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
 from audience_sync.audiences.syncer import SyncOptions
-from audience_sync.config import Config
 from audience_sync.daemon.metrics import SyncMetrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.errors import RunInProgress, UnknownAudience
@@ -60,11 +59,12 @@ class AdminAuth:
 
 @dataclass
 class DaemonState:
-    config: Config
     engine: Engine
+    audiences: Sequence[Audience]
     tracker: RunTracker
     scheduler: AudienceScheduler | None
     metrics: SyncMetrics
+    admin_token: str | None = None
     delivery_counts: Callable[[], dict[str, int] | None] | None = None
 
 
@@ -86,7 +86,7 @@ def _db(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]:
 
 
 def build_routes(state: DaemonState) -> list[BaseRoute]:
-    config, engine = state.config, state.engine
+    engine = state.engine
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -101,7 +101,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     def audience_list() -> list[dict[str, Any]]:
         from audience_sync.cli.audiences import audience_objects
 
-        return audience_objects(config, engine, next_runs())
+        return audience_objects(state.audiences, engine, next_runs())
 
     async def audiences(request: Request) -> Response:
         return JSONResponse(await _db(audience_list))
@@ -109,7 +109,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     async def trigger_sync(request: Request) -> Response:
         key = request.path_params["key"]
         try:
-            audience = config.settings.audience(key)
+            audience = audience_named(state.audiences, key)
         except UnknownAudience as exc:
             return error(404, "not_found", str(exc))
         try:
@@ -210,7 +210,7 @@ def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
     from audience_sync.cli.audiences import audience_objects
     from audience_sync.daemon.web import render_status_page
 
-    audiences = audience_objects(state.config, state.engine, next_runs)
+    audiences = audience_objects(state.audiences, state.engine, next_runs)
     return render_status_page(
         audiences=audiences,
         runs=run_store.list_runs(state.engine, limit=30),
@@ -223,6 +223,5 @@ def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
 
 def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
     """The daemon's ASGI app: our routes plus any extra (ingestion, deliveries), behind admin auth."""
-    token = state.config.settings.server.admin_token
     app = Starlette(routes=[*(extra_routes or []), *build_routes(state)])
-    return AdminAuth(app, token.get_secret_value() if token else None)
+    return AdminAuth(app, state.admin_token)

@@ -15,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from audience_sync.config import Config
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
 from audience_sync.store import outbox
 
@@ -29,7 +28,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-def admin_routes(config: Config, engine: Engine) -> list[BaseRoute]:
+def admin_routes(engine: Engine) -> list[BaseRoute]:
     """``GET /api/deliveries?status=&limit=``: items newest first (``limit`` 1..1000, default 50).
     ``POST /api/deliveries/replay`` with ``{"status": "dead"}`` (the default; an empty body will do):
     queues those items again and answers ``{"replayed": N}``."""

@@ -35,7 +35,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from audience_sync.config import Config
 from audience_sync.realtime.messages import MAX_REQUEST_BYTES, AcceptedMessage, RequestError, prepare
 from audience_sync.realtime.metrics import IngestCounters
 from audience_sync.store import outbox
@@ -257,8 +256,8 @@ def _parse(raw: bytes) -> Any:
 
 
 class _Ingest:
-    def __init__(self, config: Config, writer: MessageWriter, metrics: IngestCounters | None) -> None:
-        self.keys = [k.get_secret_value().encode() for k in config.settings.server.write_keys]
+    def __init__(self, write_keys: Sequence[str], writer: MessageWriter, metrics: IngestCounters | None) -> None:
+        self.keys = [key.encode() for key in write_keys]
         self.writer = writer
         self.metrics = metrics
 
@@ -305,10 +304,10 @@ class _Ingest:
         return _json(200, {"success": True, "accepted": len(prepared.accepted), "rejected": prepared.rejected})
 
 
-def ingest_routes(config: Config, engine: Engine, counters: IngestCounters | None = None) -> list[BaseRoute]:
+def ingest_routes(engine: Engine, write_keys: Sequence[str], counters: IngestCounters | None = None) -> list[BaseRoute]:
     """The ``/v1/*`` routes (long and short forms, every method: POST ingests, OPTIONS answers CORS
-    preflight, anything else 405). ``counters`` (from
+    preflight, anything else 405), accepting ``write_keys`` (``server.write_keys``). ``counters`` (from
     :func:`~audience_sync.realtime.metrics.register_realtime_metrics`) counts accepted and rejected events.
     The routes share one :class:`MessageWriter` (a daemon thread started by the first request)."""
-    ingest = _Ingest(config, MessageWriter(engine), counters)
+    ingest = _Ingest(write_keys, MessageWriter(engine), counters)
     return [Route(f"/v1/{name}", ingest.endpoint(kind), methods=_ALL_METHODS) for name, kind in ENDPOINTS.items()]

@@ -111,6 +111,6 @@ class _OutboxCollector(Collector):
 def register_realtime_metrics(registry: CollectorRegistry, engine: Engine) -> RealtimeMetrics:
     """Register the real-time metrics in ``registry``; returns the counters to hand to
     :func:`~audience_sync.realtime.ingest.ingest_routes` and
-    :class:`~audience_sync.realtime.dispatcher.DeliveryWorker`."""
+    :class:`~audience_sync.realtime.delivery.DeliveryWorker`."""
     registry.register(_OutboxCollector(engine))
     return RealtimeMetrics(registry)

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import update
 
 from audience_sync.odp.client import ClientOptions, OdpClient
-from audience_sync.realtime.dispatcher import DeliveryWorker
 from audience_sync.realtime.ingest import ingest_rate
 from audience_sync.store import outbox
 from audience_sync.store.tables import rt_deliveries
+from audience_sync.wiring import delivery_worker
 from tests.conftest import Database, Emulator, run_cli
 from tests.integration.test_ingest import Realtime, drain, realtime_env
 
@@ -114,7 +114,7 @@ def test_refused_credentials_keep_items_pending(realtime: Realtime) -> None:
     identify(realtime, "u1")
     options = ClientOptions(base_url=realtime.emulator.base, api_key="wrong-key", max_requests_per_second=0)
     with OdpClient(options) as client:
-        worker = DeliveryWorker(realtime.config, realtime.engine, client)
+        worker = delivery_worker(realtime.config.settings, realtime.engine, client)
         worker.process_once()
         worker.close()
     [item] = realtime.deliveries()

@@ -32,14 +32,14 @@ from starlette.routing import BaseRoute
 from audience_sync.config import Config, load_config
 from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.client import OdpClient
-from audience_sync.odp.target import client_options
 from audience_sync.realtime.admin import admin_routes
-from audience_sync.realtime.dispatcher import DeliveryWorker
+from audience_sync.realtime.delivery import DeliveryWorker
 from audience_sync.realtime.ingest import ingest_routes
 from audience_sync.realtime.metrics import RealtimeMetrics, register_realtime_metrics
 from audience_sync.store import migrate, outbox
 from audience_sync.store.engine import make_engine
 from audience_sync.store.tables import rt_deliveries, rt_messages
+from audience_sync.wiring import client_options, delivery_worker, write_keys
 from tests.conftest import Database, Emulator, free_port
 
 WRITE_KEY = "wk-test"
@@ -127,7 +127,7 @@ class Realtime:
         return self.stack.enter_context(OdpClient(client_options(odp, self.emulator.base, "test-key")))
 
     def worker(self, config: Config | None = None) -> DeliveryWorker:
-        worker = DeliveryWorker(config or self.config, self.engine, self.client(), metrics=self.metrics)
+        worker = delivery_worker((config or self.config).settings, self.engine, self.client(), metrics=self.metrics)
         self.stack.callback(worker.close)
         return worker
 
@@ -151,7 +151,8 @@ def realtime_env(tmp_path: Path, database: Database, emulator: Emulator) -> Iter
     registry = CollectorRegistry()
     metrics = register_realtime_metrics(registry, engine)
     with ExitStack() as stack:
-        url = stack.enter_context(serve([*ingest_routes(config, engine, metrics), *admin_routes(config, engine)]))
+        routes = [*ingest_routes(engine, write_keys(config.settings), metrics), *admin_routes(engine)]
+        url = stack.enter_context(serve(routes))
         env = Realtime(tmp_path, database, emulator, config, engine, url, metrics, registry, stack)
         stack.callback(env.http.close)
         yield env
@@ -502,10 +503,11 @@ from starlette.applications import Starlette
 from audience_sync.config import load_config
 from audience_sync.realtime.ingest import ingest_routes
 from audience_sync.store.engine import make_engine
+from audience_sync.wiring import write_keys
 
 config = load_config(sys.argv[1])
 engine = make_engine(config.settings.database.url)
-app = Starlette(routes=ingest_routes(config, engine))
+app = Starlette(routes=ingest_routes(engine, write_keys(config.settings)))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """
 

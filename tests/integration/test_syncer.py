@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from audience_sync.audiences.rules import Mode
-from audience_sync.audiences.syncer import Syncer, SyncOptions
+from audience_sync import wiring
+from audience_sync.audiences.rules import Mode, audience_named
+from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.config import Config, load_config
 from audience_sync.errors import RunInProgress
 from audience_sync.odp.client import ClientOptions, OdpClient
@@ -57,8 +58,9 @@ class Harness:
         return name
 
     def sync(self, config: Config, key: str | None = None, **options: Any) -> dict[str, Any]:
-        audience = config.settings.audiences[0] if key is None else config.settings.audience(key)
-        syncer = Syncer(config, self.engine, self.client)
+        configured = wiring.audiences(config.settings)
+        audience = configured[0] if key is None else audience_named(configured, key)
+        syncer = wiring.syncer(config.settings, self.engine, self.client)
         return syncer.sync(audience, SyncOptions(**options))
 
     def acked(self, audience: str) -> dict[str, str]:
@@ -392,7 +394,7 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
         conn.execute(text("CREATE TABLE people (user_id VARCHAR(20))"))
         conn.execute(text("INSERT INTO people VALUES (:u)"), [{"u": f"p{i}"} for i in range(total)])
     config = h.config({"name": "People", "source": {"type": "sql", "query": "SELECT user_id FROM people"}})
-    audience = config.settings.audiences[0]
+    [audience] = wiring.audiences(config.settings)
     stop = {"set": False}
     staged: list[str] = []
 
@@ -401,7 +403,7 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
             staged.append(message)
             stop["set"] = True  # a stop signal arrives while the source is being read
 
-    stopping = Syncer(config, h.engine, h.client, progress=progress, should_stop=lambda: stop["set"])
+    stopping = wiring.syncer(config.settings, h.engine, h.client, progress=progress, should_stop=lambda: stop["set"])
     run = stopping.sync(audience)
     assert run["status"] == "interrupted" and "stopped while reading the source" in run["error"]
     assert staged == [f"people: staged {sources.CHUNK_ROWS:,} rows"]  # not read to its end

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from audience_sync.config import OdpSettings
-from audience_sync.odp.target import open_client
 from audience_sync.realtime.actions import build_requests
+from audience_sync.wiring import open_client
 
 VECTORS_PATH = Path(__file__).resolve().parent.parent / "fixtures" / "odp_actions.json"
 VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))

@@ -30,13 +30,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
 from sqlalchemy import Engine
 
 from audience_sync import owners
-from audience_sync.config import Config
 from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
 from audience_sync.realtime.ingest import ingest_rate
 from audience_sync.realtime.metrics import RealtimeMetrics
@@ -44,7 +44,7 @@ from audience_sync.realtime.routing import Router
 from audience_sync.store import outbox
 from audience_sync.timestamps import utcnow
 
-__all__ = ["DEDUP_WINDOW", "DeliveryWorker"]
+__all__ = ["DEDUP_WINDOW", "DeliveryOptions", "DeliveryWorker"]
 
 log = logging.getLogger("audience_sync.delivery")
 
@@ -52,6 +52,23 @@ DEDUP_WINDOW: Final = timedelta(hours=24)
 """A ``messageId`` accepted within this window is acknowledged but not delivered again."""
 
 _LIVE_TOKENS: set[str] = set()  # tokens of the workers of this process
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """How the worker batches and retries (``odp.batch_size``, ``odp.concurrency`` and ``[realtime]``).
+
+    ``linger``: how long a partial batch waits to fill; ``retention``: delivered and invalid items are
+    deleted after this; ``retry_delay`` / ``retry_max_delay``: the first and the largest wait before a
+    retryable failure is tried again (doubling in between).
+    """
+
+    batch_size: int = 100
+    concurrency: int = 4
+    linger: timedelta = timedelta(seconds=1)
+    retention: timedelta = timedelta(days=7)
+    retry_delay: timedelta = timedelta(seconds=1)
+    retry_max_delay: timedelta = timedelta(minutes=5)
 
 
 class DeliveryWorker:
@@ -73,19 +90,25 @@ class DeliveryWorker:
     """The least share of the time delivery works however heavy ingestion is."""
 
     def __init__(
-        self, config: Config, engine: Engine, client: OdpClient, *, metrics: RealtimeMetrics | None = None
+        self,
+        engine: Engine,
+        client: OdpClient,
+        router: Router,
+        options: DeliveryOptions = DeliveryOptions(),
+        *,
+        metrics: RealtimeMetrics | None = None,
     ) -> None:
-        settings = config.settings
+        """``engine``: the store; ``client``: sends to ODP; ``router``: the enabled mappings."""
         self.engine = engine
         self.client = client
         self.metrics = metrics
-        self.router = Router.from_config(settings.presets.disabled, settings.mappings)
-        self.batch_size = settings.odp.batch_size
-        self.claim_limit = self.batch_size * settings.odp.concurrency * 2
-        self.linger = settings.realtime.linger
-        self.retention = settings.realtime.retention
-        self.retry_delay = settings.realtime.retry_delay.total_seconds()
-        self.retry_max_delay = settings.realtime.retry_max_delay.total_seconds()
+        self.router = router
+        self.batch_size = options.batch_size
+        self.claim_limit = self.batch_size * options.concurrency * 2
+        self.linger = options.linger
+        self.retention = options.retention
+        self.retry_delay = options.retry_delay.total_seconds()
+        self.retry_max_delay = options.retry_max_delay.total_seconds()
         self.token = owners.new_token()
         self.owner = owners.owner_string(self.token)
         _LIVE_TOKENS.add(self.token)
