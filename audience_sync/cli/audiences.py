@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from audience_sync import wiring
-from audience_sync.audiences.rules import Audience, Mode, audience_named, exit_code
+from audience_sync.audiences.rules import Mode, audience_named, exit_code
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, Progress, UsageError, emit_json, table
 from audience_sync.config import Config
 from audience_sync.errors import RunInProgress
 from audience_sync.statuses import RUN_STATUSES
-from audience_sync.store.members import acknowledged_counts
-from audience_sync.store.runs import changes, get_run, last_runs, list_runs
+from audience_sync.store.reports import audience_objects
+from audience_sync.store.runs import changes, get_run, list_runs
 from audience_sync.timestamps import format_duration, parse_iso, utcnow
 
 COUNT_COLUMNS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
@@ -114,33 +113,10 @@ def show(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def audience_objects(
-    audiences: Sequence[Audience], engine: Any, next_runs: dict[str, Any] | None = None
-) -> list[dict[str, Any]]:
-    """The objects of ``audiences --json`` and ``GET /api/audiences``."""
-    keys = [a.key for a in audiences]
-    counts = acknowledged_counts(engine, keys)
-    last = last_runs(engine, keys)
-    return [
-        {
-            "key": a.key,
-            "name": a.name,
-            "kind": a.kind,
-            "delivery": a.delivery,
-            "enabled": a.enabled,
-            "source": a.source.describe(),
-            "members": counts.get(a.key, 0),
-            "last_run": last.get(a.key),
-            "next_run": (next_runs or {}).get(a.key),
-        }
-        for a in audiences
-    ]
-
-
 def audiences(args: argparse.Namespace, config: Config) -> int:
     engine = wiring.open_store(config.settings)
     try:
-        objects = audience_objects(wiring.audiences(config.settings), engine)
+        objects = audience_objects(engine, wiring.audiences(config.settings))
     finally:
         engine.dispose()
     if args.json:

@@ -10,10 +10,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
-from audience_sync.store.members import acknowledged_counts
-from audience_sync.timestamps import as_utc, parse_iso
+from audience_sync.store.reports import run_totals
+from audience_sync.timestamps import parse_iso
 
 RUN_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
@@ -40,23 +40,16 @@ class _SyncCollector(Collector):
         upcoming = GaugeMetricFamily(
             "audience_sync_next_run_timestamp_seconds", "When the next scheduled run is due", labels=["audience"]
         )
-        with self.engine.connect() as conn:
-            totals: dict[str, list[int]] = {}
-            for audience, status, count, s, f in conn.execute(
-                text("SELECT audience, status, count(*), sum(sent), sum(failed) FROM runs GROUP BY audience, status")
-            ):
-                runs.add_metric([audience, status], count)
-                acc = totals.setdefault(audience, [0, 0])
-                acc[0] += int(s or 0)
-                acc[1] += int(f or 0)
-            for audience, (s, f) in totals.items():
-                sent.add_metric([audience], s)
-                failed.add_metric([audience], f)
-            for audience, finished in conn.execute(
-                text("SELECT audience, max(finished_at) FROM runs WHERE status = 'succeeded' GROUP BY audience")
-            ):
-                success.add_metric([audience], as_utc(finished).timestamp())
-        for audience, count in acknowledged_counts(self.engine).items():
+        totals = run_totals(self.engine)
+        for (audience, status), count in totals.runs.items():
+            runs.add_metric([audience, status], count)
+        for audience, count in totals.sent.items():
+            sent.add_metric([audience], count)
+        for audience, count in totals.failed.items():
+            failed.add_metric([audience], count)
+        for audience, finished in totals.last_success.items():
+            success.add_metric([audience], finished.timestamp())
+        for audience, count in totals.members.items():
             members.add_metric([audience], count)
         for audience, at in self.next_runs().items():
             upcoming.add_metric([audience], at.timestamp())

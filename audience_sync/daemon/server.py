@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -23,10 +23,11 @@ from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_name
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.metrics import SyncMetrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
+from audience_sync.daemon.web import render_status_page
 from audience_sync.errors import RunInProgress, UnknownAudience
-from audience_sync.statuses import RUN_STATUSES, RunStatus
+from audience_sync.statuses import RUN_STATUSES
 from audience_sync.store import runs as run_store
-from audience_sync.store.tables import runs
+from audience_sync.store.reports import audience_objects, size_history
 from audience_sync.timestamps import iso, utcnow
 
 API_MODES = {"delta": Mode.DELTA, "full": Mode.FULL, "reconcile": Mode.RECONCILE}
@@ -99,9 +100,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         return state.scheduler.next_runs() if state.scheduler else {}
 
     def audience_list() -> list[dict[str, Any]]:
-        from audience_sync.cli.audiences import audience_objects
-
-        return audience_objects(state.audiences, engine, next_runs())
+        return audience_objects(engine, state.audiences, next_runs())
 
     async def audiences(request: Request) -> Response:
         return JSONResponse(await _db(audience_list))
@@ -190,27 +189,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     ]
 
 
-def size_history(engine: Engine, keys: list[str], points: int = 60) -> dict[str, list[tuple[str, int]]]:
-    """Per audience, (time, members in the snapshot) of its recent completed runs, oldest first."""
-    out: dict[str, list[tuple[str, int]]] = {}
-    with engine.connect() as conn:
-        for key in keys:
-            query = (
-                select(runs.c.started_at, runs.c.members)
-                .where(runs.c.audience == key, runs.c.status.in_([RunStatus.SUCCEEDED, RunStatus.PARTIAL]))
-                .order_by(runs.c.id.desc())
-                .limit(points)
-            )
-            rows = conn.execute(query).all()
-            out[key] = [(iso(r.started_at), int(r.members)) for r in reversed(rows)]
-    return out
-
-
 def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
-    from audience_sync.cli.audiences import audience_objects
-    from audience_sync.daemon.web import render_status_page
-
-    audiences = audience_objects(state.audiences, state.engine, next_runs)
+    audiences = audience_objects(state.engine, state.audiences, next_runs)
     return render_status_page(
         audiences=audiences,
         runs=run_store.list_runs(state.engine, limit=30),
