@@ -39,7 +39,8 @@ log = logging.getLogger("audience_sync")
 
 def open_store(settings: Settings) -> Engine:
     """The store's engine, migrated to the newest schema, with the runs of dead processes marked
-    ``interrupted``. Raises :class:`AudienceSyncError` naming the (password-masked) database."""
+    ``interrupted`` (on another host: a heartbeat older than ``schedule.lease``). Raises
+    :class:`AudienceSyncError` naming the (password-masked) database."""
     url = settings.database.url
     engine = make_engine(url)
     try:
@@ -47,7 +48,7 @@ def open_store(settings: Settings) -> Engine:
     except Exception as exc:
         engine.dispose()
         raise AudienceSyncError(f"database {redact_url(url)} is not usable: {first_line(exc)}") from None
-    interrupted = mark_interrupted(engine)
+    interrupted = mark_interrupted(engine, lease=settings.schedule.lease)
     if interrupted:
         log.warning("marked runs %s as interrupted: their process stopped", ", ".join(map(str, interrupted)))
     return engine

@@ -35,7 +35,6 @@ RUN_FIELDS = (
     "error",
 )
 COUNTERS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
-DEFAULT_LEASE = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ def finish_run(engine: Engine, run_id: int, status: str, *, error: str | None = 
         )
 
 
-def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> list[int]:
+def mark_interrupted(engine: Engine, *, lease: timedelta) -> list[int]:
     """Mark ``running`` runs whose process is gone as ``interrupted``; returns their ids.
 
     A run on this host is dead when its pid is; a run elsewhere when its heartbeat is older than the lease.

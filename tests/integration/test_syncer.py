@@ -4,6 +4,7 @@ modes, duplicates, traits, sync_audience delivery, quarantine, the per-audience 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -173,20 +174,23 @@ def test_one_run_per_audience_at_a_time(h: Harness) -> None:
     assert h.sync(config)["status"] == "succeeded"
 
 
+LEASE = timedelta(seconds=60)
+
+
 def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
     dead = run_store.Owner(run_store.PROCESS_OWNER.host, 2**22 + 12345, "gone")
     live = run_store.Owner("other-host", 1, "far")
     dead_id, _ = run_store.start_run(h.engine, audience="a", mode="delta", trigger="manual", owner=dead)
     live_id, _ = run_store.start_run(h.engine, audience="b", mode="delta", trigger="manual", owner=live)
-    assert run_store.mark_interrupted(h.engine) == [dead_id]
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == [dead_id]
     assert run_store.get_run(h.engine, dead_id)["status"] == "interrupted"  # type: ignore[index]
     assert run_store.get_run(h.engine, live_id)["status"] == "running"  # type: ignore[index]
     with h.engine.begin() as conn:  # the other host stopped renewing its lease
         conn.execute(
             text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
-            {"t": utcnow().replace(tzinfo=None) - run_store.DEFAULT_LEASE * 2, "i": live_id},
+            {"t": utcnow().replace(tzinfo=None) - LEASE * 2, "i": live_id},
         )
-    assert run_store.mark_interrupted(h.engine) == [live_id]
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == [live_id]
 
 
 def test_jsonl_source_and_bad_line(h: Harness) -> None:
@@ -416,8 +420,6 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
 
 @pytest.mark.parametrize("retention", ["30d", "0s"])
 def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harness, retention: str) -> None:
-    from datetime import timedelta
-
     from sqlalchemy import update
 
     from audience_sync.store.tables import runs
