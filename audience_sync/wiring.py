@@ -30,6 +30,7 @@ from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
 from audience_sync.store.runs import mark_interrupted
 from audience_sync.store.sources import SourceDatabases
+from audience_sync.timestamps import Now, utcnow
 
 log = logging.getLogger("audience_sync")
 
@@ -171,9 +172,17 @@ def delivery_options(settings: Settings) -> DeliveryOptions:
 
 
 def delivery_worker(
-    settings: Settings, engine: Engine, client: OdpClient, *, metrics: RealtimeMetrics | None = None
+    settings: Settings,
+    engine: Engine,
+    client: OdpClient,
+    *,
+    metrics: RealtimeMetrics | None = None,
+    ingest_rate: Callable[[], float] = lambda: 0.0,
+    now: Now = utcnow,
 ) -> DeliveryWorker:
     """The delivery worker of the configuration: the enabled mappings (presets minus
     ``presets.disabled``, then ``[[mappings]]``), batching and retries of ``[odp]`` and ``[realtime]``."""
     router = Router.from_config(settings.presets.disabled, settings.mappings)
-    return DeliveryWorker(engine, client, router, delivery_options(settings), metrics=metrics)
+    return DeliveryWorker(
+        engine, client, router, delivery_options(settings), metrics=metrics, ingest_rate=ingest_rate, now=now
+    )

@@ -20,6 +20,8 @@ from audience_sync.audiences import rules
 from audience_sync.audiences.rules import Audience, Mode
 from audience_sync.audiences.sources import SourceStats, stream_members
 from audience_sync.errors import SourceError
+from audience_sync.group_writer import GroupWriter
+from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
 from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
 from audience_sync.statuses import RunStatus
@@ -70,11 +72,13 @@ class Syncer:
         change_log_retention: timedelta,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
+        holders: Holders = THIS_PROCESS,
     ) -> None:
         """``engine``: the store; ``sources``: the SQL sources' engines (closed by :meth:`close`);
         ``batch_size``: items per request (``odp.batch_size``); ``change_log_retention``: change logs of
         runs finished longer ago are deleted after each run (0: kept); ``progress`` gets status lines;
-        ``should_stop`` tells a run to stop reading and sending (the daemon's shutdown)."""
+        ``should_stop`` tells a run to stop reading and sending (the daemon's shutdown). Its runs are
+        held by one lease holder of ``holders``, released by :meth:`close`."""
         self.engine = engine
         self.client = client
         self.sources = sources
@@ -82,9 +86,13 @@ class Syncer:
         self.change_log_retention = change_log_retention
         self.progress = progress or (lambda _msg: None)
         self.should_stop = should_stop or (lambda: False)
+        self.owner = holders.new()
+        self.holders = holders
 
     def close(self) -> None:
+        """Dispose of the sources' engines and give up the lease holder (call it when no run is left)."""
         self.sources.close()
+        self.holders.release(self.owner)
 
     def sync(self, audience: Audience, options: SyncOptions = SyncOptions()) -> dict[str, Any]:
         """Run one sync of ``audience`` and return its run record. Raises RunInProgress / SlotTaken."""
@@ -95,7 +103,7 @@ class Syncer:
         has_state = member_store.has_acknowledged(self.engine, audience.key)
         mode = options.mode or (Mode.DELTA if has_state else Mode.INITIAL)
         run_id, started = run_store.start_run(
-            self.engine, audience=audience.key, mode=mode, trigger=options.trigger, slot=options.slot
+            self.engine, audience=audience.key, mode=mode, trigger=options.trigger, owner=self.owner, slot=options.slot
         )
         log.info("run %s of %s started (%s, %s)", run_id, audience.key, mode, options.trigger)
         return PreparedRun(audience, run_id, started, mode, options)
@@ -103,13 +111,15 @@ class Syncer:
     def complete(self, prepared: PreparedRun) -> dict[str, Any]:
         """Stage, plan, send and record a claimed run; returns its run record."""
         audience, run_id = prepared.audience, prepared.run_id
-        lease = _LeaseKeeper(self.engine, run_id)
-        lease.start()
+        beat = Heartbeat(
+            lambda: run_store.heartbeat(self.engine, run_id), HEARTBEAT_SECONDS, what=f"the lease of run {run_id}"
+        )
         try:
-            member_store.register_audience(
-                self.engine, key=audience.key, name=audience.name, kind=audience.kind, delivery=audience.delivery
-            )
-            status, error, counts = self._run(prepared)
+            with beat:
+                member_store.register_audience(
+                    self.engine, key=audience.key, name=audience.name, kind=audience.kind, delivery=audience.delivery
+                )
+                status, error, counts = self._run(prepared)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             detail = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
@@ -117,8 +127,6 @@ class Syncer:
                 self.engine, run_id, RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED, error=detail
             )
             raise
-        finally:
-            lease.stop()
         run_store.finish_run(self.engine, run_id, status, error=error, **counts)
         record = run_store.get_run(self.engine, run_id)
         assert record is not None
@@ -224,10 +232,12 @@ class Syncer:
                 now=utcnow(),
             )
 
-        writer = _Background(record, name=f"acks-{run_id}")
+        # Recording overlaps reading and sending the next batches; the queue is short, so a crash loses at
+        # most a few batches' records, whose items the next run sends again (at-least-once).
+        writer: GroupWriter[BatchReport] = GroupWriter(record, name=f"acks-{run_id}", depth=8)
 
         def on_report(report: BatchReport) -> None:
-            writer.put(report)
+            writer.submit(report)
             done["sent"] += len(report.acknowledged)
             done["failed"] += len(report.rejected) + len(report.failed)
             failed = f", {done['failed']:,} failed" if done["failed"] else ""
@@ -288,52 +298,6 @@ def _failure_note(failed: int) -> str | None:
     return f"{failed} items were not acknowledged by ODP; the next run sends them again (see show --changes)"
 
 
-class _Background:
-    """Writes batches' outcomes from one background thread, in order, so that recording overlaps
-    reading and sending the next batches. Whatever has queued up when the writer gets to it is written
-    in one transaction (no waiting is added). A failure is raised on the next ``put`` or at ``close``;
-    the queue is short, so a crash loses at most a few batches' records, whose items the next run
-    sends again (at-least-once)."""
-
-    _DONE = object()
-
-    def __init__(self, work: Callable[[list[Any]], None], name: str, depth: int = 8) -> None:
-        self.work = work
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        finished = False
-        while not finished:
-            items = [self.queue.get()]
-            while True:
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            if items[-1] is self._DONE:
-                finished = True
-                items.pop()
-            if items and self.error is None:
-                try:
-                    self.work(items)
-                except BaseException as exc:
-                    self.error = exc
-
-    def put(self, item: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        self.queue.put(self._DONE)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
     """Iterate ``source`` in a background thread, ``depth`` items ahead (reads overlap sends)."""
     buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
@@ -367,27 +331,3 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=5)
-
-
-class _LeaseKeeper:
-    """Renews a run's lease every HEARTBEAT_SECONDS from a background thread while the run lasts."""
-
-    def __init__(self, engine: Engine, run_id: int) -> None:
-        self.engine = engine
-        self.run_id = run_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                run_store.heartbeat(self.engine, self.run_id)
-            except Exception:  # a missed beat is retried; the lease is several beats long
-                log.warning("could not renew the lease of run %s", self.run_id, exc_info=True)

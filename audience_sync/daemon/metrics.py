@@ -56,23 +56,30 @@ class _SyncCollector(Collector):
         yield from (runs, sent, failed, success, members, upcoming)
 
 
-class SyncMetrics:
-    """The daemon's registry with the audience sync's metrics."""
+class RunDurations:
+    """The histogram of sync run durations (``audience_sync_run_duration_seconds``): this process's own."""
 
-    def __init__(self, engine: Engine, next_runs: Callable[[], dict[str, datetime]]) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(_SyncCollector(engine, next_runs))
-        self.run_duration = Histogram(
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.histogram = Histogram(
             "audience_sync_run_duration_seconds",
             "Wall time of sync runs",
             ["audience", "status"],
             buckets=RUN_DURATION_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
 
-    def observe_run(self, record: dict[str, Any]) -> None:
+    def observe(self, record: dict[str, Any]) -> None:
+        """Count a finished run (its run record)."""
         started, finished = record.get("started_at"), record.get("finished_at")
         if not started or not finished:
             return
         seconds = (parse_iso(finished) - parse_iso(started)).total_seconds()
-        self.run_duration.labels(record["audience"], record["status"]).observe(max(seconds, 0.0))
+        self.histogram.labels(record["audience"], record["status"]).observe(max(seconds, 0.0))
+
+
+def register_sync_metrics(
+    registry: CollectorRegistry, engine: Engine, next_runs: Callable[[], dict[str, datetime]]
+) -> None:
+    """Register the audience sync's counts (read from the store at scrape time) and the next scheduled
+    runs (``next_runs``, the scheduler's) in ``registry``."""
+    registry.register(_SyncCollector(engine, next_runs))

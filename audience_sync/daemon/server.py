@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,7 +21,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from audience_sync import __version__
 from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
 from audience_sync.audiences.syncer import SyncOptions
-from audience_sync.daemon.metrics import SyncMetrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.web import render_status_page
 from audience_sync.errors import RunInProgress, UnknownAudience
@@ -58,15 +57,22 @@ class AdminAuth:
         await self.app(scope, receive, send)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DaemonState:
+    """What the HTTP server reads and starts: built whole by the runner before it serves.
+
+    ``audiences``: the configured audiences; ``registry``: the metrics served on ``/metrics``;
+    ``admin_token``: the Bearer token of ``/api/*`` (None: the admin API answers 401);
+    ``delivery_counts``: the real-time backlog by status for the page (None: no real-time path).
+    """
+
     engine: Engine
     audiences: Sequence[Audience]
     tracker: RunTracker
-    scheduler: AudienceScheduler | None
-    metrics: SyncMetrics
+    scheduler: AudienceScheduler
+    registry: CollectorRegistry
     admin_token: str | None = None
-    delivery_counts: Callable[[], dict[str, int] | None] | None = None
+    delivery_counts: Callable[[], dict[str, int]] | None = None
 
 
 def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
@@ -93,11 +99,11 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        body = await _db(generate_latest, state.metrics.registry)
+        body = await _db(generate_latest, state.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def next_runs() -> dict[str, str | None]:
-        return state.scheduler.next_runs() if state.scheduler else {}
+        return state.scheduler.next_runs()
 
     def audience_list() -> list[dict[str, Any]]:
         return audience_objects(engine, state.audiences, next_runs())

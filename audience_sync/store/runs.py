@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -11,8 +10,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from audience_sync import owners
 from audience_sync.errors import RunInProgress, SlotTaken
+from audience_sync.leases import THIS_PROCESS, Holders, Owner
 from audience_sync.statuses import RunStatus
 from audience_sync.store.tables import run_changes, runs
 from audience_sync.timestamps import iso, utcnow
@@ -37,30 +36,6 @@ RUN_FIELDS = (
 COUNTERS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
 
 
-@dataclass(frozen=True)
-class Owner:
-    """Who runs a run: this host and process, plus a token that tells two lives of one pid apart."""
-
-    host: str
-    pid: int
-    token: str
-
-    @classmethod
-    def this_process(cls) -> Owner:
-        return cls(owners.HOST, os.getpid(), owners.new_token())
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.pid}:{self.token}"
-
-    @staticmethod
-    def is_alive(owner: str | None) -> bool | None:
-        """True/False for an owner on this host; None when it lives elsewhere (only a lease can tell)."""
-        return owners.is_alive(owner, {PROCESS_OWNER.token})
-
-
-PROCESS_OWNER = Owner.this_process()
-
-
 def run_record(row: Any) -> dict[str, Any]:
     """A run row as the JSON object of product.md 5.5."""
     record = {name: getattr(row, name) for name in RUN_FIELDS}
@@ -75,8 +50,8 @@ def start_run(
     audience: str,
     mode: str,
     trigger: str,
+    owner: Owner,
     slot: datetime | None = None,
-    owner: Owner = PROCESS_OWNER,
 ) -> tuple[int, datetime]:
     """Insert a ``running`` run. The partial unique index makes this the per-audience lock."""
     now = utcnow()
@@ -172,7 +147,7 @@ def finish_run(engine: Engine, run_id: int, status: str, *, error: str | None = 
         )
 
 
-def mark_interrupted(engine: Engine, *, lease: timedelta) -> list[int]:
+def mark_interrupted(engine: Engine, *, lease: timedelta, holders: Holders = THIS_PROCESS) -> list[int]:
     """Mark ``running`` runs whose process is gone as ``interrupted``; returns their ids.
 
     A run on this host is dead when its pid is; a run elsewhere when its heartbeat is older than the lease.
@@ -188,7 +163,7 @@ def mark_interrupted(engine: Engine, *, lease: timedelta) -> list[int]:
         ).all()
     suspects = []
     for row in rows:
-        alive = Owner.is_alive(row.owner)
+        alive = holders.is_alive(row.owner)
         if alive is None:
             alive = row.heartbeat_at is not None and now - row.heartbeat_at < lease
         if not alive:

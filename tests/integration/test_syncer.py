@@ -16,6 +16,7 @@ from audience_sync.audiences.rules import Mode, audience_named
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.config import Config, load_config
 from audience_sync.errors import RunInProgress
+from audience_sync.leases import HOST, THIS_PROCESS, Owner
 from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.store import migrate
 from audience_sync.store import runs as run_store
@@ -167,7 +168,9 @@ def test_rejected_member_is_quarantined_after_five_runs(h: Harness) -> None:
 
 def test_one_run_per_audience_at_a_time(h: Harness) -> None:
     config = h.config(file_audience("Locked", h.csv("l.csv", ["u1,a@x"])))
-    run_id, _ = run_store.start_run(h.engine, audience="locked", mode="delta", trigger="manual")
+    run_id, _ = run_store.start_run(
+        h.engine, audience="locked", mode="delta", trigger="manual", owner=THIS_PROCESS.new()
+    )
     with pytest.raises(RunInProgress, match="already in progress"):
         h.sync(config)
     run_store.finish_run(h.engine, run_id, "succeeded")
@@ -178,8 +181,8 @@ LEASE = timedelta(seconds=60)
 
 
 def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
-    dead = run_store.Owner(run_store.PROCESS_OWNER.host, 2**22 + 12345, "gone")
-    live = run_store.Owner("other-host", 1, "far")
+    dead = Owner(HOST, 2**22 + 12345, "gone")
+    live = Owner("other-host", 1, "far")
     dead_id, _ = run_store.start_run(h.engine, audience="a", mode="delta", trigger="manual", owner=dead)
     live_id, _ = run_store.start_run(h.engine, audience="b", mode="delta", trigger="manual", owner=live)
     assert run_store.mark_interrupted(h.engine, lease=LEASE) == [dead_id]
@@ -228,7 +231,9 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
             ("t3", "t3", None, None, None, "null"),
             ("t4", "t4", None, None, None, '{"tier":["a","é"],"n":-1e-7}'),
         ]
-    run_id, started = run_store.start_run(h.engine, audience="ref", mode="initial", trigger="manual")
+    run_id, started = run_store.start_run(
+        h.engine, audience="ref", mode="initial", trigger="manual", owner=THIS_PROCESS.new()
+    )
     with h.engine.begin() as conn:
         for member, uid, email, anon, vuid, value in rows:
             conn.execute(
@@ -326,7 +331,9 @@ def test_settling_a_run_looks_members_up_by_key_even_on_fresh_tables(h: Harness)
     on unanalysed tables (35 s for 20k changes). The statement must look each member up by its key."""
     from audience_sync.store.members import _SETTLE
 
-    run_id, started = run_store.start_run(h.engine, audience="a", mode="initial", trigger="manual")
+    run_id, started = run_store.start_run(
+        h.engine, audience="a", mode="initial", trigger="manual", owner=THIS_PROCESS.new()
+    )
     with h.engine.begin() as conn:
         conn.execute(
             text(
