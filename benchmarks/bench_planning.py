@@ -128,12 +128,12 @@ def phase_sync(name: str, config_path: str, profile: bool) -> None:
             "stage_seconds": round(staged_at - started, 3),
             "plan_seconds": round(finished - staged_at, 3),
             "rss_before_sync_mb": round(rss_before, 1),
-            "status": record["status"],
-            "mode": record["mode"],
-            "members": record["members"],
-            "entered": record["entered"],
-            "exited": record["exited"],
-            "invalid": record["invalid"],
+            "status": record.status,
+            "mode": record.mode,
+            "members": record.members,
+            "entered": record.entered,
+            "exited": record.exited,
+            "invalid": record.invalid,
             "profiled": profile,
         }
     )

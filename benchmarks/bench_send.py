@@ -207,19 +207,19 @@ def run_product(config_path: Path, emulator_pid: int, profile: bool = False) -> 
     timing = client.timing
     send_s = timing["end"] - timing["start"]
     return {
-        "status": record["status"],
-        "mode": record["mode"],
-        "members": record["members"],
-        "sent": record["sent"],
-        "failed": record["failed"],
-        "requests": record["requests"],
+        "status": record.status,
+        "mode": record.mode,
+        "members": record.members,
+        "sent": record.sent,
+        "failed": record.failed,
+        "requests": record.requests,
         "total_s": round(finished - started, 3),
         "before_send_s": round(timing["start"] - started, 3),
         "send_s": round(send_s, 3),
         "after_send_s": round(finished - timing["end"], 3),
         "send_produce_s": round(timing["produce_s"], 3),
         "send_record_s": round(timing["record_s"], 3),
-        "items_per_s": round(record["sent"] / send_s, 1),
+        "items_per_s": round(record.sent / send_s, 1),
         "emulator_cpu_s": round(emu_cpu, 2),
         "bench_process_cpu_s": round(own_cpu, 2),
     }

@@ -20,6 +20,7 @@ from audience_sync.masking import redact_url
 from audience_sync.statuses import RunStatus
 
 IDENTIFIER_FIELDS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
+"""A member's identifiers: the source columns read and the store's columns (``tables.IDENTIFIER_COLUMNS``)."""
 MEMBER_KEY_FIELDS = ("user_id", "email", "anonymous_id")
 TRUE = "true"
 FALSE = "false"

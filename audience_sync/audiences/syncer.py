@@ -27,6 +27,7 @@ from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
 from audience_sync.statuses import RunStatus
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
+from audience_sync.store.runs import RunRecord
 from audience_sync.store.sources import SourceDatabases
 from audience_sync.timestamps import format_duration, iso, utcnow
 
@@ -94,7 +95,7 @@ class Syncer:
         self.sources.close()
         self.holders.release(self.owner)
 
-    def sync(self, audience: Audience, options: SyncOptions = SyncOptions()) -> dict[str, Any]:
+    def sync(self, audience: Audience, options: SyncOptions = SyncOptions()) -> RunRecord:
         """Run one sync of ``audience`` and return its run record. Raises RunInProgress / SlotTaken."""
         return self.complete(self.begin(audience, options))
 
@@ -108,7 +109,7 @@ class Syncer:
         log.info("run %s of %s started (%s, %s)", run_id, audience.key, mode, options.trigger)
         return PreparedRun(audience, run_id, started, mode, options)
 
-    def complete(self, prepared: PreparedRun) -> dict[str, Any]:
+    def complete(self, prepared: PreparedRun) -> RunRecord:
         """Stage, plan, send and record a claimed run; returns its run record."""
         audience, run_id = prepared.audience, prepared.run_id
         beat = Heartbeat(
@@ -135,14 +136,14 @@ class Syncer:
             "run %s of %s %s: members=%s entered=%s exited=%s invalid=%s sent=%s failed=%s requests=%s%s",
             run_id,
             audience.key,
-            record["status"],
-            record["members"],
-            record["entered"],
-            record["exited"],
-            record["invalid"],
-            record["sent"],
-            record["failed"],
-            record["requests"],
+            record.status,
+            record.members,
+            record.entered,
+            record.exited,
+            record.invalid,
+            record.sent,
+            record.failed,
+            record.requests,
             f" error={error}" if error else "",
         )
         return record

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from audience_sync import wiring
 from audience_sync.audiences.rules import Mode, audience_named, exit_code
@@ -13,13 +12,12 @@ from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, Progress, UsageError,
 from audience_sync.config import Config
 from audience_sync.errors import RunInProgress
 from audience_sync.statuses import RUN_STATUSES
-from audience_sync.store.reports import audience_objects
-from audience_sync.store.runs import changes, get_run, list_runs
-from audience_sync.timestamps import format_duration, parse_iso, utcnow
+from audience_sync.store.reports import audience_views
+from audience_sync.store.runs import COUNTERS, RunRecord, changes, get_run, list_runs
+from audience_sync.timestamps import format_duration, utcnow
 
-COUNT_COLUMNS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
-SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNT_COLUMNS)
-HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", *COUNT_COLUMNS)
+SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNTERS)
+HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", *COUNTERS)
 
 
 def sync(args: argparse.Namespace, config: Config) -> int:
@@ -36,7 +34,7 @@ def sync(args: argparse.Namespace, config: Config) -> int:
     mode = Mode.FULL if args.full else Mode.RECONCILE if args.reconcile else None
     engine = wiring.open_store(settings)
     progress = Progress(not args.json)
-    records: list[dict[str, Any]] = []
+    records: list[RunRecord] = []
     failures: list[str] = []
     try:
         with wiring.open_client(settings.odp) as client:
@@ -55,16 +53,16 @@ def sync(args: argparse.Namespace, config: Config) -> int:
     finally:
         engine.dispose()
     if args.json:
-        emit_json(records)
+        emit_json([r.to_json() for r in records])
     else:
         if records:
-            print(table(records, SYNC_COLUMNS))
+            print(table([r.to_json() for r in records], SYNC_COLUMNS))
         for record in records:
-            if record["error"]:
-                print(f"run {record['id']} ({record['audience']}): {record['error']}", file=sys.stderr)
+            if record.error:
+                print(f"run {record.id} ({record.audience}): {record.error}", file=sys.stderr)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
-    code = exit_code([r["status"] for r in records])
+    code = exit_code([r.status for r in records])
     return EXIT_FAILED if failures else code
 
 
@@ -78,10 +76,11 @@ def history(args: argparse.Namespace, config: Config) -> int:
         records = list_runs(engine, audience=args.audience, status=args.status, limit=args.limit)
     finally:
         engine.dispose()
+    rows = [r.to_json() for r in records]
     if args.json:
-        emit_json(records)
+        emit_json(rows)
     else:
-        print(table(records, HISTORY_COLUMNS))
+        print(table(rows, HISTORY_COLUMNS))
     return EXIT_OK
 
 
@@ -92,22 +91,20 @@ def show(args: argparse.Namespace, config: Config) -> int:
         if record is None:
             print(f"error: no run with id {args.run_id}", file=sys.stderr)
             return EXIT_FAILED
-        if args.changes:
-            record["changes"] = changes(engine, args.run_id)
+        listed = [c.to_json() for c in changes(engine, args.run_id)] if args.changes else []
     finally:
         engine.dispose()
     if args.json:
-        emit_json(record)
+        emit_json({**record.to_json(), "changes": listed} if args.changes else record.to_json())
         return EXIT_OK
-    for key, value in record.items():
-        if key != "changes":
-            print(f"{key:12} {'' if value is None else value}")
+    for key, value in record.to_json().items():
+        print(f"{key:12} {'' if value is None else value}")
     if args.changes:
         print()
-        print(table(record["changes"], ("member", "value", "outcome", "error")))
+        print(table(listed, ("member", "value", "outcome", "error")))
         retention = config.settings.database.change_log_retention
-        finished = record["finished_at"]
-        if not record["changes"] and retention and finished and parse_iso(finished) < utcnow() - retention:
+        finished = record.finished_at
+        if not listed and retention and finished and finished < utcnow() - retention:
             kept = format_duration(retention)
             print(f"(change logs of runs finished more than {kept} ago are deleted: database.change_log_retention)")
     return EXIT_OK
@@ -116,9 +113,10 @@ def show(args: argparse.Namespace, config: Config) -> int:
 def audiences(args: argparse.Namespace, config: Config) -> int:
     engine = wiring.open_store(config.settings)
     try:
-        objects = audience_objects(engine, wiring.audiences(config.settings))
+        views = audience_views(engine, wiring.audiences(config.settings))
     finally:
         engine.dispose()
+    objects = [view.to_json() for view in views]
     if args.json:
         emit_json(objects)
         return EXIT_OK

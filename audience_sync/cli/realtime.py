@@ -127,7 +127,7 @@ def deliveries(args: argparse.Namespace, config: Config) -> int:
         raise UsageError("--limit must be at least 1")
     engine = open_store(config.settings)
     try:
-        records = [outbox.delivery_record(d) for d in outbox.list_deliveries(engine, args.status, args.limit)]
+        records = [d.to_json() for d in outbox.list_deliveries(engine, args.status, args.limit)]
         counts = None if args.json else outbox.counts(engine)
     finally:
         engine.dispose()

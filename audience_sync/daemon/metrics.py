@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from audience_sync.store.reports import run_totals
-from audience_sync.timestamps import parse_iso
+from audience_sync.store.runs import RunRecord
 
 RUN_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
@@ -68,13 +68,12 @@ class RunDurations:
             registry=registry,
         )
 
-    def observe(self, record: dict[str, Any]) -> None:
-        """Count a finished run (its run record)."""
-        started, finished = record.get("started_at"), record.get("finished_at")
-        if not started or not finished:
+    def observe(self, record: RunRecord) -> None:
+        """Count a finished run."""
+        if record.finished_at is None:
             return
-        seconds = (parse_iso(finished) - parse_iso(started)).total_seconds()
-        self.histogram.labels(record["audience"], record["status"]).observe(max(seconds, 0.0))
+        seconds = (record.finished_at - record.started_at).total_seconds()
+        self.histogram.labels(record.audience, record.status).observe(max(seconds, 0.0))
 
 
 def register_sync_metrics(

@@ -25,7 +25,8 @@ from audience_sync.audiences.syncer import PreparedRun, Syncer, SyncOptions
 from audience_sync.daemon.slots import Schedule, next_due
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.store import runs as run_store
-from audience_sync.timestamps import iso, utcnow
+from audience_sync.store.runs import RunRecord
+from audience_sync.timestamps import utcnow
 
 log = logging.getLogger("audience_sync.scheduler")
 
@@ -35,7 +36,7 @@ TICK_SECONDS = 1.0
 class RunTracker:
     """The runs this process is executing, so shutdown can wait for them and the API can start them."""
 
-    def __init__(self, syncer: Syncer, on_finished: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, syncer: Syncer, on_finished: Callable[[RunRecord], None] | None = None) -> None:
         self.syncer = syncer
         self.on_finished = on_finished or (lambda _record: None)
         self.active: set[asyncio.Future[Any]] = set()
@@ -49,7 +50,7 @@ class RunTracker:
         future.add_done_callback(self.active.discard)
         return future
 
-    def _complete(self, prepared: PreparedRun) -> dict[str, Any] | None:
+    def _complete(self, prepared: PreparedRun) -> RunRecord | None:
         try:
             record = self.syncer.complete(prepared)
         except Exception:
@@ -125,10 +126,6 @@ class AudienceScheduler:
             if due is not None:
                 out[key] = due.at
         return out
-
-    def next_runs(self) -> dict[str, str | None]:
-        """ISO form of :meth:`next_run_times` (blocking)."""
-        return {key: iso(at) for key, at in self.next_run_times().items()}
 
     async def _check_leases(self) -> None:
         try:

@@ -8,6 +8,7 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,7 +27,7 @@ from audience_sync.daemon.web import render_status_page
 from audience_sync.errors import RunInProgress, UnknownAudience
 from audience_sync.statuses import RUN_STATUSES
 from audience_sync.store import runs as run_store
-from audience_sync.store.reports import audience_objects, size_history
+from audience_sync.store.reports import audience_views, size_history
 from audience_sync.timestamps import iso, utcnow
 
 API_MODES = {"delta": Mode.DELTA, "full": Mode.FULL, "reconcile": Mode.RECONCILE}
@@ -102,11 +103,11 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         body = await _db(generate_latest, state.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    def next_runs() -> dict[str, str | None]:
-        return state.scheduler.next_runs()
+    def next_runs() -> dict[str, datetime]:
+        return state.scheduler.next_run_times()
 
     def audience_list() -> list[dict[str, Any]]:
-        return audience_objects(engine, state.audiences, next_runs())
+        return [view.to_json() for view in audience_views(engine, state.audiences, next_runs())]
 
     async def audiences(request: Request) -> Response:
         return JSONResponse(await _db(audience_list))
@@ -156,7 +157,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         except ValueError as exc:
             return error(400, "invalid_request", str(exc))
         audience = request.query_params.get("audience") or None
-        return JSONResponse(await _db(run_store.list_runs, engine, audience=audience, status=status, limit=limit))
+        records = await _db(run_store.list_runs, engine, audience=audience, status=status, limit=limit)
+        return JSONResponse([r.to_json() for r in records])
 
     async def get_run(request: Request) -> Response:
         try:
@@ -166,7 +168,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         record = await _db(run_store.get_run, engine, run_id)
         if record is None:
             return error(404, "not_found", f"no run with id {run_id}")
-        return JSONResponse(record)
+        return JSONResponse(record.to_json())
 
     async def run_changes(request: Request) -> Response:
         try:
@@ -177,7 +179,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
             return error(400, "invalid_request", str(exc))
         if await _db(run_store.get_run, engine, run_id) is None:
             return error(404, "not_found", f"no run with id {run_id}")
-        return JSONResponse(await _db(run_store.changes, engine, run_id, limit=limit, offset=offset))
+        listed = await _db(run_store.changes, engine, run_id, limit=limit, offset=offset)
+        return JSONResponse([change.to_json() for change in listed])
 
     async def status_page(request: Request) -> Response:
         page = await _db(lambda: render_page(state, next_runs()))
@@ -195,12 +198,17 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     ]
 
 
-def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
-    audiences = audience_objects(state.engine, state.audiences, next_runs)
+def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
+    """The status page, from the same JSON objects the admin API serves."""
+    views = audience_views(state.engine, state.audiences, next_runs)
+    audiences = [view.to_json() for view in views]
     return render_status_page(
         audiences=audiences,
-        runs=run_store.list_runs(state.engine, limit=30),
-        history=size_history(state.engine, [a["key"] for a in audiences]),
+        runs=[r.to_json() for r in run_store.list_runs(state.engine, limit=30)],
+        history={
+            key: [(iso(at), members) for at, members in points]
+            for key, points in size_history(state.engine, [a.key for a in state.audiences]).items()
+        },
         deliveries=state.delivery_counts() if state.delivery_counts else None,
         generated_at=iso(utcnow()),
         version=__version__,

@@ -41,7 +41,7 @@ def admin_routes(engine: Engine) -> list[BaseRoute]:
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
             return _error(400, "invalid_request", f"limit must be a whole number from 1 to {MAX_LIMIT}")
         items = await asyncio.to_thread(outbox.list_deliveries, engine, status, int(raw_limit))
-        return JSONResponse([outbox.delivery_record(item) for item in items])
+        return JSONResponse([item.to_json() for item in items])
 
     async def replay(request: Request) -> Response:
         raw = await request.body()

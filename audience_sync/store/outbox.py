@@ -38,7 +38,6 @@ __all__ = [
     "PathBacklog",
     "claim",
     "counts",
-    "delivery_record",
     "insert_messages",
     "list_deliveries",
     "oldest_pending",
@@ -410,6 +409,23 @@ class Delivery:
     updated_at: datetime
     body: Any
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``deliveries --json`` and ``GET /api/deliveries`` (times ISO 8601 UTC)."""
+        return {
+            "id": self.id,
+            "message_id": self.message_id,
+            "mapping": self.mapping,
+            "action": self.action,
+            "path": self.path,
+            "status": self.status,
+            "attempts": self.attempts,
+            "http_status": self.http_status,
+            "error": self.error,
+            "received_at": iso(self.received_at),
+            "updated_at": iso(self.updated_at),
+            "body": self.body,
+        }
+
 
 def list_deliveries(engine: Engine, status: str | None = None, limit: int = 50) -> list[Delivery]:
     """Items, newest first, optionally of one status."""
@@ -437,21 +453,3 @@ def list_deliveries(engine: Engine, status: str | None = None, limit: int = 50) 
         )
         for r in rows
     ]
-
-
-def delivery_record(delivery: Delivery) -> dict[str, Any]:
-    """The JSON object of one item (times ISO 8601 UTC)."""
-    return {
-        "id": delivery.id,
-        "message_id": delivery.message_id,
-        "mapping": delivery.mapping,
-        "action": delivery.action,
-        "path": delivery.path,
-        "status": delivery.status,
-        "attempts": delivery.attempts,
-        "http_status": delivery.http_status,
-        "error": delivery.error,
-        "received_at": iso(delivery.received_at),
-        "updated_at": iso(delivery.updated_at),
-        "body": delivery.body,
-    }

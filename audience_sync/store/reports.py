@@ -13,40 +13,52 @@ from sqlalchemy import Engine, func, select
 from audience_sync.audiences.rules import Audience
 from audience_sync.statuses import RunStatus
 from audience_sync.store.members import acknowledged_counts
-from audience_sync.store.runs import last_runs
+from audience_sync.store.runs import RunRecord, last_runs
 from audience_sync.store.tables import runs
 from audience_sync.timestamps import as_utc, iso
 
-__all__ = ["RunTotals", "audience_objects", "run_totals", "size_history"]
+__all__ = ["AudienceView", "RunTotals", "audience_views", "run_totals", "size_history"]
 
 
-def audience_objects(
-    engine: Engine, audiences: Sequence[Audience], next_runs: Mapping[str, str | None] | None = None
-) -> list[dict[str, Any]]:
-    """The objects of ``audiences --json``, ``GET /api/audiences`` and the status page: each configured
-    audience with its source, its acknowledged members, its newest run and (in the daemon) its next."""
-    keys = [a.key for a in audiences]
-    counts = acknowledged_counts(engine, keys)
-    last = last_runs(engine, keys)
-    return [
-        {
+@dataclass(frozen=True)
+class AudienceView:
+    """A configured audience as ``audiences``, ``GET /api/audiences`` and the status page show it: with
+    the members ODP acknowledged, its newest run and (in the daemon) when its next run is due."""
+
+    audience: Audience
+    members: int
+    last_run: RunRecord | None
+    next_run: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        a = self.audience
+        return {
             "key": a.key,
             "name": a.name,
             "kind": a.kind,
             "delivery": a.delivery,
             "enabled": a.enabled,
             "source": a.source.describe(),
-            "members": counts.get(a.key, 0),
-            "last_run": last.get(a.key),
-            "next_run": (next_runs or {}).get(a.key),
+            "members": self.members,
+            "last_run": self.last_run.to_json() if self.last_run else None,
+            "next_run": iso(self.next_run),
         }
-        for a in audiences
-    ]
 
 
-def size_history(engine: Engine, keys: Sequence[str], points: int = 60) -> dict[str, list[tuple[str, int]]]:
+def audience_views(
+    engine: Engine, audiences: Sequence[Audience], next_runs: Mapping[str, datetime] | None = None
+) -> list[AudienceView]:
+    """Each configured audience with its acknowledged members, its newest run and its next
+    (``next_runs``: the scheduler's, in the daemon)."""
+    keys = [a.key for a in audiences]
+    counts = acknowledged_counts(engine, keys)
+    last = last_runs(engine, keys)
+    return [AudienceView(a, counts.get(a.key, 0), last.get(a.key), (next_runs or {}).get(a.key)) for a in audiences]
+
+
+def size_history(engine: Engine, keys: Sequence[str], points: int = 60) -> dict[str, list[tuple[datetime, int]]]:
     """Per audience, (time, members in the snapshot) of its recent completed runs, oldest first."""
-    out: dict[str, list[tuple[str, int]]] = {}
+    out: dict[str, list[tuple[datetime, int]]] = {}
     with engine.connect() as conn:
         for key in keys:
             query = (
@@ -56,7 +68,7 @@ def size_history(engine: Engine, keys: Sequence[str], points: int = 60) -> dict[
                 .limit(points)
             )
             rows = conn.execute(query).all()
-            out[key] = [(iso(r.started_at), int(r.members)) for r in reversed(rows)]
+            out[key] = [(r.started_at, int(r.members)) for r in reversed(rows)]
     return out
 
 

@@ -2,46 +2,82 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from audience_sync.audiences.rules import Mode, Trigger
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.leases import THIS_PROCESS, Holders, Owner
-from audience_sync.statuses import RunStatus
+from audience_sync.statuses import Outcome, RunStatus
 from audience_sync.store.tables import run_changes, runs
 from audience_sync.timestamps import iso, utcnow
 
-RUN_FIELDS = (
-    "id",
-    "audience",
-    "mode",
-    "trigger",
-    "status",
-    "started_at",
-    "finished_at",
-    "members",
-    "entered",
-    "exited",
-    "invalid",
-    "sent",
-    "failed",
-    "requests",
-    "error",
-)
-COUNTERS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
+COUNTERS: Final = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
+"""A run's counts: distinct members in the snapshot, items planned with the member value (entered) and
+with the exit value (exited), source rows skipped (invalid), items acknowledged (sent) and not (failed),
+HTTP requests made."""
 
 
-def run_record(row: Any) -> dict[str, Any]:
-    """A run row as the JSON object of product.md 5.5."""
-    record = {name: getattr(row, name) for name in RUN_FIELDS}
-    record["started_at"] = iso(record["started_at"])
-    record["finished_at"] = iso(record["finished_at"])
-    return record
+@dataclass(frozen=True)
+class RunRecord:
+    """One run of the sync history (product.md 5.5), with datetimes; :meth:`to_json` is its JSON form
+    (``sync``/``history``/``show --json``, ``/api/runs``), written only at those edges."""
+
+    id: int
+    audience: str
+    mode: Mode
+    trigger: Trigger
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None
+    members: int
+    entered: int
+    exited: int
+    invalid: int
+    sent: int
+    failed: int
+    requests: int
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> RunRecord:
+        return cls(
+            id=int(row.id),
+            audience=row.audience,
+            mode=Mode(row.mode),
+            trigger=Trigger(row.trigger),
+            status=RunStatus(row.status),
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            error=row.error,
+            **{name: int(getattr(row, name)) for name in COUNTERS},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object: every field in order, times ISO 8601 UTC."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["started_at"] = iso(self.started_at)
+        record["finished_at"] = iso(self.finished_at)
+        return record
+
+
+@dataclass(frozen=True)
+class Change:
+    """One member's change in a run: its key, the value planned (decoded JSON), the outcome, ODP's error."""
+
+    member: str
+    value: Any
+    outcome: Outcome
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"member": self.member, "value": self.value, "outcome": self.outcome, "error": self.error}
 
 
 def start_run(
@@ -193,15 +229,15 @@ def mark_interrupted(engine: Engine, *, lease: timedelta, holders: Holders = THI
     return [row.id for row in dead]
 
 
-def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
+def get_run(engine: Engine, run_id: int) -> RunRecord | None:
     with engine.connect() as conn:
         row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
-    return run_record(row) if row else None
+    return RunRecord.from_row(row) if row else None
 
 
 def list_runs(
     engine: Engine, *, audience: str | None = None, status: str | None = None, limit: int = 20
-) -> list[dict[str, Any]]:
+) -> list[RunRecord]:
     """Sync history, newest first."""
     query = select(runs)
     if audience:
@@ -210,23 +246,21 @@ def list_runs(
         query = query.where(runs.c.status == status)
     with engine.connect() as conn:
         rows = conn.execute(query.order_by(runs.c.id.desc()).limit(limit)).all()
-    return [run_record(r) for r in rows]
+    return [RunRecord.from_row(r) for r in rows]
 
 
-def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, dict[str, Any]]:
+def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, RunRecord]:
     """The newest run of each audience."""
     if not audiences:
         return {}
     newest = select(func.max(runs.c.id)).where(runs.c.audience.in_(list(audiences))).group_by(runs.c.audience)
     with engine.connect() as conn:
         rows = conn.execute(select(runs).where(runs.c.id.in_(newest))).all()
-    return {r.audience: run_record(r) for r in rows}
+    return {r.audience: RunRecord.from_row(r) for r in rows}
 
 
-def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[Change]:
     """A run's per-member changes in plan order: member key, value sent, outcome, error."""
-    import json
-
     query = (
         select(run_changes.c.member, run_changes.c.value, run_changes.c.outcome, run_changes.c.error)
         .where(run_changes.c.run_id == run_id)
@@ -237,11 +271,6 @@ def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: in
         query = query.limit(limit)
     with engine.connect() as conn:
         return [
-            {
-                "member": r.member,
-                "value": json.loads(r.value) if r.value is not None else None,
-                "outcome": r.outcome,
-                "error": r.error,
-            }
+            Change(r.member, json.loads(r.value) if r.value is not None else None, Outcome(r.outcome), r.error)
             for r in conn.execute(query)
         ]

@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+from audience_sync.audiences.rules import IDENTIFIER_FIELDS
 from audience_sync.timestamps import as_utc
 
 metadata = MetaData()
@@ -30,7 +31,7 @@ metadata = MetaData()
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants a BIGINT for a big table.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-IDENTIFIER_COLUMNS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
+IDENTIFIER_COLUMNS = IDENTIFIER_FIELDS  # a member's identifiers, one column each
 
 
 class UTCDateTime(TypeDecorator[datetime]):
