@@ -114,11 +114,11 @@ def message_writer(engine: Engine) -> GroupWriter[MessageRows]:
     transaction (up to :data:`MAX_GROUP_ROWS`); should the database refuse a group, each request is
     written alone, so that only the request it refuses fails. Close it after the server stopped."""
 
-    def insert(requests: list[MessageRows]) -> None:
+    def store(requests: list[MessageRows]) -> None:
         with engine.begin() as conn:
             outbox.insert_messages(conn, [row for rows in requests for row in rows])
 
-    return GroupWriter(insert, name="ingest-writer", max_group=MAX_GROUP_ROWS, weight=len, isolate=True)
+    return GroupWriter(store, name="ingest-writer", max_group=MAX_GROUP_ROWS, weight=len, isolate=True)
 
 
 # --- authentication ---------------------------------------------------------------------------------------
