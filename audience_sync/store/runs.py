@@ -15,6 +15,7 @@ from audience_sync.audiences.rules import Mode, Trigger
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.leases import THIS_PROCESS, Holders, Owner
 from audience_sync.statuses import Outcome, RunStatus
+from audience_sync.store.members import settle_sent
 from audience_sync.store.tables import run_changes, runs
 from audience_sync.timestamps import iso, utcnow
 
@@ -222,8 +223,6 @@ def mark_interrupted(engine: Engine, *, lease: timedelta, holders: Holders = THI
             ).rowcount
         if marked:
             dead.append(row)
-    from audience_sync.store.members import settle_sent
-
     for row in dead:  # what the dead process got acknowledged shows as sent in its change log
         settle_sent(engine, row.id, row.audience, row.started_at)
     return [row.id for row in dead]
