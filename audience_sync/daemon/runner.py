@@ -33,7 +33,6 @@ from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
 from audience_sync.group_writer import GroupWriter
 from audience_sync.odp.client import OdpClient
-from audience_sync.realtime.admin import admin_routes
 from audience_sync.realtime.delivery import DeliveryWorker
 from audience_sync.realtime.ingest import IngestLoad, MessageRows, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
@@ -132,7 +131,7 @@ class Daemon:
             admin_token=token.get_secret_value() if token else None,
             delivery_counts=functools.partial(outbox.counts, engine),
         )
-        routes = [*ingest_routes(writer, wiring.write_keys(settings), counters, load), *admin_routes(engine)]
+        routes = ingest_routes(writer, wiring.write_keys(settings), counters, load)
         return cls(syncer, tracker, scheduler, writer, worker, create_app(state, routes))
 
     def close(self) -> None:

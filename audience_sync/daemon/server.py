@@ -1,5 +1,5 @@
-"""The daemon's HTTP server: admin API (``/api/*``, Bearer ``server.admin_token``), health, metrics, the
-status page, and, when the real-time path is present, the Segment-compatible ingestion API."""
+"""The daemon's HTTP server: the admin API (``/api/*``, Bearer ``server.admin_token``: audiences, runs,
+deliveries), health, metrics, the status page, and the Segment-compatible ingestion API it is given."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.web import render_status_page
 from audience_sync.errors import RunInProgress, UnknownAudience
-from audience_sync.statuses import RUN_STATUSES
+from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus
+from audience_sync.store import outbox
 from audience_sync.store import runs as run_store
 from audience_sync.store.reports import audience_views, size_history
 from audience_sync.timestamps import iso, utcnow
@@ -198,6 +199,47 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     ]
 
 
+DELIVERIES_DEFAULT_LIMIT = 50
+DELIVERIES_MAX_LIMIT = 1000
+
+
+def delivery_routes(engine: Engine) -> list[BaseRoute]:
+    """``GET /api/deliveries?status=&limit=``: items newest first (``limit`` 1..1000, default 50).
+    ``POST /api/deliveries/replay`` with ``{"status": "dead"}`` (the default; an empty body will do):
+    queues those items again and answers ``{"replayed": N}``."""
+
+    async def deliveries(request: Request) -> Response:
+        status = request.query_params.get("status") or None
+        if status is not None and status not in DELIVERY_STATUSES:
+            return error(400, "invalid_request", f"status must be one of {', '.join(DELIVERY_STATUSES)}")
+        raw_limit = request.query_params.get("limit") or str(DELIVERIES_DEFAULT_LIMIT)
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= DELIVERIES_MAX_LIMIT:
+            return error(400, "invalid_request", f"limit must be a whole number from 1 to {DELIVERIES_MAX_LIMIT}")
+        items = await asyncio.to_thread(outbox.list_deliveries, engine, status, int(raw_limit))
+        return JSONResponse([item.to_json() for item in items])
+
+    async def replay(request: Request) -> Response:
+        raw = await request.body()
+        payload: Any = {}
+        if raw.strip():
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                return error(400, "invalid_json", "the body is not valid JSON")
+        if not isinstance(payload, dict):
+            return error(400, "invalid_json", "the body must be a JSON object")
+        status = payload.get("status", DeliveryStatus.DEAD)
+        if status not in REPLAYABLE:
+            return error(400, "invalid_request", f"status must be one of {', '.join(REPLAYABLE)} (got {status!r})")
+        replayed = await asyncio.to_thread(outbox.replay, engine, status)
+        return JSONResponse({"replayed": replayed})
+
+    return [
+        Route("/api/deliveries", deliveries, methods=["GET"]),
+        Route("/api/deliveries/replay", replay, methods=["POST"]),
+    ]
+
+
 def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
     """The status page, from the same JSON objects the admin API serves."""
     views = audience_views(state.engine, state.audiences, next_runs)
@@ -216,6 +258,8 @@ def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
 
 
 def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
-    """The daemon's ASGI app: our routes plus any extra (ingestion, deliveries), behind admin auth."""
-    app = Starlette(routes=[*(extra_routes or []), *build_routes(state)])
+    """The daemon's ASGI app: its routes (and the deliveries' when ``state`` has a real-time path) plus
+    any extra (ingestion), behind admin auth."""
+    deliveries = delivery_routes(state.engine) if state.delivery_counts is not None else []
+    app = Starlette(routes=[*(extra_routes or []), *build_routes(state), *deliveries])
     return AdminAuth(app, state.admin_token)

@@ -30,9 +30,9 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from audience_sync.config import Config, load_config
+from audience_sync.daemon.server import delivery_routes
 from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.client import OdpClient
-from audience_sync.realtime.admin import admin_routes
 from audience_sync.realtime.delivery import DeliveryWorker
 from audience_sync.realtime.ingest import IngestLoad, ingest_routes, message_writer
 from audience_sync.realtime.metrics import RealtimeMetrics, register_realtime_metrics
@@ -169,7 +169,7 @@ def realtime_env(tmp_path: Path, database: Database, emulator: Emulator) -> Iter
         load = IngestLoad()
         writer = message_writer(engine)
         stack.callback(writer.close)
-        routes = [*ingest_routes(writer, write_keys(config.settings), metrics, load), *admin_routes(engine)]
+        routes = [*ingest_routes(writer, write_keys(config.settings), metrics, load), *delivery_routes(engine)]
         url = stack.enter_context(serve(routes))
         env = Realtime(tmp_path, database, emulator, config, engine, url, metrics, registry, load, stack)
         stack.callback(env.http.close)
