@@ -158,3 +158,45 @@ def test_one_definition(pattern: str, home: str | None) -> None:
         if any(re.search(pattern, line) for line in path.read_text(encoding="utf-8").splitlines())
     }
     assert found == ({home} if home else set())
+
+
+PURE = (
+    "audience_sync.audiences.rules",
+    "audience_sync.daemon.slots",
+    "audience_sync.odp.payloads",
+    "audience_sync.odp.regions",
+    "audience_sync.realtime.actions",
+    "audience_sync.realtime.fields",
+    "audience_sync.realtime.mapping",
+    "audience_sync.realtime.messages",
+    "audience_sync.realtime.presets",
+    "audience_sync.realtime.routing",
+    "audience_sync.realtime.triggers",
+    "audience_sync.statuses",
+    "audience_sync.timestamps",
+)
+
+
+def third_party(name: str) -> set[str]:
+    tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found - {"audience_sync", "__future__"}
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_the_domain_does_no_io(module: str) -> None:
+    """The domain is tested without I/O: neither it nor anything it imports uses a database, HTTP or
+    a web framework."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += GRAPH[current]
+    io = {"sqlalchemy", "httpx", "starlette", "uvicorn", "psycopg", "alembic", "prometheus_client"}
+    assert {m: third_party(m) & io for m in seen if third_party(m) & io} == {}
