@@ -9,7 +9,7 @@ The emulator runs in another process (``audience-sync emulator`` on a free loopb
 off (``max_requests_per_second = 0``). Per repetition, on a fresh store:
 
 1. product: ``Syncer.sync(audience, SyncOptions())``, an initial run: stage + plan, then the send. The
-   client is an :class:`OdpClient` built with the same options ``open_client(settings.odp)`` would use,
+   client is an :class:`OdpClient` built with the same options ``wiring.open_client(settings.odp)`` would use,
    subclassed only to put timestamps around ``OdpClient.send``. The send phase is the time inside
    that call: pulling batches from ``run_changes``, building bodies, HTTP, and writing each batch's
    acknowledgements to the store. Members acknowledged per second = acknowledged / send phase.
@@ -178,7 +178,7 @@ def run_product(config_path: Path, emulator_pid: int, profile: bool = False) -> 
     engine = make_engine(settings.database.url)
     odp = settings.odp
     assert odp.api_key is not None
-    # Exactly what open_client(settings.odp) builds when an api_key is set, with timestamps around send.
+    # Exactly what wiring.open_client(settings.odp) builds when an api_key is set, with timestamps around send.
     client = TimedClient(wiring.client_options(odp, base_url(odp.region, odp.endpoint), odp.api_key.get_secret_value()))
     syncer = wiring.syncer(settings, engine, client)
     try:
