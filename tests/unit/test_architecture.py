@@ -125,6 +125,7 @@ def test_no_sql_outside_the_store() -> None:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
     assert not [m for m in GRAPH if not below(m, "audience_sync.store") and "sqlalchemy" in _external(m)]
+    assert all(below(m, "audience_sync.store") for m in importers_of("audience_sync.store.dialect"))
 
 
 def _external(name: str) -> set[str]:
