@@ -63,7 +63,10 @@ class Harness:
         configured = wiring.audiences(config.settings)
         audience = configured[0] if key is None else audience_named(configured, key)
         syncer = wiring.syncer(config.settings, self.engine, self.client)
-        return syncer.sync(audience, SyncOptions(**options)).to_json()  # the record as `sync --json` prints it
+        try:
+            return syncer.sync(audience, SyncOptions(**options)).to_json()  # the record as `sync --json` prints it
+        finally:
+            syncer.close()
 
     def acked(self, audience: str) -> dict[str, str]:
         with self.engine.connect() as conn:
@@ -415,7 +418,10 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
             stop["set"] = True  # a stop signal arrives while the source is being read
 
     stopping = wiring.syncer(config.settings, h.engine, h.client, progress=progress, should_stop=lambda: stop["set"])
-    run = stopping.sync(audience).to_json()
+    try:
+        run = stopping.sync(audience).to_json()
+    finally:
+        stopping.close()
     assert run["status"] == "interrupted" and "stopped while reading the source" in run["error"]
     assert staged == [f"people: staged {sources.CHUNK_ROWS:,} rows"]  # not read to its end
     assert (run["sent"], run["requests"]) == (0, 0)
