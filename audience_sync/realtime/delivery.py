@@ -52,19 +52,20 @@ DEDUP_WINDOW: Final = timedelta(hours=24)
 
 @dataclass(frozen=True)
 class DeliveryOptions:
-    """How the worker batches and retries (``odp.batch_size``, ``odp.concurrency`` and ``[realtime]``).
+    """How the worker batches and retries (``odp.batch_size``, ``odp.concurrency`` and ``[realtime]``;
+    the defaults are the configuration's).
 
     ``linger``: how long a partial batch waits to fill; ``retention``: delivered and invalid items are
     deleted after this; ``retry_delay`` / ``retry_max_delay``: the first and the largest wait before a
     retryable failure is tried again (doubling in between).
     """
 
-    batch_size: int = 100
-    concurrency: int = 4
-    linger: timedelta = timedelta(seconds=1)
-    retention: timedelta = timedelta(days=7)
-    retry_delay: timedelta = timedelta(seconds=1)
-    retry_max_delay: timedelta = timedelta(minutes=5)
+    batch_size: int
+    concurrency: int
+    linger: timedelta
+    retention: timedelta
+    retry_delay: timedelta
+    retry_max_delay: timedelta
 
 
 class DeliveryWorker:
@@ -90,7 +91,7 @@ class DeliveryWorker:
         engine: Engine,
         client: OdpClient,
         router: Router,
-        options: DeliveryOptions = DeliveryOptions(),
+        options: DeliveryOptions,
         *,
         metrics: RealtimeMetrics | None = None,
         ingest_rate: Callable[[], float] = lambda: 0.0,
