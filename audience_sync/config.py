@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from audience_sync.errors import ConfigError
 from audience_sync.naming import trait_key
+from audience_sync.odp.regions import REGIONS
 from audience_sync.realtime.actions import resolve_action
 from audience_sync.realtime.mapping import MappingError, validate_mapping
 from audience_sync.realtime.presets import PRESETS, get_preset
@@ -35,7 +36,6 @@ from audience_sync.realtime.triggers import TriggerError, parse_trigger
 
 ENV_PREFIX = "AUDIENCE_SYNC_"
 DEFAULT_CONFIG_PATH = Path("audience-sync.toml")
-REGIONS = ("US", "EU", "AU")
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|d|h|m|s))+\s*$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|d|h|m|s)")
@@ -57,17 +57,6 @@ def parse_duration(value: object) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-
-
-def format_duration(value: timedelta) -> str:
-    """A duration as the config writes it: ``30d``, ``1h30m``, ``90s`` -> ``1m30s``."""
-    rest = round(value.total_seconds())
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        count, rest = divmod(rest, size)
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts) or f"{value.total_seconds():g}s"
 
 
 class _Section(BaseModel):
@@ -341,15 +330,6 @@ class Settings(BaseSettings):
             names.add(mapping.name)
         return self
 
-    def audience(self, key: str) -> AudienceSettings:
-        for audience in self.audiences:
-            if audience.key == key:
-                return audience
-        from audience_sync.errors import UnknownAudience
-
-        known = ", ".join(a.key for a in self.audiences) or "none configured"
-        raise UnknownAudience(f"unknown audience {key!r} (known: {known})")
-
 
 class Config:
     """A loaded configuration: the validated settings plus where they came from."""
@@ -441,8 +421,3 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             audience = audience.model_copy(update={"source": source.model_copy(update=update)})
         audiences.append(audience)
     return settings.model_copy(update={"database": database, "audiences": audiences})
-
-
-def redact_url(url: str) -> str:
-    """A database URL with its password replaced, for logs and JSON output."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)

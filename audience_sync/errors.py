@@ -18,10 +18,6 @@ class SourceError(AudienceSyncError):
     """The audience source could not be read."""
 
 
-class StoreError(AudienceSyncError):
-    """The database could not be used."""
-
-
 class RunInProgress(AudienceSyncError):
     """A run of this audience is already in progress."""
 
@@ -32,3 +28,9 @@ class UnknownAudience(AudienceSyncError):
 
 class SlotTaken(AudienceSyncError):
     """This scheduled slot was already claimed by another run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what an exception says (a database driver's own message, when it wraps one)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

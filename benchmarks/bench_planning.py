@@ -78,18 +78,20 @@ def phase_migrate(config_path: str) -> None:
 
 def phase_sync(name: str, config_path: str, profile: bool) -> None:
     """One dry-run ``Syncer.sync``: exactly stage + plan (+ the run record's bookkeeping)."""
-    from audience_sync.audiences.syncer import Syncer, SyncOptions
+    from audience_sync import wiring
+    from audience_sync.audiences.rules import audience_named
+    from audience_sync.audiences.syncer import SyncOptions
     from audience_sync.config import load_config
     from audience_sync.odp.client import ClientOptions, OdpClient
     from audience_sync.store.engine import make_engine
 
     config = load_config(config_path)
     engine = make_engine(config.settings.database.url)
-    audience = config.settings.audience(AUDIENCE_KEY)
+    audience = audience_named(wiring.audiences(config.settings), AUDIENCE_KEY)
     # A dry run never sends: a client pointed at the discard port (never contacted) is enough.
     client = OdpClient(ClientOptions(base_url="http://127.0.0.1:9/none", api_key="x"))
     marks: list[float] = []
-    syncer = Syncer(config, engine, client, progress=lambda _msg: marks.append(time.perf_counter()))
+    syncer = wiring.syncer(config.settings, engine, client, progress=lambda _msg: marks.append(time.perf_counter()))
     rss_before = peak_rss_mb()
     profiler = None
     if profile:
@@ -126,12 +128,12 @@ def phase_sync(name: str, config_path: str, profile: bool) -> None:
             "stage_seconds": round(staged_at - started, 3),
             "plan_seconds": round(finished - staged_at, 3),
             "rss_before_sync_mb": round(rss_before, 1),
-            "status": record["status"],
-            "mode": record["mode"],
-            "members": record["members"],
-            "entered": record["entered"],
-            "exited": record["exited"],
-            "invalid": record["invalid"],
+            "status": record.status,
+            "mode": record.mode,
+            "members": record.members,
+            "entered": record.entered,
+            "exited": record.exited,
+            "invalid": record.invalid,
             "profiled": profile,
         }
     )

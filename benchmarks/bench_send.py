@@ -9,7 +9,7 @@ The emulator runs in another process (``audience-sync emulator`` on a free loopb
 off (``max_requests_per_second = 0``). Per repetition, on a fresh store:
 
 1. product: ``Syncer.sync(audience, SyncOptions())``, an initial run: stage + plan, then the send. The
-   client is an :class:`OdpClient` built with the same options ``open_client(settings.odp)`` would use,
+   client is an :class:`OdpClient` built with the same options ``wiring.open_client(settings.odp)`` would use,
    subclassed only to put timestamps around ``OdpClient.send``. The send phase is the time inside
    that call: pulling batches from ``run_changes``, building bodies, HTTP, and writing each batch's
    acknowledgements to the store. Members acknowledged per second = acknowledged / send phase.
@@ -55,11 +55,13 @@ from _common import (
     cpu_seconds as self_cpu,
 )
 
-from audience_sync.audiences.rules import upsert_contact_body
-from audience_sync.audiences.syncer import Syncer, SyncOptions
+from audience_sync import wiring
+from audience_sync.audiences.rules import audience_named
+from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.config import load_config
 from audience_sync.odp.client import USER_AGENT, BatchReport, OdpClient, OutboundItem, SendTotals
-from audience_sync.odp.target import base_url, client_options
+from audience_sync.odp.payloads import upsert_contact_body
+from audience_sync.odp.regions import BASE_PATH, BATCH_UPSERT_CONTACT, base_url
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
 
@@ -172,13 +174,13 @@ def cpu_seconds(pid: int) -> float:
 def run_product(config_path: Path, emulator_pid: int, profile: bool = False) -> dict[str, Any]:
     config = load_config(config_path)
     settings = config.settings
-    audience = settings.audience(AUDIENCE_KEY)
+    audience = audience_named(wiring.audiences(settings), AUDIENCE_KEY)
     engine = make_engine(settings.database.url)
     odp = settings.odp
     assert odp.api_key is not None
-    # Exactly what open_client(settings.odp) builds when an api_key is set, with timestamps around send.
-    client = TimedClient(client_options(odp, base_url(odp), odp.api_key.get_secret_value()))
-    syncer = Syncer(config, engine, client)
+    # Exactly what wiring.open_client(settings.odp) builds when an api_key is set, with timestamps around send.
+    client = TimedClient(wiring.client_options(odp, base_url(odp.region, odp.endpoint), odp.api_key.get_secret_value()))
+    syncer = wiring.syncer(settings, engine, client)
     try:
         profiler = None
         if profile:
@@ -205,19 +207,19 @@ def run_product(config_path: Path, emulator_pid: int, profile: bool = False) -> 
     timing = client.timing
     send_s = timing["end"] - timing["start"]
     return {
-        "status": record["status"],
-        "mode": record["mode"],
-        "members": record["members"],
-        "sent": record["sent"],
-        "failed": record["failed"],
-        "requests": record["requests"],
+        "status": record.status,
+        "mode": record.mode,
+        "members": record.members,
+        "sent": record.sent,
+        "failed": record.failed,
+        "requests": record.requests,
         "total_s": round(finished - started, 3),
         "before_send_s": round(timing["start"] - started, 3),
         "send_s": round(send_s, 3),
         "after_send_s": round(finished - timing["end"], 3),
         "send_produce_s": round(timing["produce_s"], 3),
         "send_record_s": round(timing["record_s"], 3),
-        "items_per_s": round(record["sent"] / send_s, 1),
+        "items_per_s": round(record.sent / send_s, 1),
         "emulator_cpu_s": round(emu_cpu, 2),
         "bench_process_cpu_s": round(own_cpu, 2),
     }
@@ -249,7 +251,7 @@ def run_floor(
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
     }
-    url = endpoint + "/batch_upsert_contact"
+    url = endpoint + BATCH_UPSERT_CONTACT
     encoded = [json.dumps(p, separators=(",", ":")).encode() for p in payloads] if pre_encoded else []
     bad = 0
     with httpx.Client(headers=headers, timeout=httpx.Timeout(10.0)) as http:
@@ -327,7 +329,7 @@ def main() -> int:
     try:
         build_source_db(source, n)
         port = free_port()
-        endpoint = f"http://127.0.0.1:{port}/twilio_segment"
+        endpoint = f"http://127.0.0.1:{port}{BASE_PATH}"
         control = f"http://127.0.0.1:{port}/_emulator"
         write_config(
             config_path,

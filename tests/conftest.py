@@ -39,6 +39,16 @@ class Database:
     url: str
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test on the PostgreSQL store ``postgres``, also one that chooses its database with
+    ``@pytest.mark.parametrize("database", ["postgresql"], indirect=True)`` (such a parameter replaces
+    the fixture's own, marks included), so that ``-m 'not postgres'`` leaves them all out."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("database") == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """An empty store database: a SQLite file, or a fresh PostgreSQL database dropped afterwards."""

@@ -1,4 +1,4 @@
-"""The audience-sync domain rules: members, modes, run states, the circuit breaker, item bodies.
+"""The audience-sync domain: audiences and their sources, members, modes, the circuit breaker.
 
 Pure Python: no database and no HTTP here, so every rule is tested without I/O.
 """
@@ -7,19 +7,80 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from audience_sync.errors import UnknownAudience
+from audience_sync.masking import redact_url
+from audience_sync.statuses import RunStatus
 
 IDENTIFIER_FIELDS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
+"""A member's identifiers: the source columns read and the store's columns (``tables.IDENTIFIER_COLUMNS``)."""
 MEMBER_KEY_FIELDS = ("user_id", "email", "anonymous_id")
 TRUE = "true"
 FALSE = "false"
 NULL = "null"
 QUARANTINE_AFTER = 5  # runs in which ODP rejected a member before it is left alone
+
+
+@dataclass(frozen=True)
+class SqlSource:
+    """The rows of a SQL query, on ``url`` (None: the store's own database)."""
+
+    query: str
+    url: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe description (the URL's password masked)."""
+        out: dict[str, Any] = {"type": "sql", "query": self.query}
+        if self.url:
+            out["url"] = redact_url(self.url)
+        return out
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """The rows of a ``.csv`` (header row) or ``.jsonl`` file."""
+
+    path: Path
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "file", "path": str(self.path)}
+
+
+Source = SqlSource | FileSource
+
+
+@dataclass(frozen=True)
+class Audience:
+    """A configured audience, as the sync, the scheduler and the reports take it.
+
+    ``key`` is the trait key ODP stores membership in; ``kind`` ``audience`` sends true/false, ``trait``
+    the source's ``value``; ``delivery`` names the endpoint (``upsert_contact`` or ``sync_audience``);
+    ``max_exit_ratio`` is the circuit breaker's limit.
+    """
+
+    key: str
+    name: str
+    source: Source
+    kind: Literal["audience", "trait"] = "audience"
+    delivery: Literal["upsert_contact", "sync_audience"] = "upsert_contact"
+    enabled: bool = True
+    max_exit_ratio: float = 0.5
+
+
+def audience_named(audiences: Sequence[Audience], key: str) -> Audience:
+    """The audience with ``key``; :class:`~audience_sync.errors.UnknownAudience` naming the known ones."""
+    for audience in audiences:
+        if audience.key == key:
+            return audience
+    known = ", ".join(a.key for a in audiences) or "none configured"
+    raise UnknownAudience(f"unknown audience {key!r} (known: {known})")
 
 
 class Mode(StrEnum):
@@ -29,29 +90,10 @@ class Mode(StrEnum):
     RECONCILE = "reconcile"
 
 
-class Status(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    PARTIAL = "partial"
-    FAILED = "failed"
-    HELD = "held"
-    INTERRUPTED = "interrupted"
-    PLANNED = "planned"
-
-
 class Trigger(StrEnum):
     SCHEDULE = "schedule"
     MANUAL = "manual"
     API = "api"
-
-
-class Outcome(StrEnum):
-    PENDING = "pending"
-    SENT = "sent"
-    REJECTED = "rejected"  # ODP answered a permanent 4xx for this very item
-    FAILED = "failed"  # retryable failures outlasted the run's attempts
-    QUARANTINED = "quarantined"  # rejected in QUARANTINE_AFTER runs; not sent by delta runs
-    PLANNED = "planned"  # dry run
 
 
 def _text(value: Any) -> str | None:
@@ -152,50 +194,6 @@ def exit_value(kind: str) -> str:
     return NULL if kind == "trait" else FALSE
 
 
-def user_identifiers(ids: Mapping[str, str | None]) -> dict[str, str]:
-    """ODP ``user_identifiers`` from stored identifiers; empty ones are omitted."""
-    out: dict[str, str] = {}
-    user_id = ids.get("user_id")
-    if user_id:
-        out["userId"] = user_id
-        out["fs_user_id"] = user_id
-        out["web_user_id"] = user_id
-    if ids.get("email"):
-        out["email"] = ids["email"]  # type: ignore[assignment]
-    if ids.get("anonymous_id"):
-        out["anonymousId"] = ids["anonymous_id"]  # type: ignore[assignment]
-    if ids.get("optimizely_vuid"):
-        out["optimizely_vuid"] = ids["optimizely_vuid"]  # type: ignore[assignment]
-    return out
-
-
-_COMMON_VALUES: dict[str, Any] = {TRUE: True, FALSE: False, NULL: None}
-
-
-def decode_value(value_json: str) -> Any:
-    """A stored value back to Python (the common true/false/null without parsing)."""
-    try:
-        return _COMMON_VALUES[value_json]
-    except KeyError:
-        return json.loads(value_json)
-
-
-def upsert_contact_body(key: str, value_json: str, ids: Mapping[str, str | None]) -> dict[str, Any]:
-    """``batch_upsert_contact`` item: ``{"user_identifiers": {...}, "<trait_key>": value}``."""
-    return {"user_identifiers": user_identifiers(ids), key: decode_value(value_json)}
-
-
-def sync_audience_body(key: str, value_json: str, ids: Mapping[str, str | None], timestamp: str) -> dict[str, Any]:
-    """``batch_sync_audience`` item (Advanced Audience Targeting format)."""
-    return {
-        "audienceId": key,
-        "audienceName": key,
-        "timestamp": timestamp,
-        "subscription": value_json == TRUE,
-        "userId": ids.get("user_id") or ids.get("anonymous_id"),
-    }
-
-
 @dataclass(frozen=True)
 class BreakerVerdict:
     hold: bool
@@ -220,17 +218,17 @@ def circuit_breaker(
     return BreakerVerdict(False)
 
 
-def final_status(*, sent: int, failed: int) -> Status:
+def final_status(*, sent: int, failed: int) -> RunStatus:
     """succeeded: nothing left unacknowledged; partial: some sent, some not; failed: none sent."""
     if failed == 0:
-        return Status.SUCCEEDED
-    return Status.PARTIAL if sent > 0 else Status.FAILED
+        return RunStatus.SUCCEEDED
+    return RunStatus.PARTIAL if sent > 0 else RunStatus.FAILED
 
 
 def exit_code(statuses: list[str]) -> int:
     """CLI exit code for a set of runs: 1 any failed/partial, 3 any held, else 0."""
-    if any(s in (Status.FAILED, Status.PARTIAL, Status.INTERRUPTED) for s in statuses):
+    if any(s in (RunStatus.FAILED, RunStatus.PARTIAL, RunStatus.INTERRUPTED) for s in statuses):
         return 1
-    if any(s == Status.HELD for s in statuses):
+    if any(s == RunStatus.HELD for s in statuses):
         return 3
     return 0

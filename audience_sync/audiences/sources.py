@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine
 
-from audience_sync.audiences.rules import IDENTIFIER_FIELDS, MEMBER_KEY_FIELDS, MemberRow, member_rows
-from audience_sync.config import AudienceSettings, redact_url
+from audience_sync.audiences.rules import (
+    IDENTIFIER_FIELDS,
+    MEMBER_KEY_FIELDS,
+    Audience,
+    FileSource,
+    MemberRow,
+    SqlSource,
+    member_rows,
+)
 from audience_sync.errors import SourceError
+from audience_sync.store.sources import SourceDatabases, stream_query
 
 CHUNK_ROWS = 10_000
 
@@ -32,19 +39,8 @@ class SourceStats:
     invalid: int = 0
 
 
-def describe(audience: AudienceSettings) -> dict[str, Any]:
-    """A JSON-safe description of an audience's source (no passwords)."""
-    source = audience.source
-    if source.type == "file":
-        return {"type": "file", "path": str(source.path)}
-    out: dict[str, Any] = {"type": "sql", "query": source.query}
-    if source.url:
-        out["url"] = redact_url(source.url)
-    return out
-
-
 class _Normaliser:
-    def __init__(self, audience: AudienceSettings, columns: Sequence[str], origin: str) -> None:
+    def __init__(self, audience: Audience, columns: Sequence[str], origin: str) -> None:
         names = [c.lower() for c in columns]
         if not any(name in names for name in MEMBER_KEY_FIELDS):
             raise SourceError(
@@ -66,17 +62,17 @@ class _Normaliser:
 
 
 def stream_members(
-    audience: AudienceSettings,
+    audience: Audience,
     stats: SourceStats,
-    engine_for: Callable[[str | None], Engine],
+    databases: SourceDatabases,
 ) -> Iterator[list[MemberRow]]:
     """Yield chunks of valid snapshot rows; count rows and invalid rows in ``stats``."""
     source = audience.source
-    if source.type == "sql":
-        yield from _sql(audience, stats, engine_for(source.url))
-    elif source.path is not None and source.path.suffix.lower() == ".csv":
+    if isinstance(source, SqlSource):
+        yield from _sql(audience, source, stats, databases.engine(source.url))
+    elif isinstance(source, FileSource) and source.path.suffix.lower() == ".csv":
         yield from _csv(audience, source.path, stats)
-    elif source.path is not None:
+    else:
         yield from _jsonl(audience, source.path, stats)
 
 
@@ -102,18 +98,13 @@ def _batched(rows: Iterator[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
         yield batch
 
 
-def _sql(audience: AudienceSettings, stats: SourceStats, engine: Engine) -> Iterator[list[MemberRow]]:
-    query = audience.source.query or ""
-    origin = "the source query"
-    try:
-        with engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(text(query))
-            normalise = _Normaliser(audience, list(result.keys()), origin)
-            # partitions() needs the size: on SQLite it ignores yield_per and hands out single rows.
-            yield from _chunks(result.partitions(CHUNK_ROWS), normalise, stats)
-    except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise SourceError(f"source query of audience {audience.key!r} failed: {detail}") from None
+def _sql(audience: Audience, source: SqlSource, stats: SourceStats, engine: Engine) -> Iterator[list[MemberRow]]:
+    with stream_query(engine, source.query, CHUNK_ROWS, what=f"source query of audience {audience.key!r}") as (
+        columns,
+        raw,
+    ):
+        normalise = _Normaliser(audience, columns, "the source query")
+        yield from _chunks(raw, normalise, stats)
 
 
 def _open(path: Path) -> Any:
@@ -125,7 +116,7 @@ def _open(path: Path) -> Any:
         raise SourceError(f"source file {path} cannot be read: {exc.strerror}") from None
 
 
-def _csv(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
+def _csv(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
     with _open(path) as fh:
         reader = csv.reader(fh)
         try:
@@ -149,7 +140,7 @@ def _csv(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterator
         yield from _chunks(_batched(rows()), normalise, stats)
 
 
-def _jsonl(audience: AudienceSettings, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
+def _jsonl(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
     fields = (*IDENTIFIER_FIELDS, "value")
     origin = f"source file {path}"
     seen_identifier = False

@@ -11,21 +11,25 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
 from audience_sync.audiences import rules
-from audience_sync.audiences.rules import Mode, Status
+from audience_sync.audiences.rules import Audience, Mode
 from audience_sync.audiences.sources import SourceStats, stream_members
-from audience_sync.config import AudienceSettings, Config, format_duration
 from audience_sync.errors import SourceError
+from audience_sync.group_writer import GroupWriter
+from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
+from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
+from audience_sync.statuses import RunStatus
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
-from audience_sync.store.engine import begin_write, make_engine, upsert
-from audience_sync.store.tables import audiences as audiences_table
+from audience_sync.store.runs import RunRecord
+from audience_sync.store.sources import SourceDatabases
+from audience_sync.timestamps import format_duration, iso, utcnow
 
 log = logging.getLogger("audience_sync.sync")
 
@@ -49,7 +53,7 @@ class SyncOptions:
 class PreparedRun:
     """A claimed run, recorded ``running``, not yet staged or sent."""
 
-    audience: AudienceSettings
+    audience: Audience
     run_id: int
     started: datetime
     mode: Mode
@@ -61,64 +65,69 @@ class Syncer:
 
     def __init__(
         self,
-        config: Config,
         engine: Engine,
         client: OdpClient,
+        sources: SourceDatabases,
         *,
+        batch_size: int,
+        change_log_retention: timedelta,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
+        holders: Holders = THIS_PROCESS,
     ) -> None:
-        self.config = config
+        """``engine``: the store; ``sources``: the SQL sources' engines (closed by :meth:`close`);
+        ``batch_size``: items per request (``odp.batch_size``); ``change_log_retention``: change logs of
+        runs finished longer ago are deleted after each run (0: kept); ``progress`` gets status lines;
+        ``should_stop`` tells a run to stop reading and sending (the daemon's shutdown). Its runs are
+        held by one lease holder of ``holders``, released by :meth:`close`."""
         self.engine = engine
         self.client = client
+        self.sources = sources
+        self.batch_size = batch_size
+        self.change_log_retention = change_log_retention
         self.progress = progress or (lambda _msg: None)
         self.should_stop = should_stop or (lambda: False)
-        self._source_engines: dict[str, Engine] = {}
-        self._lock = threading.Lock()  # the daemon runs several audiences' syncs at once
-
-    def _engine_for(self, url: str | None) -> Engine:
-        if url is None or url == self.config.settings.database.url:
-            return self.engine
-        with self._lock:
-            if url not in self._source_engines:
-                self._source_engines[url] = make_engine(url)
-            return self._source_engines[url]
+        self.owner = holders.new()
+        self.holders = holders
 
     def close(self) -> None:
-        for engine in self._source_engines.values():
-            engine.dispose()
+        """Dispose of the sources' engines and give up the lease holder (call it when no run is left)."""
+        self.sources.close()
+        self.holders.release(self.owner)
 
-    def sync(self, audience: AudienceSettings, options: SyncOptions = SyncOptions()) -> dict[str, Any]:
+    def sync(self, audience: Audience, options: SyncOptions = SyncOptions()) -> RunRecord:
         """Run one sync of ``audience`` and return its run record. Raises RunInProgress / SlotTaken."""
         return self.complete(self.begin(audience, options))
 
-    def begin(self, audience: AudienceSettings, options: SyncOptions = SyncOptions()) -> PreparedRun:
+    def begin(self, audience: Audience, options: SyncOptions = SyncOptions()) -> PreparedRun:
         """Claim the run (the per-audience lock; the slot of a scheduled run) and record it ``running``."""
         has_state = member_store.has_acknowledged(self.engine, audience.key)
         mode = options.mode or (Mode.DELTA if has_state else Mode.INITIAL)
         run_id, started = run_store.start_run(
-            self.engine, audience=audience.key, mode=mode, trigger=options.trigger, slot=options.slot
+            self.engine, audience=audience.key, mode=mode, trigger=options.trigger, owner=self.owner, slot=options.slot
         )
         log.info("run %s of %s started (%s, %s)", run_id, audience.key, mode, options.trigger)
         return PreparedRun(audience, run_id, started, mode, options)
 
-    def complete(self, prepared: PreparedRun) -> dict[str, Any]:
+    def complete(self, prepared: PreparedRun) -> RunRecord:
         """Stage, plan, send and record a claimed run; returns its run record."""
         audience, run_id = prepared.audience, prepared.run_id
-        lease = _LeaseKeeper(self.engine, run_id)
-        lease.start()
+        beat = Heartbeat(
+            lambda: run_store.heartbeat(self.engine, run_id), HEARTBEAT_SECONDS, what=f"the lease of run {run_id}"
+        )
         try:
-            self._register(audience)
-            status, error, counts = self._run(prepared)
+            with beat:
+                member_store.register_audience(
+                    self.engine, key=audience.key, name=audience.name, kind=audience.kind, delivery=audience.delivery
+                )
+                status, error, counts = self._run(prepared)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             detail = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
             run_store.finish_run(
-                self.engine, run_id, Status.INTERRUPTED if interrupted else Status.FAILED, error=detail
+                self.engine, run_id, RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED, error=detail
             )
             raise
-        finally:
-            lease.stop()
         run_store.finish_run(self.engine, run_id, status, error=error, **counts)
         record = run_store.get_run(self.engine, run_id)
         assert record is not None
@@ -127,14 +136,14 @@ class Syncer:
             "run %s of %s %s: members=%s entered=%s exited=%s invalid=%s sent=%s failed=%s requests=%s%s",
             run_id,
             audience.key,
-            record["status"],
-            record["members"],
-            record["entered"],
-            record["exited"],
-            record["invalid"],
-            record["sent"],
-            record["failed"],
-            record["requests"],
+            record.status,
+            record.members,
+            record.entered,
+            record.exited,
+            record.invalid,
+            record.sent,
+            record.failed,
+            record.requests,
             f" error={error}" if error else "",
         )
         return record
@@ -142,11 +151,11 @@ class Syncer:
     def _purge_change_logs(self, key: str) -> None:
         """Delete the change logs of the audience's runs older than ``database.change_log_retention``.
         A failure is logged, never the run's: it is retried after the next run."""
-        retention = self.config.settings.database.change_log_retention
+        retention = self.change_log_retention
         if not retention:
             return
         try:
-            deleted = run_store.purge_changes(self.engine, key, before=run_store.utcnow() - retention)
+            deleted = run_store.purge_changes(self.engine, key, before=utcnow() - retention)
         except Exception:
             log.warning("%s: could not delete old change logs", key, exc_info=True)
             return
@@ -158,26 +167,6 @@ class Syncer:
                 format_duration(retention),
             )
 
-    def _register(self, audience: AudienceSettings) -> None:
-        now = run_store.utcnow()
-        with self.engine.begin() as conn:
-            upsert(
-                conn,
-                audiences_table,
-                [
-                    {
-                        "key": audience.key,
-                        "name": audience.name,
-                        "kind": audience.kind,
-                        "delivery": audience.delivery,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                ],
-                keys=("key",),
-                update=("name", "kind", "delivery", "updated_at"),
-            )
-
     def _run(self, prepared: PreparedRun) -> tuple[str, str | None, dict[str, int]]:
         audience, run_id, started = prepared.audience, prepared.run_id, prepared.started
         mode, options = prepared.mode, prepared.options
@@ -187,62 +176,47 @@ class Syncer:
         def staged(count: int) -> None:
             self.progress(f"{audience.key}: staged {count:,} rows")
 
-        with self.engine.connect() as conn:
+        with member_store.Planning(self.engine) as planning:
             try:
-                chunks = _until_stopped(stream_members(audience, stats, self._engine_for), self.should_stop)
-                members = member_store.stage_snapshot(conn, chunks, staged)
+                chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
+                members = planning.stage(chunks, staged)
             except SourceError as exc:
-                conn.rollback()
-                counts = {"members": 0, "invalid": stats.invalid}
-                return Status.FAILED, str(exc), counts
+                return RunStatus.FAILED, str(exc), {"members": 0, "invalid": stats.invalid}
             except _Stopped:
-                conn.rollback()
                 note = "stopped while reading the source (shutdown); nothing was sent, the next run starts over"
-                return Status.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
-            conn.commit()  # the staged snapshot stays (a temp table); the plan gets a transaction of its own
-            begin_write(conn)
-            acknowledged = member_store.acknowledged_count(conn, audience.key, exit_value)
-            entered, exited, quarantined = member_store.write_plan(
-                conn,
-                run_id=run_id,
-                audience=audience.key,
-                mode=mode,
-                exit_value=exit_value,
-                dry_run=options.dry_run,
+                return RunStatus.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
+            plan = planning.plan(
+                run_id=run_id, audience=audience.key, mode=mode, exit_value=exit_value, dry_run=options.dry_run
             )
+            entered, exited, quarantined = plan.entered, plan.exited, plan.quarantined
             counts = {"members": members, "entered": entered, "exited": exited, "invalid": stats.invalid}
             verdict = rules.circuit_breaker(
-                members=members,
-                exits=exited,
-                acknowledged=acknowledged,
-                max_exit_ratio=audience.max_exit_ratio,
+                members=members, exits=exited, acknowledged=plan.acknowledged, max_exit_ratio=audience.max_exit_ratio
             )
             if verdict.hold and not options.force:
-                conn.rollback()
-                member_store.drop_snapshot(conn)
-                return Status.HELD, f"held: {verdict.reason}; run with --force to send", counts
-            member_store.drop_snapshot(conn)
-            conn.commit()
+                planning.hold()
+                return RunStatus.HELD, f"held: {verdict.reason}; run with --force to send", counts
+            planning.commit()
         if quarantined:
             log.warning("%s: %s members are quarantined after repeated rejections", audience.key, quarantined)
         if options.dry_run:
-            return Status.PLANNED, None, counts
+            return RunStatus.PLANNED, None, counts
         run_store.set_counts(self.engine, run_id, **counts)
         sent, failed = self._send(audience, run_id, started, entered + exited - quarantined)
         if self.should_stop():
             note = "stopped before it finished (shutdown); the next run sends what is left"
-            return Status.INTERRUPTED, note, counts
+            return RunStatus.INTERRUPTED, note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 
-    def _send(self, audience: AudienceSettings, run_id: int, started: datetime, total: int) -> tuple[int, int]:
+    def _send(self, audience: Audience, run_id: int, started: datetime, total: int) -> tuple[int, int]:
         key = audience.key
         batches = member_store.pending_batches(
             self.engine,
             run_id,
             delivery=audience.delivery,
             key=key,
-            timestamp=run_store.iso(started) or "",
-            batch_size=self.config.settings.odp.batch_size,
+            timestamp=iso(started),
+            batch_size=self.batch_size,
         )
 
         done = {"sent": 0, "failed": 0}
@@ -256,19 +230,21 @@ class Syncer:
                 rejected=[(i.key, msg) for r in reports for i, msg in r.rejected],
                 failed=[(i.key, msg) for r in reports for i, msg in r.failed],
                 requests=sum(r.requests for r in reports),
-                now=run_store.utcnow(),
+                now=utcnow(),
             )
 
-        writer = _Background(record, name=f"acks-{run_id}")
+        # Recording overlaps reading and sending the next batches; the queue is short, so a crash loses at
+        # most a few batches' records, whose items the next run sends again (at-least-once).
+        writer: GroupWriter[BatchReport] = GroupWriter(record, name=f"acks-{run_id}", depth=8)
 
         def on_report(report: BatchReport) -> None:
-            writer.put(report)
+            writer.submit(report)
             done["sent"] += len(report.acknowledged)
             done["failed"] += len(report.rejected) + len(report.failed)
             failed = f", {done['failed']:,} failed" if done["failed"] else ""
             self.progress(f"{key}: sent {done['sent']:,}/{total:,}{failed}")
 
-        path = "/batch_sync_audience" if audience.delivery == "sync_audience" else "/batch_upsert_contact"
+        path = AUDIENCE_ENDPOINTS[audience.delivery]
         try:
             outbound = (_PendingBatch(*batch) for batch in batches)
             self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)
@@ -323,52 +299,6 @@ def _failure_note(failed: int) -> str | None:
     return f"{failed} items were not acknowledged by ODP; the next run sends them again (see show --changes)"
 
 
-class _Background:
-    """Writes batches' outcomes from one background thread, in order, so that recording overlaps
-    reading and sending the next batches. Whatever has queued up when the writer gets to it is written
-    in one transaction (no waiting is added). A failure is raised on the next ``put`` or at ``close``;
-    the queue is short, so a crash loses at most a few batches' records, whose items the next run
-    sends again (at-least-once)."""
-
-    _DONE = object()
-
-    def __init__(self, work: Callable[[list[Any]], None], name: str, depth: int = 8) -> None:
-        self.work = work
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        finished = False
-        while not finished:
-            items = [self.queue.get()]
-            while True:
-                try:
-                    items.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            if items[-1] is self._DONE:
-                finished = True
-                items.pop()
-            if items and self.error is None:
-                try:
-                    self.work(items)
-                except BaseException as exc:
-                    self.error = exc
-
-    def put(self, item: Any) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        self.queue.put(self._DONE)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
     """Iterate ``source`` in a background thread, ``depth`` items ahead (reads overlap sends)."""
     buffer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
@@ -402,27 +332,3 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=5)
-
-
-class _LeaseKeeper:
-    """Renews a run's lease every HEARTBEAT_SECONDS from a background thread while the run lasts."""
-
-    def __init__(self, engine: Engine, run_id: int) -> None:
-        self.engine = engine
-        self.run_id = run_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
-            try:
-                run_store.heartbeat(self.engine, self.run_id)
-            except Exception:  # a missed beat is retried; the lease is several beats long
-                log.warning("could not renew the lease of run %s", self.run_id, exc_info=True)

@@ -10,9 +10,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
-from audience_sync.store.members import acknowledged_counts
+from audience_sync.store.reports import run_totals
+from audience_sync.store.runs import RunRecord
 
 RUN_DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
@@ -39,53 +40,45 @@ class _SyncCollector(Collector):
         upcoming = GaugeMetricFamily(
             "audience_sync_next_run_timestamp_seconds", "When the next scheduled run is due", labels=["audience"]
         )
-        with self.engine.connect() as conn:
-            totals: dict[str, list[int]] = {}
-            for audience, status, count, s, f in conn.execute(
-                text("SELECT audience, status, count(*), sum(sent), sum(failed) FROM runs GROUP BY audience, status")
-            ):
-                runs.add_metric([audience, status], count)
-                acc = totals.setdefault(audience, [0, 0])
-                acc[0] += int(s or 0)
-                acc[1] += int(f or 0)
-            for audience, (s, f) in totals.items():
-                sent.add_metric([audience], s)
-                failed.add_metric([audience], f)
-            for audience, finished in conn.execute(
-                text("SELECT audience, max(finished_at) FROM runs WHERE status = 'succeeded' GROUP BY audience")
-            ):
-                moment = finished if isinstance(finished, datetime) else datetime.fromisoformat(str(finished))
-                success.add_metric([audience], _epoch(moment))
-        for audience, count in acknowledged_counts(self.engine).items():
+        totals = run_totals(self.engine)
+        for (audience, status), count in totals.runs.items():
+            runs.add_metric([audience, status], count)
+        for audience, count in totals.sent.items():
+            sent.add_metric([audience], count)
+        for audience, count in totals.failed.items():
+            failed.add_metric([audience], count)
+        for audience, finished in totals.last_success.items():
+            success.add_metric([audience], finished.timestamp())
+        for audience, count in totals.members.items():
             members.add_metric([audience], count)
         for audience, at in self.next_runs().items():
             upcoming.add_metric([audience], at.timestamp())
         yield from (runs, sent, failed, success, members, upcoming)
 
 
-def _epoch(moment: datetime) -> float:
-    from datetime import UTC
+class RunDurations:
+    """The histogram of sync run durations (``audience_sync_run_duration_seconds``): this process's own."""
 
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-class SyncMetrics:
-    """The daemon's registry with the audience sync's metrics."""
-
-    def __init__(self, engine: Engine, next_runs: Callable[[], dict[str, datetime]]) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(_SyncCollector(engine, next_runs))
-        self.run_duration = Histogram(
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.histogram = Histogram(
             "audience_sync_run_duration_seconds",
             "Wall time of sync runs",
             ["audience", "status"],
             buckets=RUN_DURATION_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
 
-    def observe_run(self, record: dict[str, Any]) -> None:
-        started, finished = record.get("started_at"), record.get("finished_at")
-        if not started or not finished:
+    def observe(self, record: RunRecord) -> None:
+        """Count a finished run."""
+        if record.finished_at is None:
             return
-        seconds = (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
-        self.run_duration.labels(record["audience"], record["status"]).observe(max(seconds, 0.0))
+        seconds = (record.finished_at - record.started_at).total_seconds()
+        self.histogram.labels(record.audience, record.status).observe(max(seconds, 0.0))
+
+
+def register_sync_metrics(
+    registry: CollectorRegistry, engine: Engine, next_runs: Callable[[], dict[str, datetime]]
+) -> None:
+    """Register the audience sync's counts (read from the store at scrape time) and the next scheduled
+    runs (``next_runs``, the scheduler's) in ``registry``."""
+    registry.register(_SyncCollector(engine, next_runs))

@@ -12,26 +12,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
+from starlette.types import ASGIApp
 
+from audience_sync import wiring
 from audience_sync.audiences.syncer import Syncer
-from audience_sync.config import Config
-from audience_sync.daemon.metrics import SyncMetrics
+from audience_sync.config import Config, Settings
+from audience_sync.daemon.metrics import RunDurations, register_sync_metrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
+from audience_sync.group_writer import GroupWriter
 from audience_sync.odp.client import OdpClient
-from audience_sync.odp.target import open_client
-from audience_sync.realtime.admin import admin_routes
-from audience_sync.realtime.dispatcher import DeliveryWorker
-from audience_sync.realtime.ingest import ingest_routes
+from audience_sync.realtime.delivery import DeliveryWorker
+from audience_sync.realtime.ingest import IngestLoad, MessageRows, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
 from audience_sync.store import outbox
 
@@ -77,90 +80,105 @@ class _Deadline:
 
 def run_daemon(config: Config, engine: Engine) -> int:
     """Serve until a stop signal; returns the process exit code."""
+    settings = config.settings
     stop = threading.Event()
-    deadline = _Deadline(config.settings.server.shutdown_timeout.total_seconds())
+    deadline = _Deadline(settings.server.shutdown_timeout.total_seconds())
     try:
-        with open_client(config.settings.odp) as client:
-            syncer = Syncer(config, engine, client, should_stop=stop.is_set)
+        with wiring.open_client(settings.odp) as client:
+            daemon = Daemon.build(settings, engine, client, stop)
             try:
-                return asyncio.run(_serve(config, engine, client, syncer, stop, deadline))
+                return asyncio.run(_serve(settings, daemon, stop, deadline))
             finally:
-                syncer.close()
+                daemon.close()
     finally:
         deadline.cancel()
 
 
-async def _serve(
-    config: Config, engine: Engine, client: OdpClient, syncer: Syncer, stop: threading.Event, deadline: _Deadline
-) -> int:
-    settings = config.settings
+@dataclass(frozen=True)
+class Daemon:
+    """Everything the daemon runs, built whole before it serves (:meth:`build`) and closed once it has
+    stopped (:meth:`close`): the syncer and the runs in flight, the scheduler, the ingestion writer,
+    the delivery worker and the HTTP app over them."""
+
+    syncer: Syncer
+    tracker: RunTracker
+    scheduler: AudienceScheduler
+    writer: GroupWriter[MessageRows]
+    worker: DeliveryWorker
+    app: ASGIApp
+
+    @classmethod
+    def build(cls, settings: Settings, engine: Engine, client: OdpClient, stop: threading.Event) -> Daemon:
+        """The daemon of ``settings`` on the store ``engine``, sending with ``client``; ``stop`` is set
+        when it stops (runs and deliveries in flight wind down)."""
+        registry = CollectorRegistry()
+        syncer = wiring.syncer(settings, engine, client, should_stop=stop.is_set)
+        tracker = RunTracker(syncer, on_finished=RunDurations(registry).observe)
+        schedules = wiring.schedules(settings)
+        scheduler = AudienceScheduler(engine, tracker, schedules, lease=settings.schedule.lease, stop=stop)
+        register_sync_metrics(registry, engine, scheduler.next_run_times)
+        counters = register_realtime_metrics(registry, engine)
+        load = IngestLoad()
+        writer = message_writer(engine)
+        worker = wiring.delivery_worker(settings, engine, client, metrics=counters, ingest_rate=load.rate)
+        token = settings.server.admin_token
+        state = DaemonState(
+            engine,
+            wiring.audiences(settings),
+            tracker,
+            scheduler,
+            registry,
+            admin_token=token.get_secret_value() if token else None,
+            delivery_counts=functools.partial(outbox.counts, engine),
+        )
+        routes = ingest_routes(writer, wiring.write_keys(settings), counters, load)
+        return cls(syncer, tracker, scheduler, writer, worker, create_app(state, routes))
+
+    def close(self) -> None:
+        """Once the server has stopped: commit the messages still queued, give up the leases' holders
+        and the sources' engines."""
+        try:
+            self.writer.close()
+        finally:
+            self.worker.close()
+            self.syncer.close()
+
+
+async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, deadline: _Deadline) -> int:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
 
-    scheduler: AudienceScheduler | None = None
-    metrics = SyncMetrics(engine, lambda: scheduler.next_run_times() if scheduler else {})
-    tracker = RunTracker(syncer, on_finished=metrics.observe_run)
-    scheduler = AudienceScheduler(config, engine, tracker, stop)
-    state = DaemonState(config, engine, tracker, scheduler, metrics)
-    realtime = _realtime(config, engine, client, metrics, state)
-
-    app = create_app(state, realtime.routes)
+    host, port = settings.server.host, settings.server.port
     server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=settings.server.host, port=settings.server.port, log_level="warning",
-            access_log=False, lifespan="off",
-        )
-    )  # fmt: skip
+        uvicorn.Config(daemon.app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    )
     # The daemon owns the signals: uvicorn must neither install handlers nor re-raise them at exit.
     setattr(server, "capture_signals", contextlib.nullcontext)  # noqa: B010
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():
             exc = serving.exception() if not serving.cancelled() else None
-            log.error("the HTTP server did not start on %s:%s: %s", settings.server.host, settings.server.port, exc)
+            log.error("the HTTP server did not start on %s:%s: %s", host, port, exc)
             return 1
         await asyncio.sleep(0.02)
-    log.info("listening on http://%s:%s", settings.server.host, settings.server.port)
-    scheduler.start()
-    realtime.start(stop)
+    log.info("listening on http://%s:%s", host, port)
+    daemon.scheduler.start()
+    delivery = threading.Thread(target=daemon.worker.run, args=(stop,), name="delivery-worker", daemon=True)
+    delivery.start()
 
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
     log.info("stopping: no new work; finishing the batches in flight")
     deadline.start()
     stop.set()
-    scheduler.shutdown()
-    await tracker.wait(timeout=deadline.remaining())
-    await asyncio.to_thread(realtime.join, deadline.remaining())
+    daemon.scheduler.shutdown()
+    await daemon.tracker.wait(timeout=deadline.remaining())
+    await asyncio.to_thread(delivery.join, deadline.remaining())
     server.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(serving, timeout=deadline.remaining())
     waiter.cancel()
     log.info("stopped")
     return 0
-
-
-class _Realtime:
-    """The real-time path's parts the daemon hosts: ingestion routes and the delivery worker thread."""
-
-    def __init__(self, routes: list[Any], worker: DeliveryWorker) -> None:
-        self.routes = routes
-        self.worker = worker
-        self.thread: threading.Thread | None = None
-
-    def start(self, stop: threading.Event) -> None:
-        self.thread = threading.Thread(target=self.worker.run, args=(stop,), name="delivery-worker", daemon=True)
-        self.thread.start()
-
-    def join(self, timeout: float) -> None:
-        if self.thread:
-            self.thread.join(timeout)
-
-
-def _realtime(config: Config, engine: Engine, client: OdpClient, metrics: SyncMetrics, state: DaemonState) -> _Realtime:
-    counters = register_realtime_metrics(metrics.registry, engine)
-    state.delivery_counts = lambda: outbox.counts(engine)
-    routes = [*ingest_routes(config, engine, counters), *admin_routes(config, engine)]
-    return _Realtime(routes, DeliveryWorker(config, engine, client, metrics=counters))

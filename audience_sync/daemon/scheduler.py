@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,37 +20,28 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
-from audience_sync.audiences.rules import Trigger
+from audience_sync.audiences.rules import Audience, Trigger
 from audience_sync.audiences.syncer import PreparedRun, Syncer, SyncOptions
-from audience_sync.config import AudienceSettings, Config
 from audience_sync.daemon.slots import Schedule, next_due
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.store import runs as run_store
+from audience_sync.store.runs import RunRecord
+from audience_sync.timestamps import utcnow
 
 log = logging.getLogger("audience_sync.scheduler")
 
 TICK_SECONDS = 1.0
 
 
-def schedule_of(config: Config, audience: AudienceSettings) -> Schedule:
-    """An audience's effective schedule: its own interval/jitter/cron over ``[schedule]``."""
-    defaults = config.settings.schedule
-    if audience.cron or (audience.interval is None and defaults.cron):
-        return Schedule(timedelta(0), timedelta(0), audience.cron or defaults.cron)
-    interval = audience.interval if audience.interval is not None else defaults.interval
-    jitter = audience.jitter if audience.jitter is not None else defaults.jitter
-    return Schedule(interval, jitter)
-
-
 class RunTracker:
     """The runs this process is executing, so shutdown can wait for them and the API can start them."""
 
-    def __init__(self, syncer: Syncer, on_finished: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, syncer: Syncer, on_finished: Callable[[RunRecord], None] | None = None) -> None:
         self.syncer = syncer
         self.on_finished = on_finished or (lambda _record: None)
         self.active: set[asyncio.Future[Any]] = set()
 
-    async def begin(self, audience: AudienceSettings, options: SyncOptions) -> PreparedRun:
+    async def begin(self, audience: Audience, options: SyncOptions) -> PreparedRun:
         return await asyncio.to_thread(self.syncer.begin, audience, options)
 
     def complete_later(self, prepared: PreparedRun) -> asyncio.Future[Any]:
@@ -59,7 +50,7 @@ class RunTracker:
         future.add_done_callback(self.active.discard)
         return future
 
-    def _complete(self, prepared: PreparedRun) -> dict[str, Any] | None:
+    def _complete(self, prepared: PreparedRun) -> RunRecord | None:
         try:
             record = self.syncer.complete(prepared)
         except Exception:
@@ -76,14 +67,24 @@ class RunTracker:
 class AudienceScheduler:
     """Runs every enabled audience on its schedule, exactly once per slot across replicas."""
 
-    def __init__(self, config: Config, engine: Engine, tracker: RunTracker, stop: threading.Event) -> None:
-        self.config = config
+    def __init__(
+        self,
+        engine: Engine,
+        tracker: RunTracker,
+        schedules: Mapping[Audience, Schedule],
+        *,
+        lease: timedelta,
+        stop: threading.Event,
+    ) -> None:
+        """``schedules``: the audiences to run, each on its effective schedule; ``lease``: a run whose
+        heartbeat is older belongs to a dead replica (checked every ``lease / 4``); ``stop``: set when
+        the daemon stops (no new run starts)."""
         self.engine = engine
         self.tracker = tracker
         self.stop = stop
-        self.lease = config.settings.schedule.lease
-        self.audiences = {a.key: a for a in config.settings.audiences if a.enabled}
-        self.schedules = {key: schedule_of(config, a) for key, a in self.audiences.items()}
+        self.lease = lease
+        self.audiences = {a.key: a for a in schedules}
+        self.schedules = {a.key: schedule for a, schedule in schedules.items()}
         self._scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -96,14 +97,14 @@ class AudienceScheduler:
                 IntervalTrigger(seconds=TICK_SECONDS, timezone=UTC),
                 args=[key],
                 id=f"audience:{key}",
-                next_run_time=datetime.now(UTC),
+                next_run_time=utcnow(),
             )
         lease_check = max(1.0, self.lease.total_seconds() / 4)
         self._scheduler.add_job(
             self._check_leases,
             IntervalTrigger(seconds=lease_check, timezone=UTC),
             id="leases",
-            next_run_time=datetime.now(UTC),
+            next_run_time=utcnow(),
         )
         self._scheduler.start()
         log.info("scheduling %d audiences: %s", len(self.audiences), ", ".join(self.audiences) or "none")
@@ -118,17 +119,13 @@ class AudienceScheduler:
         An audience with a run in progress has none.
         """
         latest = run_store.latest_runs(self.engine, list(self.audiences))
-        now = datetime.now(UTC)
+        now = utcnow()
         out: dict[str, datetime] = {}
         for key in self.audiences:
             due = next_due(key, self.schedules[key], latest.get(key), now)
             if due is not None:
                 out[key] = due.at
         return out
-
-    def next_runs(self) -> dict[str, str | None]:
-        """ISO form of :meth:`next_run_times` (blocking)."""
-        return {key: run_store.iso(at) for key, at in self.next_run_times().items()}
 
     async def _check_leases(self) -> None:
         try:
@@ -147,7 +144,7 @@ class AudienceScheduler:
         except Exception:
             log.exception("could not read the run history of %s", key)
             return
-        now = datetime.now(UTC)
+        now = utcnow()
         due = next_due(key, self.schedules[key], latest.get(key), now)
         if due is not None and now < due.at <= now + timedelta(seconds=TICK_SECONDS):
             await asyncio.sleep((due.at - now).total_seconds())  # start on time, not on the next tick

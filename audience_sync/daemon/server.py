@@ -1,17 +1,18 @@
-"""The daemon's HTTP server: admin API (``/api/*``, Bearer ``server.admin_token``), health, metrics, the
-status page, and, when the real-time path is present, the Segment-compatible ingestion API."""
+"""The daemon's HTTP server: the admin API (``/api/*``, Bearer ``server.admin_token``: audiences, runs,
+deliveries), health, metrics, the status page, and the Segment-compatible ingestion API it is given."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import Engine, select
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -19,14 +20,16 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from audience_sync import __version__
-from audience_sync.audiences.rules import Mode, Status, Trigger
+from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
 from audience_sync.audiences.syncer import SyncOptions
-from audience_sync.config import Config
-from audience_sync.daemon.metrics import SyncMetrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
+from audience_sync.daemon.web import render_status_page
 from audience_sync.errors import RunInProgress, UnknownAudience
+from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus
+from audience_sync.store import outbox
 from audience_sync.store import runs as run_store
-from audience_sync.store.tables import runs
+from audience_sync.store.reports import audience_views, size_history
+from audience_sync.timestamps import iso, utcnow
 
 API_MODES = {"delta": Mode.DELTA, "full": Mode.FULL, "reconcile": Mode.RECONCILE}
 
@@ -56,14 +59,22 @@ class AdminAuth:
         await self.app(scope, receive, send)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DaemonState:
-    config: Config
+    """What the HTTP server reads and starts: built whole by the runner before it serves.
+
+    ``audiences``: the configured audiences; ``registry``: the metrics served on ``/metrics``;
+    ``admin_token``: the Bearer token of ``/api/*`` (None: the admin API answers 401);
+    ``delivery_counts``: the real-time backlog by status for the page (None: no real-time path).
+    """
+
     engine: Engine
+    audiences: Sequence[Audience]
     tracker: RunTracker
-    scheduler: AudienceScheduler | None
-    metrics: SyncMetrics
-    delivery_counts: Callable[[], dict[str, int] | None] | None = None
+    scheduler: AudienceScheduler
+    registry: CollectorRegistry
+    admin_token: str | None = None
+    delivery_counts: Callable[[], dict[str, int]] | None = None
 
 
 def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
@@ -84,22 +95,20 @@ def _db(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]:
 
 
 def build_routes(state: DaemonState) -> list[BaseRoute]:
-    config, engine = state.config, state.engine
+    engine = state.engine
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
-        body = await _db(generate_latest, state.metrics.registry)
+        body = await _db(generate_latest, state.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    def next_runs() -> dict[str, str | None]:
-        return state.scheduler.next_runs() if state.scheduler else {}
+    def next_runs() -> dict[str, datetime]:
+        return state.scheduler.next_run_times()
 
     def audience_list() -> list[dict[str, Any]]:
-        from audience_sync.cli import audience_objects
-
-        return audience_objects(config, engine, next_runs())
+        return [view.to_json() for view in audience_views(engine, state.audiences, next_runs())]
 
     async def audiences(request: Request) -> Response:
         return JSONResponse(await _db(audience_list))
@@ -107,7 +116,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     async def trigger_sync(request: Request) -> Response:
         key = request.path_params["key"]
         try:
-            audience = config.settings.audience(key)
+            audience = audience_named(state.audiences, key)
         except UnknownAudience as exc:
             return error(404, "not_found", str(exc))
         try:
@@ -142,14 +151,15 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
 
     async def list_runs(request: Request) -> Response:
         status = request.query_params.get("status") or None
-        if status and status not in {s.value for s in Status}:
-            return error(400, "invalid_request", f"status must be one of {', '.join(s.value for s in Status)}")
+        if status and status not in RUN_STATUSES:
+            return error(400, "invalid_request", f"status must be one of {', '.join(RUN_STATUSES)}")
         try:
             limit = _int_param(request, "limit", 20, 1, 1000)
         except ValueError as exc:
             return error(400, "invalid_request", str(exc))
         audience = request.query_params.get("audience") or None
-        return JSONResponse(await _db(run_store.list_runs, engine, audience=audience, status=status, limit=limit))
+        records = await _db(run_store.list_runs, engine, audience=audience, status=status, limit=limit)
+        return JSONResponse([r.to_json() for r in records])
 
     async def get_run(request: Request) -> Response:
         try:
@@ -159,7 +169,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         record = await _db(run_store.get_run, engine, run_id)
         if record is None:
             return error(404, "not_found", f"no run with id {run_id}")
-        return JSONResponse(record)
+        return JSONResponse(record.to_json())
 
     async def run_changes(request: Request) -> Response:
         try:
@@ -170,7 +180,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
             return error(400, "invalid_request", str(exc))
         if await _db(run_store.get_run, engine, run_id) is None:
             return error(404, "not_found", f"no run with id {run_id}")
-        return JSONResponse(await _db(run_store.changes, engine, run_id, limit=limit, offset=offset))
+        listed = await _db(run_store.changes, engine, run_id, limit=limit, offset=offset)
+        return JSONResponse([change.to_json() for change in listed])
 
     async def status_page(request: Request) -> Response:
         page = await _db(lambda: render_page(state, next_runs()))
@@ -188,39 +199,67 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     ]
 
 
-def size_history(engine: Engine, keys: list[str], points: int = 60) -> dict[str, list[tuple[str, int]]]:
-    """Per audience, (time, members in the snapshot) of its recent completed runs, oldest first."""
-    out: dict[str, list[tuple[str, int]]] = {}
-    with engine.connect() as conn:
-        for key in keys:
-            query = (
-                select(runs.c.started_at, runs.c.members)
-                .where(runs.c.audience == key, runs.c.status.in_([Status.SUCCEEDED, Status.PARTIAL]))
-                .order_by(runs.c.id.desc())
-                .limit(points)
-            )
-            rows = conn.execute(query).all()
-            out[key] = [(run_store.iso(r.started_at) or "", int(r.members)) for r in reversed(rows)]
-    return out
+DELIVERIES_DEFAULT_LIMIT = 50
+DELIVERIES_MAX_LIMIT = 1000
 
 
-def render_page(state: DaemonState, next_runs: dict[str, str | None]) -> str:
-    from audience_sync.cli import audience_objects
-    from audience_sync.daemon.web import render_status_page
+def delivery_routes(engine: Engine) -> list[BaseRoute]:
+    """``GET /api/deliveries?status=&limit=``: items newest first (``limit`` 1..1000, default 50).
+    ``POST /api/deliveries/replay`` with ``{"status": "dead"}`` (the default; an empty body will do):
+    queues those items again and answers ``{"replayed": N}``."""
 
-    audiences = audience_objects(state.config, state.engine, next_runs)
+    async def deliveries(request: Request) -> Response:
+        status = request.query_params.get("status") or None
+        if status is not None and status not in DELIVERY_STATUSES:
+            return error(400, "invalid_request", f"status must be one of {', '.join(DELIVERY_STATUSES)}")
+        raw_limit = request.query_params.get("limit") or str(DELIVERIES_DEFAULT_LIMIT)
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= DELIVERIES_MAX_LIMIT:
+            return error(400, "invalid_request", f"limit must be a whole number from 1 to {DELIVERIES_MAX_LIMIT}")
+        items = await asyncio.to_thread(outbox.list_deliveries, engine, status, int(raw_limit))
+        return JSONResponse([item.to_json() for item in items])
+
+    async def replay(request: Request) -> Response:
+        raw = await request.body()
+        payload: Any = {}
+        if raw.strip():
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                return error(400, "invalid_json", "the body is not valid JSON")
+        if not isinstance(payload, dict):
+            return error(400, "invalid_json", "the body must be a JSON object")
+        status = payload.get("status", DeliveryStatus.DEAD)
+        if status not in REPLAYABLE:
+            return error(400, "invalid_request", f"status must be one of {', '.join(REPLAYABLE)} (got {status!r})")
+        replayed = await asyncio.to_thread(outbox.replay, engine, status)
+        return JSONResponse({"replayed": replayed})
+
+    return [
+        Route("/api/deliveries", deliveries, methods=["GET"]),
+        Route("/api/deliveries/replay", replay, methods=["POST"]),
+    ]
+
+
+def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
+    """The status page, from the same JSON objects the admin API serves."""
+    views = audience_views(state.engine, state.audiences, next_runs)
+    audiences = [view.to_json() for view in views]
     return render_status_page(
         audiences=audiences,
-        runs=run_store.list_runs(state.engine, limit=30),
-        history=size_history(state.engine, [a["key"] for a in audiences]),
+        runs=[r.to_json() for r in run_store.list_runs(state.engine, limit=30)],
+        history={
+            key: [(iso(at), members) for at, members in points]
+            for key, points in size_history(state.engine, [a.key for a in state.audiences]).items()
+        },
         deliveries=state.delivery_counts() if state.delivery_counts else None,
-        generated_at=run_store.iso(run_store.utcnow()) or "",
+        generated_at=iso(utcnow()),
         version=__version__,
     )
 
 
 def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
-    """The daemon's ASGI app: our routes plus any extra (ingestion, deliveries), behind admin auth."""
-    token = state.config.settings.server.admin_token
-    app = Starlette(routes=[*(extra_routes or []), *build_routes(state)])
-    return AdminAuth(app, token.get_secret_value() if token else None)
+    """The daemon's ASGI app: its routes (and the deliveries' when ``state`` has a real-time path) plus
+    any extra (ingestion), behind admin auth."""
+    deliveries = delivery_routes(state.engine) if state.delivery_counts is not None else []
+    app = Starlette(routes=[*(extra_routes or []), *build_routes(state), *deliveries])
+    return AdminAuth(app, state.admin_token)

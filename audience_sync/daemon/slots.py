@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from audience_sync.statuses import RunStatus
+
 INITIAL_SLOT = datetime(1970, 1, 1, tzinfo=UTC)
 RETRY_STEP = timedelta(microseconds=1)
 
@@ -82,9 +84,9 @@ def next_due(audience: str, schedule: Schedule, last: PastRun | None, now: datet
     """The next scheduled run of ``audience``, or None while a run of it is in progress."""
     if last is None:
         return Due(INITIAL_SLOT, now)
-    if last.status == "running":
+    if last.status == RunStatus.RUNNING:
         return None
-    if last.status == "interrupted":
+    if last.status == RunStatus.INTERRUPTED:
         return Due((last.slot or last.started_at) + RETRY_STEP, now)
     if schedule.cron:
         slot = next_cron_time(schedule.cron, last.started_at)

@@ -1,8 +1,10 @@
-"""The daemon's HTML status page (``GET /``): a pure renderer, stdlib only.
+"""The daemon's HTML status page (``GET /``): a pure renderer (the stdlib, and the project's status and
+time vocabularies).
 
 ``render_status_page`` turns what the daemon already has (the ``audiences --json`` objects, recent run
 records, per-audience size history and the real-time delivery backlog) into one self-contained HTML5
-document: inline CSS, inline SVG charts, no JavaScript and no external assets. Everything that comes
+document: inline CSS (``status.css`` beside this module), inline SVG charts, no JavaScript and no
+external assets. Everything that comes
 from configuration or from runs (names, keys, errors) is escaped.
 """
 
@@ -11,18 +13,22 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from html import escape
+from importlib import resources
 from typing import Any
+
+from audience_sync.statuses import ATTENTION, DELIVERY_STATUSES, DeliveryStatus, RunStatus
+from audience_sync.timestamps import as_utc, parse_iso
 
 __all__ = ["HIGHLIGHTED_STATUSES", "render_status_page"]
 
 PRODUCT = "audience-sync"
 REFRESH_SECONDS = 30
-HIGHLIGHTED_STATUSES = frozenset({"failed", "partial", "held", "interrupted"})
+HIGHLIGHTED_STATUSES = ATTENTION
 """Run statuses whose rows are highlighted (an operator should look at them)."""
 
-DELIVERY_ORDER = ("pending", "delivering", "retrying", "delivered", "invalid", "dead")
+DELIVERY_ORDER = DELIVERY_STATUSES
 ERROR_DISPLAY_CHARS = 300
 ERROR_TITLE_CHARS = 4000
 MAX_POINT_MARKERS = 120
@@ -36,104 +42,8 @@ PAD_RIGHT = 16
 PAD_TOP = 14
 PAD_BOTTOM = 34
 
-CSS = """
-:root {
-  color-scheme: light;
-  --fg: #1f2328; --muted: #59636e; --border: #d1d9e0; --bg: #ffffff; --panel: #f6f8fa;
-  --accent: #0969da; --ok: #1a7f37; --ok-bg: #dafbe1; --warn: #9a6700; --warn-bg: #fff8c5;
-  --bad: #cf222e; --bad-bg: #ffebe9; --info: #8250df; --info-bg: #fbefff;
-}
-* { box-sizing: border-box; }
-html { -webkit-text-size-adjust: 100%; }
-body {
-  margin: 0; background: var(--bg); color: var(--fg);
-  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-}
-header.page {
-  display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem 1.25rem;
-  padding: 1rem 1.5rem; border-bottom: 1px solid var(--border); background: var(--panel);
-}
-header.page h1 { margin: 0; font-size: 1.35rem; }
-header.page .meta { color: var(--muted); font-size: .875rem; }
-main { padding: 0 1.5rem 2rem; max-width: 1400px; margin: 0 auto; }
-section { margin-top: 1.75rem; }
-h2 { font-size: 1.1rem; margin: 0 0 .6rem; padding-bottom: .3rem; border-bottom: 1px solid var(--border); }
-h2 .count { color: var(--muted); font-weight: normal; font-size: .9rem; }
-.summary { display: flex; flex-wrap: wrap; gap: .75rem; margin-top: 1.25rem; }
-.summary .card {
-  flex: 1 1 10rem; padding: .6rem .9rem; border: 1px solid var(--border); border-radius: 8px;
-  background: var(--bg);
-}
-.summary .card .label { color: var(--muted); font-size: .8rem; text-transform: uppercase;
-  letter-spacing: .03em; }
-.summary .card .value { font-size: 1.4rem; font-weight: 600; font-variant-numeric: tabular-nums; }
-.summary .card.alert { border-color: var(--bad); background: var(--bad-bg); }
-.summary .card.alert .value { color: var(--bad); }
-.table-wrap { overflow-x: auto; border: 1px solid var(--border); border-radius: 8px; }
-.table-wrap.narrow { max-width: 28rem; }
-table { border-collapse: collapse; width: 100%; font-size: .875rem; }
-th, td { padding: .4rem .45rem; text-align: left; vertical-align: top;
-  border-bottom: 1px solid var(--border); }
-th { background: var(--panel); font-weight: 600; white-space: nowrap; }
-thead th[colspan] { text-align: center; border-bottom-style: dashed; }
-th .unit { color: var(--muted); font-weight: normal; }
-td.audience { min-width: 8.5rem; max-width: 16rem; overflow-wrap: anywhere; }
-th:first-child, td:first-child { padding-left: .7rem; }
-tbody tr:last-child td { border-bottom: none; }
-tbody tr:hover td { background: #f0f6ff; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.time { white-space: nowrap; }
-td.time .rel, .muted { color: var(--muted); }
-td.time .rel, td.num .rel, .sub { display: block; font-size: .8rem; }
-.sub { color: var(--muted); font-weight: normal; }
-td.num .rel { color: var(--warn); }
-td code, .key { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .8rem; }
-td.error { min-width: 10rem; max-width: 30rem; overflow-wrap: anywhere; color: var(--bad); }
-.badge {
-  display: inline-block; padding: 0 .5rem; border-radius: 999px; font-size: .78rem; font-weight: 600;
-  line-height: 1.5rem; white-space: nowrap; border: 1px solid transparent;
-  background: var(--panel); color: var(--muted); border-color: var(--border);
-}
-.badge.status-succeeded, .badge.status-delivered { background: var(--ok-bg); color: var(--ok);
-  border-color: #aceebb; }
-.badge.status-running, .badge.status-pending, .badge.status-delivering {
-  background: #ddf4ff; color: var(--accent); border-color: #b6e3ff; }
-.badge.status-planned { background: var(--info-bg); color: var(--info); border-color: #ecd8ff; }
-.badge.status-partial, .badge.status-held, .badge.status-interrupted, .badge.status-invalid,
-.badge.status-retrying { background: var(--warn-bg); color: var(--warn); border-color: #f5e0a0; }
-.badge.status-failed, .badge.status-dead { background: var(--bad-bg); color: var(--bad);
-  border-color: #ffcecb; }
-.badge.disabled { margin-left: .35rem; }
-tr.status-failed td, tr.status-dead td { background: var(--bad-bg); }
-tr.status-partial td, tr.status-held td, tr.status-interrupted td { background: var(--warn-bg); }
-tr.status-failed td:first-child, tr.status-dead td:first-child { box-shadow: inset 4px 0 0 var(--bad); }
-tr.status-partial td:first-child, tr.status-held td:first-child,
-tr.status-interrupted td:first-child { box-shadow: inset 4px 0 0 #d4a72c; }
-.empty { padding: 1rem; color: var(--muted); border: 1px dashed var(--border); border-radius: 8px;
-  background: var(--panel); }
-.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 420px), 1fr)); gap: 1rem; }
-figure.chart { margin: 0; padding: .75rem .9rem; border: 1px solid var(--border); border-radius: 8px; }
-figure.chart figcaption { display: flex; justify-content: space-between; gap: .5rem; flex-wrap: wrap;
-  font-weight: 600; margin-bottom: .35rem; }
-figure.chart figcaption .now { color: var(--muted); font-weight: normal; font-size: .85rem; }
-figure.chart svg { display: block; width: 100%; height: auto; }
-figure.chart .chart-empty { display: flex; align-items: center; justify-content: center;
-  aspect-ratio: 640 / 200; color: var(--muted); background: var(--panel); border-radius: 6px; }
-svg .axis { stroke: #8c959f; stroke-width: 1; }
-svg .grid { stroke: #eaeef2; stroke-width: 1; }
-svg .series { fill: none; stroke: var(--accent); stroke-width: 2; stroke-linejoin: round;
-  stroke-linecap: round; }
-svg .area { fill: var(--accent); opacity: .08; stroke: none; }
-svg .point { fill: #fff; stroke: var(--accent); stroke-width: 1.5; }
-svg .point:hover { fill: var(--accent); }
-svg text { fill: var(--muted); font-size: 12px;
-  font-family: system-ui, -apple-system, "Segoe UI", sans-serif; }
-footer { margin-top: 2rem; color: var(--muted); font-size: .8rem; }
-@media (max-width: 640px) {
-  header.page, main { padding-left: .75rem; padding-right: .75rem; }
-  th, td { padding: .35rem .45rem; }
-}
-"""
+CSS = resources.files(__package__).joinpath("status.css").read_text(encoding="utf-8")
+"""The page's style sheet (``status.css``, package data), inlined into every page."""
 
 
 # --- small helpers ------------------------------------------------------------------------------------
@@ -156,18 +66,15 @@ def _badge(status: Any) -> str:
 
 
 def _parse_time(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
+    """The time of an ISO text (or a datetime); None for anything else: odd values render as text."""
     if isinstance(value, datetime):
-        parsed = value
-    else:
-        try:
-            parsed = datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+        return as_utc(value)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return parse_iso(value)
+    except ValueError:
+        return None
 
 
 def _fmt_time(value: Any, *, seconds: bool = True, zone: bool = True) -> str:
@@ -277,7 +184,7 @@ def _summary(
 ) -> str:
     members = sum(_int(a.get("members")) or 0 for a in audiences)
     attention = sum(1 for r in runs if str(r.get("status")) in HIGHLIGHTED_STATUSES)
-    running = sum(1 for r in runs if r.get("status") == "running")
+    running = sum(1 for r in runs if r.get("status") == RunStatus.RUNNING)
     cards = [
         ("Audiences", f"{len(audiences):,}", False, "summary-audiences"),
         ("Members (acknowledged)", f"{members:,}", False, "summary-members"),
@@ -285,8 +192,8 @@ def _summary(
         ("Recent runs needing attention", f"{attention:,}", attention > 0, "summary-attention"),
     ]
     if deliveries is not None:
-        pending = _int(deliveries.get("pending")) or 0
-        dead = _int(deliveries.get("dead")) or 0
+        pending = _int(deliveries.get(DeliveryStatus.PENDING)) or 0
+        dead = _int(deliveries.get(DeliveryStatus.DEAD)) or 0
         cards.append(("Deliveries pending", f"{pending:,}", False, "summary-pending"))
         cards.append(("Dead deliveries", f"{dead:,}", dead > 0, "summary-dead"))
     parts = [
@@ -467,7 +374,7 @@ def _duration_cell(run: Mapping[str, Any], now: datetime | None) -> str:
     if started is None:
         return '<td class="num muted">—</td>'
     if finished is None:
-        if run.get("status") == "running" and now is not None:
+        if run.get("status") == RunStatus.RUNNING and now is not None:
             return f'<td class="num muted">{_e(_fmt_duration((now - started).total_seconds()))}…</td>'
         return '<td class="num muted">—</td>'
     return f'<td class="num">{_e(_fmt_duration((finished - started).total_seconds()))}</td>'
@@ -535,7 +442,7 @@ def _deliveries_section(deliveries: Mapping[str, int]) -> str:
         count = deliveries.get(status)
         number = _int(count) or 0
         # A dead count of zero is good news: only a non-zero one is highlighted.
-        row_class = _status_class(status) if status != "dead" or number > 0 else "status-none"
+        row_class = _status_class(status) if status != DeliveryStatus.DEAD or number > 0 else "status-none"
         rows.append(
             f'<tr class="{row_class}" data-testid="delivery-{_e(status)}">'
             f"<td>{_badge(status)}</td>{_num_cell(count)}</tr>"

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, overload
@@ -41,9 +41,10 @@ from typing import Any, overload
 import httpx
 
 from audience_sync import __version__
+from audience_sync.odp.regions import AUTH
+from audience_sync.timestamps import utcnow
 
 __all__ = [
-    "REGION_BASE_URLS",
     "USER_AGENT",
     "BatchReport",
     "ClientOptions",
@@ -56,12 +57,6 @@ __all__ = [
 log = logging.getLogger("audience_sync.odp")
 
 USER_AGENT = f"audience-sync/{__version__}"
-
-REGION_BASE_URLS: dict[str, str] = {
-    "US": "https://function.zaius.app/twilio_segment",
-    "EU": "https://function.eu1.ocp.optimizely.com/twilio_segment",
-    "AU": "https://function.au1.ocp.optimizely.com/twilio_segment",
-}
 
 MESSAGE_LIMIT = 500
 """Server messages put in reports are truncated to this many characters."""
@@ -190,7 +185,7 @@ def parse_retry_after(value: str | None) -> float | None:
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
+        seconds = (when - utcnow()).total_seconds()
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
@@ -328,7 +323,7 @@ class OdpClient:
         never = threading.Event()
         self._pacer.acquire(lambda seconds: self._wait(seconds, never))
         try:
-            response = self._http.post(self._base_url + "/auth")
+            response = self._http.post(self._base_url + AUTH)
         except httpx.HTTPError as exc:
             return False, self._redact(f"connection error: {self._describe(exc)}")
         if response.is_success:

@@ -76,9 +76,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-__all__ = ["BASE_PATH", "MAX_ITEMS", "EmulatorState", "Faults", "create_app", "serve"]
+from audience_sync.odp.regions import (
+    AUTH,
+    BASE_PATH,
+    BATCH_CUSTOM_EVENT,
+    BATCH_EMAIL_EVENT,
+    BATCH_SYNC_AUDIENCE,
+    BATCH_UPSERT_CONTACT,
+)
 
-BASE_PATH = "/twilio_segment"
+__all__ = ["MAX_ITEMS", "EmulatorState", "Faults", "create_app", "serve"]
+
 MAX_ITEMS = 500
 BODY_MESSAGE = "body must be a JSON array of objects"
 RECORDED_HEADERS = ("authorization", "content-type", "user-agent")
@@ -231,10 +239,10 @@ def _check_sync_audience(item: _Item) -> str | None:
 
 
 BATCH_ENDPOINTS: dict[str, _ShapeCheck] = {
-    "batch_upsert_contact": _check_upsert_contact,
-    "batch_email_event": _check_email_event,
-    "batch_custom_event": _check_custom_event,
-    "batch_sync_audience": _check_sync_audience,
+    BATCH_UPSERT_CONTACT: _check_upsert_contact,
+    BATCH_EMAIL_EVENT: _check_email_event,
+    BATCH_CUSTOM_EVENT: _check_custom_event,
+    BATCH_SYNC_AUDIENCE: _check_sync_audience,
 }
 
 
@@ -381,7 +389,7 @@ _Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _auth_endpoint(state: EmulatorState) -> _Endpoint:
-    path = f"{BASE_PATH}/auth"
+    path = BASE_PATH + AUTH
 
     async def auth(request: Request) -> Response:
         received_at = time.time()
@@ -397,8 +405,8 @@ def _auth_endpoint(state: EmulatorState) -> _Endpoint:
     return auth
 
 
-def _batch_endpoint(state: EmulatorState, name: str, check: _ShapeCheck) -> _Endpoint:
-    path = f"{BASE_PATH}/{name}"
+def _batch_endpoint(state: EmulatorState, endpoint: str, check: _ShapeCheck) -> _Endpoint:
+    path = BASE_PATH + endpoint
 
     async def respond(request: Request, items: Any, ok: bool) -> tuple[int, Response]:
         if not state.authorized(request.headers.get("authorization")):
@@ -510,10 +518,10 @@ def create_app(api_key: str | None = None, faults: Faults | None = None) -> Star
     ``faults`` is copied: later changes go through ``POST /_emulator/faults`` (or ``state.set_faults``).
     """
     state = EmulatorState(api_key, faults)
-    routes = [Route(f"{BASE_PATH}/auth", _auth_endpoint(state), methods=["POST"])]
+    routes = [Route(BASE_PATH + AUTH, _auth_endpoint(state), methods=["POST"])]
     routes += [
-        Route(f"{BASE_PATH}/{name}", _batch_endpoint(state, name, check), methods=["POST"])
-        for name, check in BATCH_ENDPOINTS.items()
+        Route(BASE_PATH + endpoint, _batch_endpoint(state, endpoint, check), methods=["POST"])
+        for endpoint, check in BATCH_ENDPOINTS.items()
     ]
     routes += _control_endpoints(state)
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

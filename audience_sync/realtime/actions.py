@@ -1,92 +1,42 @@
 """The five ODP actions of the real-time path: field mappings in, request items out.
 
 Each action mirrors the Segment "Optimizely Data Platform" / "Advanced Audience Targeting" action of
-the same name (see ``odp-destination.md``): default field mappings, declared field types, the
-normalisation of section 2.1 (resolve, drop nulls, coerce, validate) and the item layout of section 3.
+the same name (see ``odp-destination.md``): default field mappings, declared fields (the types and their
+normalisation live in :mod:`~audience_sync.realtime.fields`) and the item layout of section 3.
 Everything here is pure: no I/O, no clock, no configuration lookups.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-from audience_sync.realtime.mapping import UNDEFINED, resolve_fields, to_js_string, validate_mapping
+from audience_sync.odp.regions import BATCH_CUSTOM_EVENT, BATCH_EMAIL_EVENT, BATCH_SYNC_AUDIENCE, BATCH_UPSERT_CONTACT
+from audience_sync.realtime.fields import (
+    Field,
+    ValidationError,
+    check,
+    coerce,
+    describe,
+    drop_nulls,
+    or_list,
+    parse_date_like,
+)
+from audience_sync.realtime.mapping import UNDEFINED, resolve_fields, validate_mapping
 
 __all__ = [
     "ACTIONS",
     "ALIASES",
     "PRODUCTS_ITEM",
-    "REGIONS",
     "Action",
     "BuildResult",
-    "Field",
-    "ValidationError",
-    "base_url",
     "build_requests",
     "merge_fields",
-    "parse_date_like",
     "resolve_action",
 ]
-
-REGIONS: Final[Mapping[str, str]] = MappingProxyType(
-    {
-        "US": "https://function.zaius.app/twilio_segment",
-        "EU": "https://function.eu1.ocp.optimizely.com/twilio_segment",
-        "AU": "https://function.au1.ocp.optimizely.com/twilio_segment",
-    }
-)
-
-
-def base_url(region: str, endpoint: str | None = None) -> str:
-    """The ODP base URL of ``region``, or ``endpoint`` (emulator, proxy) when one is configured.
-
-    The region is checked even with an endpoint: any region other than US, EU, AU is a config error.
-    """
-    if region not in REGIONS:
-        raise ValueError(f"must be one of {', '.join(REGIONS)}")
-    if endpoint:
-        return endpoint.rstrip("/")
-    return REGIONS[region]
-
-
-class ValidationError(ValueError):
-    """An event cannot be sent with this mapping; ``str()`` is the exact message reported to users."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-FieldType = Literal["string", "number", "datetime", "object"]
-
-
-@dataclass(frozen=True)
-class Field:
-    """A declared field of an action (or a declared property of an object field).
-
-    ``properties`` is ``None`` for scalars and for free-form objects (``data``, ``additional_traits``);
-    for declared objects it lists the known keys, and unknown keys are stripped. ``multiple`` makes
-    the field an array of such objects (``products``). ``choices`` restricts the value to a set; a
-    missing value does not satisfy it either.
-    """
-
-    name: str
-    label: str
-    type: FieldType = "string"
-    required: bool = False
-    properties: tuple[Field, ...] | None = None
-    multiple: bool = False
-    choices: tuple[str, ...] | None = None
 
 
 Builder = Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
@@ -105,10 +55,6 @@ class Action:
     default_trigger: str | None = None
     _builder: Builder = field(repr=False, compare=False, kw_only=True)
 
-    def field_named(self, name: str) -> Field | None:
-        """The declared field ``name`` or ``None``."""
-        return next((f for f in self.fields if f.name == name), None)
-
     def build_item(self, event: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
         """The request item for ``event`` under the (already merged) field mappings ``fields``.
 
@@ -116,7 +62,7 @@ class Action:
         :class:`~audience_sync.realtime.mapping.MappingError` when a mapping is malformed.
         """
         if not isinstance(event, Mapping):
-            raise ValidationError(f"The event must be an object but it was {_describe(event)}.")
+            raise ValidationError(f"The event must be an object but it was {describe(event)}.")
         values = self.normalise(resolve_fields(fields, event))
         self.validate(values)
         return self._builder(values, event)
@@ -131,8 +77,8 @@ class Action:
             if value is None or value is UNDEFINED or value == "":
                 continue
             if spec.properties is not None:
-                value = _drop_nulls(value)
-            values[spec.name] = _coerce(spec, value)
+                value = drop_nulls(value)
+            values[spec.name] = coerce(spec, value)
         return values
 
     def validate(self, values: Mapping[str, Any]) -> None:
@@ -142,158 +88,9 @@ class Action:
                 raise ValidationError(f"The root value is missing the required field '{spec.name}'.")
         for spec in self.fields:
             if spec.choices is not None and values.get(spec.name) not in spec.choices:
-                raise ValidationError(f"{spec.label} must be one of: {_or_list(spec.choices)}.")
+                raise ValidationError(f"{spec.label} must be one of: {or_list(spec.choices)}.")
             if spec.name in values:
-                _check(spec, values[spec.name])
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "an array"
-    return f"a {type(value).__name__}"
-
-
-def _or_list(choices: Sequence[str]) -> str:
-    quoted = [f'"{c}"' for c in choices]
-    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
-
-
-def _drop_nulls(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None and v is not UNDEFINED}
-    if isinstance(value, list | tuple):
-        return [_drop_nulls(v) for v in value if v is not None and v is not UNDEFINED]
-    return value
-
-
-_JS_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def _to_number(text: str) -> int | float | None:
-    candidate = text.strip()
-    if not _JS_NUMBER.fullmatch(candidate):
-        return None
-    number = float(candidate)
-    if not math.isfinite(number):
-        return None
-    if number.is_integer() and abs(number) < 2**53:
-        return int(number)
-    return number
-
-
-def _coerce(spec: Field, value: Any) -> Any:
-    if spec.type == "string":
-        if isinstance(value, bool | int | float):
-            return to_js_string(value)
-        return value
-    if spec.type == "number":
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, str):
-            number = _to_number(value)
-            return value if number is None else number
-        return value
-    if spec.type == "object" and spec.properties is not None:
-        if spec.multiple:
-            items = [value] if isinstance(value, Mapping) else value
-            if isinstance(items, list | tuple):
-                return [_coerce_object(spec.properties, item) for item in items]
-            return value
-        return _coerce_object(spec.properties, value)
-    return value
-
-
-def _coerce_object(properties: tuple[Field, ...], value: Any) -> Any:
-    if not isinstance(value, Mapping):
-        return value
-    known = {p.name: p for p in properties}
-    return {k: _coerce(known[k], v) for k, v in value.items() if k in known}
-
-
-def _check(spec: Field, value: Any) -> None:
-    if spec.type == "string":
-        if not isinstance(value, str):
-            raise ValidationError(f"{spec.label} must be a string but it was {_describe(value)}.")
-    elif spec.type == "number":
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValidationError(f"{spec.label} must be a number but it was {_describe(value)}.")
-    elif spec.type == "datetime":
-        if parse_date_like(value) is None:
-            raise ValidationError(f"{spec.label} must be a valid date-like string but it was not.")
-    elif spec.multiple:
-        if not isinstance(value, list):
-            raise ValidationError(f"{spec.label} must be an array but it was {_describe(value)}.")
-        for item in value:
-            _check_object(spec, item)
-    else:
-        _check_object(spec, value)
-
-
-def _check_object(spec: Field, value: Any) -> None:
-    if not isinstance(value, Mapping):
-        raise ValidationError(f"{spec.label} must be an object but it was {_describe(value)}.")
-    for prop in spec.properties or ():
-        if prop.required and prop.name not in value:
-            raise ValidationError(f"{spec.label} is missing the required field '{prop.name}'.")
-    for prop in spec.properties or ():
-        if prop.name in value:
-            _check(prop, value[prop.name])
-
-
-_MDY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")
-_EPOCH_MS = re.compile(r"-?\d+")
-_ISO_START = re.compile(r"\d{4}-\d{2}")
-
-
-def parse_date_like(value: Any) -> date | None:
-    """The UTC calendar date of a birthday value, or ``None`` when it is not date-like.
-
-    Accepted: ISO 8601 dates and datetimes (an offset is converted to UTC; no offset means UTC),
-    ``MM/DD/YYYY``, and numbers (or strings of digits) as epoch milliseconds.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return _from_epoch_ms(value)
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if _EPOCH_MS.fullmatch(text):
-        return _from_epoch_ms(int(text))
-    if match := _MDY.fullmatch(text):
-        month, day, year = (int(part) for part in match.groups())
-        try:
-            return date(year, month, day)
-        except ValueError:
-            return None
-    if not _ISO_START.match(text):
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC)
-    return parsed.date()
-
-
-def _from_epoch_ms(millis: float) -> date | None:
-    if not math.isfinite(millis):
-        return None
-    try:
-        return datetime.fromtimestamp(millis / 1000, UTC).date()
-    except (OverflowError, OSError, ValueError):
-        return None
+                check(spec, values[spec.name])
 
 
 def _put(item: dict[str, Any], key: str, values: Mapping[str, Any], source: str) -> None:
@@ -411,7 +208,7 @@ _UPSERT_CONTACT: Final = Action(
     name="upsert_contact",
     title="Upsert Contact",
     slug="upsertContact",
-    path="/batch_upsert_contact",
+    path=BATCH_UPSERT_CONTACT,
     default_trigger='type = "identify"',
     fields=(
         _USER_IDENTIFIERS,
@@ -483,7 +280,7 @@ _EMAIL_EVENT: Final = Action(
     name="email_event",
     title="Email Event",
     slug="emailEvent",
-    path="/batch_email_event",
+    path=BATCH_EMAIL_EVENT,
     fields=(
         _EMAIL_USER_IDENTIFIERS,
         Field("event_action", "Optimizely Event Action", required=True),
@@ -534,7 +331,7 @@ _ECOMMERCE_EVENT: Final = Action(
     name="ecommerce_event",
     title="Ecommerce Event",
     slug="customEvent",
-    path="/batch_custom_event",
+    path=BATCH_CUSTOM_EVENT,
     fields=(
         _USER_IDENTIFIERS,
         Field("event_type", "Optimizely Event Type"),
@@ -567,7 +364,7 @@ _CUSTOM_EVENT: Final = Action(
     name="custom_event",
     title="Custom Event",
     slug="nonEcommCustomEvent",
-    path="/batch_custom_event",
+    path=BATCH_CUSTOM_EVENT,
     fields=(
         _USER_IDENTIFIERS,
         Field("event_type", "Optimizely Event Type"),
@@ -617,7 +414,7 @@ _SYNC_AUDIENCE: Final = Action(
     name="sync_audience",
     title="Sync Audience",
     slug="syncAudience",
-    path="/batch_sync_audience",
+    path=BATCH_SYNC_AUDIENCE,
     fields=(
         Field("custom_audience_name", "Custom Audience Name"),
         Field("segment_computation_action", "Segment Computation Action", choices=("audience", "journey_step")),

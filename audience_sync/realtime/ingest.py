@@ -6,7 +6,7 @@ key of ``server.write_keys``), validated message by message (:mod:`audience_sync
 the accepted messages are committed to the database before the 200 goes out. Nothing is mapped or built
 here: the delivery worker does that, so ingestion stays fast.
 
-Writes go through one :class:`MessageWriter` thread with group commit: the messages of every request
+Writes go through one :func:`message_writer` thread with group commit: the messages of every request
 waiting at that moment are inserted in one transaction, which keeps SQLite's single writer busy with few,
 large commits instead of many requests contending for its lock.
 """
@@ -20,14 +20,10 @@ import hmac
 import json
 import logging
 import math
-import queue
-import threading
 import time
 import zlib
-from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import Engine
@@ -35,12 +31,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from audience_sync.config import Config
-from audience_sync.realtime.messages import MAX_REQUEST_BYTES, AcceptedMessage, RequestError, prepare
+from audience_sync.group_writer import GroupWriter
+from audience_sync.realtime.messages import MAX_REQUEST_BYTES, RequestError, prepare
 from audience_sync.realtime.metrics import IngestCounters
 from audience_sync.store import outbox
+from audience_sync.timestamps import utcnow
 
-__all__ = ["ENDPOINTS", "MessageWriter", "ingest_rate", "ingest_routes"]
+__all__ = ["ENDPOINTS", "IngestLoad", "MessageRows", "ingest_routes", "message_writer"]
 
 log = logging.getLogger("audience_sync.ingest")
 
@@ -72,25 +69,26 @@ _DEFAULT_ALLOWED_HEADERS: Final = "Content-Type, Authorization, Content-Encoding
 _ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-class _Load:
+class IngestLoad:
     """Events this process accepted per second: an exponentially decaying average (time constant
-    ``TAU``), updated by the event loop, read by the delivery worker."""
+    ``TAU``), noted by the ingestion routes, read by the delivery worker, which leaves a busy ingestion
+    most of the CPU (a 200 must come fast; delivery catches up)."""
 
     TAU: Final = 0.5
-    rate = 0.0
-    at = 0.0
 
-    @classmethod
-    def note(cls, events: int) -> None:
-        now = time.monotonic()
-        cls.rate = cls.rate * math.exp((cls.at - now) / cls.TAU) + events / cls.TAU
-        cls.at = now
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._rate = 0.0
+        self._at = 0.0
 
+    def note(self, events: int) -> None:
+        now = self._clock()
+        self._rate = self._rate * math.exp((self._at - now) / self.TAU) + events / self.TAU
+        self._at = now
 
-def ingest_rate() -> float:
-    """Events per second this process has been accepting lately (the delivery worker leaves a busy
-    ingestion most of the CPU: a 200 must come fast, delivery catches up)."""
-    return _Load.rate * math.exp((_Load.at - time.monotonic()) / _Load.TAU)
+    def rate(self) -> float:
+        """Events per second accepted lately."""
+        return self._rate * math.exp((self._at - self._clock()) / self.TAU)
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
@@ -105,86 +103,22 @@ def _error(status: int, code: str, message: str) -> Response:
 # --- the writer ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Job:
-    rows: list[tuple[str, datetime, str]]
-    future: Future[None] = field(default_factory=Future)
+MessageRows = list[tuple[str, datetime, str]]
+"""The messages of one request as stored: ``(message_id, received_at, payload JSON text)``."""
+
+MAX_GROUP_ROWS: Final = 10_000
 
 
-class MessageWriter:
-    """One thread that commits accepted messages, several requests per transaction (group commit).
+def message_writer(engine: Engine) -> GroupWriter[MessageRows]:
+    """The writer of accepted messages: the messages of every request waiting are inserted in one
+    transaction (up to :data:`MAX_GROUP_ROWS`); should the database refuse a group, each request is
+    written alone, so that only the request it refuses fails. Close it after the server stopped."""
 
-    :meth:`submit` returns a future that completes once the rows are committed (or fails with the
-    database error). The thread starts with the first submit and ends with :meth:`close`.
-    """
+    def store(requests: list[MessageRows]) -> None:
+        with engine.begin() as conn:
+            outbox.insert_messages(conn, [row for rows in requests for row in rows])
 
-    MAX_GROUP_ROWS: Final = 10_000
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def submit(self, messages: Sequence[AcceptedMessage]) -> Future[None]:
-        """Queue ``messages`` for the next commit."""
-        job = _Job([(m.message_id, m.received_at, m.payload) for m in messages])
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the message writer is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
-                self._thread.start()
-        self._queue.put(job)
-        return job.future
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Commit what is queued, then stop the thread."""
-        with self._lock:
-            self._closed = True
-            thread = self._thread
-        if thread is not None:
-            self._queue.put(None)
-            thread.join(timeout)
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                return
-            group = [first]
-            rows = len(first.rows)
-            while rows < self.MAX_GROUP_ROWS:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stopping = True
-                    break
-                group.append(job)
-                rows += len(job.rows)
-            self._commit(group)
-
-    def _commit(self, group: list[_Job]) -> None:
-        try:
-            self._insert([row for job in group for row in job.rows])
-        except Exception as exc:
-            if len(group) == 1:
-                log.error("storing %d accepted messages failed: %s", len(group[0].rows), exc)
-                group[0].future.set_exception(exc)
-                return
-            for job in group:  # isolate the request whose rows the database refuses
-                self._commit([job])
-            return
-        for job in group:
-            job.future.set_result(None)
-
-    def _insert(self, rows: list[tuple[str, datetime, str]]) -> None:
-        with self.engine.begin() as conn:
-            outbox.insert_messages(conn, rows)
+    return GroupWriter(store, name="ingest-writer", max_group=MAX_GROUP_ROWS, weight=len, isolate=True)
 
 
 # --- authentication ---------------------------------------------------------------------------------------
@@ -256,10 +190,17 @@ def _parse(raw: bytes) -> Any:
 
 
 class _Ingest:
-    def __init__(self, config: Config, writer: MessageWriter, metrics: IngestCounters | None) -> None:
-        self.keys = [k.get_secret_value().encode() for k in config.settings.server.write_keys]
+    def __init__(
+        self,
+        write_keys: Sequence[str],
+        writer: GroupWriter[MessageRows],
+        metrics: IngestCounters | None,
+        load: IngestLoad | None,
+    ) -> None:
+        self.keys = [key.encode() for key in write_keys]
         self.writer = writer
         self.metrics = metrics
+        self.load = load
 
     def endpoint(self, kind: str | None) -> Any:
         async def handle(request: Request) -> Response:
@@ -286,19 +227,22 @@ class _Ingest:
             basic_key = _basic_user(request.headers.get("authorization"))
             if not _authorized(self.keys, (basic_key, body_key if isinstance(body_key, str) else None)):
                 raise RequestError(401, "unauthorized", "missing or unknown write key")
-            prepared = prepare(body, kind, datetime.now(UTC), len(raw))
+            prepared = prepare(body, kind, utcnow(), len(raw))
         except RequestError as exc:
             if self.metrics is not None:
                 self.metrics.request_rejected(exc.code, events=1 if exc.code == "invalid_message" and kind else 0)
             return _error(exc.status, exc.code, exc.message)
         if prepared.accepted:
+            rows = [(m.message_id, m.received_at, m.payload) for m in prepared.accepted]
             try:
-                await asyncio.wrap_future(self.writer.submit(prepared.accepted))
-            except Exception:
+                await asyncio.wrap_future(self.writer.submit(rows))
+            except Exception as exc:
+                log.error("storing %d accepted messages failed: %s", len(rows), exc)
                 if self.metrics is not None:
                     self.metrics.request_rejected("unavailable")
                 return _error(503, "unavailable", "the messages could not be stored; retry")
-        _Load.note(len(prepared.accepted))
+        if self.load is not None:
+            self.load.note(len(prepared.accepted))
         if self.metrics is not None:
             self.metrics.events(accepted=len(prepared.accepted), rejected=len(prepared.rejected))
         return _json(200, {"success": True, "accepted": len(prepared.accepted), "rejected": prepared.rejected})
@@ -315,12 +259,19 @@ async def _library_metrics(request: Request) -> Response:
     return _json(200, {"success": True})
 
 
-def ingest_routes(config: Config, engine: Engine, counters: IngestCounters | None = None) -> list[BaseRoute]:
+def ingest_routes(
+    writer: GroupWriter[MessageRows],
+    write_keys: Sequence[str],
+    counters: IngestCounters | None = None,
+    load: IngestLoad | None = None,
+) -> list[BaseRoute]:
     """The ``/v1/*`` routes (long and short forms, every method: POST ingests, OPTIONS answers CORS
-    preflight, anything else 405), and ``/v1/m`` for analytics.js's usage counters. ``counters`` (from
-    :func:`~audience_sync.realtime.metrics.register_realtime_metrics`) counts accepted and rejected events.
-    The routes share one :class:`MessageWriter` (a daemon thread started by the first request)."""
-    ingest = _Ingest(config, MessageWriter(engine), counters)
+    preflight, anything else 405), accepting ``write_keys`` (``server.write_keys``) and committing
+    through ``writer`` (:func:`message_writer`; its owner closes it once the server stopped), and
+    ``/v1/m`` for analytics.js's usage counters. ``counters`` (from
+    :func:`~audience_sync.realtime.metrics.register_realtime_metrics`) counts accepted and rejected events;
+    ``load`` notes them for the delivery worker."""
+    ingest = _Ingest(write_keys, writer, counters, load)
     routes: list[BaseRoute] = [
         Route(f"/v1/{name}", ingest.endpoint(kind), methods=_ALL_METHODS) for name, kind in ENDPOINTS.items()
     ]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from audience_sync.timestamps import iso
+
 __all__ = [
     "MAX_BATCH_MESSAGES",
     "MAX_MESSAGE_BYTES",
@@ -25,7 +27,6 @@ __all__ = [
     "AcceptedMessage",
     "Prepared",
     "RequestError",
-    "iso",
     "prepare",
 ]
 
@@ -65,13 +66,6 @@ class Prepared:
 
     accepted: list[AcceptedMessage] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
-
-
-def iso(moment: datetime) -> str:
-    """ISO 8601 UTC with milliseconds and a ``Z``."""
-    if moment.tzinfo is not UTC:
-        moment = moment.astimezone(UTC)
-    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _parse_time(value: Any) -> datetime | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -19,6 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from audience_sync.store import outbox
+from audience_sync.timestamps import utcnow
 
 __all__ = ["DELIVERY_BUCKETS", "IngestCounters", "RealtimeMetrics", "register_realtime_metrics"]
 
@@ -104,13 +104,13 @@ class _OutboxCollector(Collector):
         for status, count in counts.items():
             items.add_metric([status], count)
         unrouted.add_metric([], backlog)
-        lag.add_metric([], 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds()))
+        lag.add_metric([], 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds()))
         yield from (items, unrouted, lag)
 
 
 def register_realtime_metrics(registry: CollectorRegistry, engine: Engine) -> RealtimeMetrics:
     """Register the real-time metrics in ``registry``; returns the counters to hand to
     :func:`~audience_sync.realtime.ingest.ingest_routes` and
-    :class:`~audience_sync.realtime.dispatcher.DeliveryWorker`."""
+    :class:`~audience_sync.realtime.delivery.DeliveryWorker`."""
     registry.register(_OutboxCollector(engine))
     return RealtimeMetrics(registry)

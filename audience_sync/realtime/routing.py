@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from audience_sync.realtime.actions import Action, ValidationError, merge_fields, resolve_action
+from audience_sync.realtime.actions import Action, merge_fields, resolve_action
+from audience_sync.realtime.fields import ValidationError
 from audience_sync.realtime.mapping import MappingError, validate_mapping
 from audience_sync.realtime.presets import enabled_presets
 from audience_sync.realtime.triggers import Trigger, parse_trigger

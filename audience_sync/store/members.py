@@ -8,6 +8,7 @@ it back by keyset pages. Python never holds a whole audience.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from json.encoder import encode_basestring
@@ -15,19 +16,23 @@ from json.encoder import encode_basestring
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
-from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode, Outcome
-from audience_sync.store.engine import (
+from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.statuses import Outcome
+from audience_sync.store.dialect import (
+    analyze,
+    begin_write,
     bind_value,
-    bulk_load,
     driver_execute,
     driver_rows,
     id_list,
     in_id_list,
-    is_sqlite,
     json_string,
+    stage_distinct,
     string_agg,
+    upsert,
 )
-from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, members, run_changes
+from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, audiences, members, run_changes
+from audience_sync.timestamps import utcnow
 
 STAGE = "stage_members"
 _STAGE_COLUMNS = ("member", *IDENTIFIER_COLUMNS, "value")
@@ -72,37 +77,7 @@ def stage_snapshot(conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk
 
     Returns the number of distinct members. ``on_chunk`` gets the running count of rows loaded.
     """
-    cols = ", ".join(_STAGE_COLUMNS)
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
-    loaded = 0
-    if is_sqlite(conn):
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE {STAGE} (member TEXT PRIMARY KEY, user_id TEXT, email TEXT, "
-            "anonymous_id TEXT, optimizely_vuid TEXT, value TEXT) WITHOUT ROWID"
-        )
-        raw = conn.connection.driver_connection
-        assert raw is not None
-        cursor = raw.cursor()
-        for chunk in chunks:
-            cursor.executemany(f"INSERT OR IGNORE INTO {STAGE} ({cols}) VALUES (?, ?, ?, ?, ?, ?)", chunk)
-            loaded += len(chunk)
-            on_chunk(loaded)
-        cursor.close()
-    else:
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE {STAGE}_raw (seq BIGSERIAL, member TEXT, user_id TEXT, email TEXT, "
-            "anonymous_id TEXT, optimizely_vuid TEXT, value TEXT)"
-        )
-        for chunk in chunks:
-            bulk_load(conn, f"{STAGE}_raw", _STAGE_COLUMNS, chunk)
-            loaded += len(chunk)
-            on_chunk(loaded)
-        conn.exec_driver_sql(
-            f"CREATE TEMP TABLE {STAGE} AS SELECT DISTINCT ON (member) {cols} FROM {STAGE}_raw ORDER BY member, seq"
-        )
-        conn.exec_driver_sql(f"DROP TABLE {STAGE}_raw")
-        conn.exec_driver_sql(f"ALTER TABLE {STAGE} ADD PRIMARY KEY (member)")
-        conn.exec_driver_sql(f"ANALYZE {STAGE}")
+    stage_distinct(conn, STAGE, _STAGE_COLUMNS, chunks, on_chunk)
     return int(conn.exec_driver_sql(f"SELECT count(*) FROM {STAGE}").scalar_one())
 
 
@@ -122,9 +97,7 @@ def write_plan(
     as quarantined and not sent. full: every current member, plus the exits. reconcile: full, plus the
     exit value again for every known non-member.
     """
-    if not is_sqlite(conn):
-        # Fresh statistics, so that a big first sync is not planned as if members were empty.
-        conn.exec_driver_sql("ANALYZE members")
+    analyze(conn, "members")  # fresh statistics: a big first sync is not planned as if members were empty
     pending = Outcome.PLANNED if dry_run else Outcome.PENDING
     manual = mode in (Mode.FULL, Mode.RECONCILE)
     outcome = (
@@ -167,6 +140,85 @@ def write_plan(
     return entered, exited, quarantined
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a run's plan holds: changes entered (the member value) and exited (the exit value), those of
+    them quarantined, and the members ODP held as in the audience before the run."""
+
+    entered: int
+    exited: int
+    quarantined: int
+    acknowledged: int
+
+
+class Planning:
+    """One run's planning on one connection of the store, in the order the syncer asks for it:
+    :meth:`stage` the snapshot, :meth:`plan` the diff, then :meth:`hold` (nothing is written) or
+    :meth:`commit` (the plan becomes the run's change log). Use it as a context manager: leaving it
+    undecided rolls the plan back.
+
+    The snapshot lives in a temporary table of this connection; staging commits on its own, so that the
+    plan's transaction is short (on SQLite it holds the write lock, taken before its first read).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._conn = engine.connect()
+
+    def __enter__(self) -> Planning:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            self._conn.rollback()
+        finally:
+            self._conn.close()
+
+    def stage(self, chunks: Iterable[list[MemberRow]], on_chunk: Callable[[int], None]) -> int:
+        """Stage the source's rows (:func:`stage_snapshot`); returns the distinct members. Whatever
+        ``chunks`` raises (a source error, a stop) rolls the staging back and propagates."""
+        try:
+            members = stage_snapshot(self._conn, chunks, on_chunk)
+        except BaseException:
+            self._conn.rollback()
+            raise
+        self._conn.commit()
+        return members
+
+    def plan(self, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool) -> Plan:
+        """Write the run's plan (:func:`write_plan`) in a write transaction left open for
+        :meth:`hold` or :meth:`commit`."""
+        begin_write(self._conn)
+        acknowledged = acknowledged_count(self._conn, audience, exit_value)
+        entered, exited, quarantined = write_plan(
+            self._conn, run_id=run_id, audience=audience, mode=mode, exit_value=exit_value, dry_run=dry_run
+        )
+        return Plan(entered, exited, quarantined, acknowledged)
+
+    def hold(self) -> None:
+        """Discard the plan (the run is held): nothing of it is written."""
+        self._conn.rollback()
+        drop_snapshot(self._conn)
+        self._conn.commit()
+
+    def commit(self) -> None:
+        """Keep the plan: commit it as the run's change log, and drop the snapshot."""
+        drop_snapshot(self._conn)
+        self._conn.commit()
+
+
+def register_audience(engine: Engine, *, key: str, name: str, kind: str, delivery: str) -> None:
+    """Record (or update) the audience's row: its name, kind and delivery as the config has them now."""
+    now = utcnow()
+    with engine.begin() as conn:
+        upsert(
+            conn,
+            audiences,
+            [{"key": key, "name": name, "kind": kind, "delivery": delivery, "created_at": now, "updated_at": now}],
+            keys=("key",),
+            update=("name", "kind", "delivery", "updated_at"),
+        )
+
+
 _UPDATES = ", ".join(f"{c} = excluded.{c}" for c in (*IDENTIFIER_COLUMNS, "acked", "acked_at"))
 
 
@@ -187,7 +239,8 @@ _COUNT_RUN = (
 
 def _item_sql(conn: Connection, delivery: str) -> str:
     """SQL for one pending change's ODP item as JSON text, the same JSON as ``json.dumps`` of
-    :func:`rules.upsert_contact_body` / :func:`rules.sync_audience_body` (tests hold the two equal).
+    :func:`odp.payloads.upsert_contact_body` / :func:`odp.payloads.sync_audience_body` (their
+    reference: tests hold the two equal on both databases).
     Built by the database because the send path writes one per member: Python then only handles
     (id, text) pairs. Parameter: the JSON text written before the first column-dependent part."""
     q = partial(json_string, conn)

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from audience_sync.store.engine import migration_lock
+from audience_sync.store.dialect import migration_lock
 
 _PACKAGE = Path(__file__).resolve().parents[1]
 MIGRATIONS_DIRS = (

@@ -18,18 +18,19 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import Engine, bindparam, delete, func, literal_column, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnClause
 
-from audience_sync.store.engine import bind_value, claim_lock, insert_new, write_transaction
+from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
+from audience_sync.store.dialect import bind_value, claim_lock, insert_new, write_transaction
 from audience_sync.store.tables import rt_deliveries, rt_messages
+from audience_sync.timestamps import as_utc, iso, utcnow
 
 __all__ = [
-    "STATUSES",
     "Claimed",
     "Delivery",
     "Message",
@@ -37,7 +38,6 @@ __all__ = [
     "PathBacklog",
     "claim",
     "counts",
-    "delivery_record",
     "insert_messages",
     "list_deliveries",
     "oldest_pending",
@@ -53,23 +53,17 @@ __all__ = [
     "unrouted_count",
 ]
 
-PENDING, SENDING, DELIVERED, INVALID, DEAD = "pending", "sending", "delivered", "invalid", "dead"
-STATUSES: Final = (PENDING, SENDING, DELIVERED, INVALID, DEAD)
-REPLAYABLE: Final = (DEAD,)
+PENDING, SENDING, DELIVERED, INVALID, DEAD = DeliveryStatus
 
 # Constants as SQL literals, not bound parameters: only then can SQLite (and a generic PostgreSQL plan)
 # use the partial index ``WHERE status = 'pending'``.
-_S: Final[dict[str, ColumnClause[str]]] = {s: literal_column(f"'{s}'") for s in STATUSES}
+_S: Final[dict[str, ColumnClause[str]]] = {s: literal_column(f"'{s}'") for s in DeliveryStatus}
 
 _HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
 
 t = rt_deliveries
 m = rt_messages
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- messages -----------------------------------------------------------------------------------------
@@ -194,21 +188,7 @@ def pending_backlog(engine: Engine, now: datetime | None = None) -> list[PathBac
     )
     with engine.connect() as conn:
         rows = conn.execute(query).all()
-    return [PathBacklog(path, int(ready), _aware(oldest)) for path, ready, oldest in rows]
-
-
-def next_available(engine: Engine) -> datetime | None:
-    """When the next pending item becomes available (None: nothing pending)."""
-    with engine.connect() as conn:
-        value = conn.scalar(select(func.min(t.c.available_at)).where(t.c.status == _S[PENDING]))
-    return None if value is None else _aware(value)
-
-
-def _aware(value: Any) -> datetime:
-    # func.min() loses the column type on SQLite: the value may come back as text.
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    assert isinstance(moment, datetime)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return [PathBacklog(path, int(ready), as_utc(oldest)) for path, ready, oldest in rows]
 
 
 @dataclass(frozen=True)
@@ -400,7 +380,7 @@ def counts(engine: Engine) -> dict[str, int]:
     """Items per status, every status present (0 when none)."""
     with engine.connect() as conn:
         rows = conn.execute(select(t.c.status, func.count()).group_by(t.c.status)).all()
-    result = dict.fromkeys(STATUSES, 0)
+    result: dict[str, int] = dict.fromkeys(DeliveryStatus, 0)
     result.update({status: int(n) for status, n in rows})
     return result
 
@@ -409,7 +389,7 @@ def oldest_pending(engine: Engine) -> datetime | None:
     """When the oldest message still waiting for delivery (pending or sending) was received."""
     with engine.connect() as conn:
         value = conn.scalar(select(func.min(t.c.received_at)).where(t.c.status.in_([_S[PENDING], _S[SENDING]])))
-    return None if value is None else _aware(value)
+    return None if value is None else as_utc(value)
 
 
 @dataclass(frozen=True)
@@ -429,11 +409,28 @@ class Delivery:
     updated_at: datetime
     body: Any
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``deliveries --json`` and ``GET /api/deliveries`` (times ISO 8601 UTC)."""
+        return {
+            "id": self.id,
+            "message_id": self.message_id,
+            "mapping": self.mapping,
+            "action": self.action,
+            "path": self.path,
+            "status": self.status,
+            "attempts": self.attempts,
+            "http_status": self.http_status,
+            "error": self.error,
+            "received_at": iso(self.received_at),
+            "updated_at": iso(self.updated_at),
+            "body": self.body,
+        }
+
 
 def list_deliveries(engine: Engine, status: str | None = None, limit: int = 50) -> list[Delivery]:
     """Items, newest first, optionally of one status."""
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status must be one of {', '.join(STATUSES)}")
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(DELIVERY_STATUSES)}")
     query = select(t).order_by(t.c.id.desc()).limit(limit)
     if status is not None:
         query = query.where(t.c.status == _S[status])
@@ -456,25 +453,3 @@ def list_deliveries(engine: Engine, status: str | None = None, limit: int = 50) 
         )
         for r in rows
     ]
-
-
-def delivery_record(delivery: Delivery) -> dict[str, Any]:
-    """The JSON object of one item (times ISO 8601 UTC)."""
-    return {
-        "id": delivery.id,
-        "message_id": delivery.message_id,
-        "mapping": delivery.mapping,
-        "action": delivery.action,
-        "path": delivery.path,
-        "status": delivery.status,
-        "attempts": delivery.attempts,
-        "http_status": delivery.http_status,
-        "error": delivery.error,
-        "received_at": _iso(delivery.received_at),
-        "updated_at": _iso(delivery.updated_at),
-        "body": delivery.body,
-    }
-
-
-def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

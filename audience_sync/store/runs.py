@@ -2,82 +2,83 @@
 
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, Final
 
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from audience_sync import owners
-from audience_sync.audiences.rules import Status
+from audience_sync.audiences.rules import Mode, Trigger
 from audience_sync.errors import RunInProgress, SlotTaken
+from audience_sync.leases import THIS_PROCESS, Holders, Owner
+from audience_sync.statuses import Outcome, RunStatus
+from audience_sync.store.members import settle_sent
 from audience_sync.store.tables import run_changes, runs
+from audience_sync.timestamps import iso, utcnow
 
-RUN_FIELDS = (
-    "id",
-    "audience",
-    "mode",
-    "trigger",
-    "status",
-    "started_at",
-    "finished_at",
-    "members",
-    "entered",
-    "exited",
-    "invalid",
-    "sent",
-    "failed",
-    "requests",
-    "error",
-)
-COUNTERS = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
-DEFAULT_LEASE = timedelta(seconds=60)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 UTC with a ``Z``, as in every JSON output."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+COUNTERS: Final = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
+"""A run's counts: distinct members in the snapshot, items planned with the member value (entered) and
+with the exit value (exited), source rows skipped (invalid), items acknowledged (sent) and not (failed),
+HTTP requests made."""
 
 
 @dataclass(frozen=True)
-class Owner:
-    """Who runs a run: this host and process, plus a token that tells two lives of one pid apart."""
+class RunRecord:
+    """One run of the sync history (product.md 5.5), with datetimes; :meth:`to_json` is its JSON form
+    (``sync``/``history``/``show --json``, ``/api/runs``), written only at those edges."""
 
-    host: str
-    pid: int
-    token: str
+    id: int
+    audience: str
+    mode: Mode
+    trigger: Trigger
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None
+    members: int
+    entered: int
+    exited: int
+    invalid: int
+    sent: int
+    failed: int
+    requests: int
+    error: str | None
 
     @classmethod
-    def this_process(cls) -> Owner:
-        return cls(owners.HOST, os.getpid(), owners.new_token())
+    def from_row(cls, row: Any) -> RunRecord:
+        return cls(
+            id=int(row.id),
+            audience=row.audience,
+            mode=Mode(row.mode),
+            trigger=Trigger(row.trigger),
+            status=RunStatus(row.status),
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            error=row.error,
+            **{name: int(getattr(row, name)) for name in COUNTERS},
+        )
 
-    def __str__(self) -> str:
-        return f"{self.host}:{self.pid}:{self.token}"
-
-    @staticmethod
-    def is_alive(owner: str | None) -> bool | None:
-        """True/False for an owner on this host; None when it lives elsewhere (only a lease can tell)."""
-        return owners.is_alive(owner, {PROCESS_OWNER.token})
-
-
-PROCESS_OWNER = Owner.this_process()
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object: every field in order, times ISO 8601 UTC."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["started_at"] = iso(self.started_at)
+        record["finished_at"] = iso(self.finished_at)
+        return record
 
 
-def run_record(row: Any) -> dict[str, Any]:
-    """A run row as the JSON object of product.md 5.5."""
-    record = {name: getattr(row, name) for name in RUN_FIELDS}
-    record["started_at"] = iso(record["started_at"])
-    record["finished_at"] = iso(record["finished_at"])
-    return record
+@dataclass(frozen=True)
+class Change:
+    """One member's change in a run: its key, the value planned (decoded JSON), the outcome, ODP's error."""
+
+    member: str
+    value: Any
+    outcome: Outcome
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"member": self.member, "value": self.value, "outcome": self.outcome, "error": self.error}
 
 
 def start_run(
@@ -86,8 +87,8 @@ def start_run(
     audience: str,
     mode: str,
     trigger: str,
+    owner: Owner,
     slot: datetime | None = None,
-    owner: Owner = PROCESS_OWNER,
 ) -> tuple[int, datetime]:
     """Insert a ``running`` run. The partial unique index makes this the per-audience lock."""
     now = utcnow()
@@ -98,7 +99,7 @@ def start_run(
                     audience=audience,
                     mode=mode,
                     trigger=trigger,
-                    status=Status.RUNNING,
+                    status=RunStatus.RUNNING,
                     started_at=now,
                     owner=str(owner),
                     heartbeat_at=now,
@@ -137,7 +138,7 @@ def latest_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, LastRun]:
         return {}
     newest = (
         select(func.max(runs.c.id))
-        .where(runs.c.audience.in_(list(audiences)), runs.c.status != Status.PLANNED)
+        .where(runs.c.audience.in_(list(audiences)), runs.c.status != RunStatus.PLANNED)
         .group_by(runs.c.audience)
     )
     with engine.connect() as conn:
@@ -183,7 +184,7 @@ def finish_run(engine: Engine, run_id: int, status: str, *, error: str | None = 
         )
 
 
-def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> list[int]:
+def mark_interrupted(engine: Engine, *, lease: timedelta, holders: Holders = THIS_PROCESS) -> list[int]:
     """Mark ``running`` runs whose process is gone as ``interrupted``; returns their ids.
 
     A run on this host is dead when its pid is; a run elsewhere when its heartbeat is older than the lease.
@@ -194,12 +195,12 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
     with engine.connect() as conn:
         rows = conn.execute(
             select(runs.c.id, runs.c.audience, runs.c.started_at, runs.c.owner, runs.c.heartbeat_at).where(
-                runs.c.status == Status.RUNNING
+                runs.c.status == RunStatus.RUNNING
             )
         ).all()
     suspects = []
     for row in rows:
-        alive = Owner.is_alive(row.owner)
+        alive = holders.is_alive(row.owner)
         if alive is None:
             alive = row.heartbeat_at is not None and now - row.heartbeat_at < lease
         if not alive:
@@ -212,9 +213,9 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
         with engine.begin() as conn:
             marked = conn.execute(
                 update(runs)
-                .where(runs.c.id == row.id, runs.c.status == Status.RUNNING, same_beat)
+                .where(runs.c.id == row.id, runs.c.status == RunStatus.RUNNING, same_beat)
                 .values(
-                    status=Status.INTERRUPTED,
+                    status=RunStatus.INTERRUPTED,
                     finished_at=now,
                     heartbeat_at=None,
                     error="the process running this sync stopped before it finished",
@@ -222,22 +223,20 @@ def mark_interrupted(engine: Engine, *, lease: timedelta = DEFAULT_LEASE) -> lis
             ).rowcount
         if marked:
             dead.append(row)
-    from audience_sync.store.members import settle_sent
-
     for row in dead:  # what the dead process got acknowledged shows as sent in its change log
         settle_sent(engine, row.id, row.audience, row.started_at)
     return [row.id for row in dead]
 
 
-def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
+def get_run(engine: Engine, run_id: int) -> RunRecord | None:
     with engine.connect() as conn:
         row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
-    return run_record(row) if row else None
+    return RunRecord.from_row(row) if row else None
 
 
 def list_runs(
     engine: Engine, *, audience: str | None = None, status: str | None = None, limit: int = 20
-) -> list[dict[str, Any]]:
+) -> list[RunRecord]:
     """Sync history, newest first."""
     query = select(runs)
     if audience:
@@ -246,23 +245,21 @@ def list_runs(
         query = query.where(runs.c.status == status)
     with engine.connect() as conn:
         rows = conn.execute(query.order_by(runs.c.id.desc()).limit(limit)).all()
-    return [run_record(r) for r in rows]
+    return [RunRecord.from_row(r) for r in rows]
 
 
-def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, dict[str, Any]]:
+def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, RunRecord]:
     """The newest run of each audience."""
     if not audiences:
         return {}
     newest = select(func.max(runs.c.id)).where(runs.c.audience.in_(list(audiences))).group_by(runs.c.audience)
     with engine.connect() as conn:
         rows = conn.execute(select(runs).where(runs.c.id.in_(newest))).all()
-    return {r.audience: run_record(r) for r in rows}
+    return {r.audience: RunRecord.from_row(r) for r in rows}
 
 
-def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[Change]:
     """A run's per-member changes in plan order: member key, value sent, outcome, error."""
-    import json
-
     query = (
         select(run_changes.c.member, run_changes.c.value, run_changes.c.outcome, run_changes.c.error)
         .where(run_changes.c.run_id == run_id)
@@ -273,11 +270,6 @@ def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: in
         query = query.limit(limit)
     with engine.connect() as conn:
         return [
-            {
-                "member": r.member,
-                "value": json.loads(r.value) if r.value is not None else None,
-                "outcome": r.outcome,
-                "error": r.error,
-            }
+            Change(r.member, json.loads(r.value) if r.value is not None else None, Outcome(r.outcome), r.error)
             for r in conn.execute(query)
         ]

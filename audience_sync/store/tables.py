@@ -23,12 +23,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+from audience_sync.audiences.rules import IDENTIFIER_FIELDS
+from audience_sync.timestamps import as_utc
+
 metadata = MetaData()
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants a BIGINT for a big table.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-IDENTIFIER_COLUMNS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
+IDENTIFIER_COLUMNS = IDENTIFIER_FIELDS  # a member's identifiers, one column each
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -47,10 +50,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        moment: datetime = value
-        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        return as_utc(value)
 
 
 def _identifiers() -> list[Column[Any]]:

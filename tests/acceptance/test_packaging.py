@@ -43,14 +43,19 @@ def test_a_wheel_carries_every_module_and_the_migrations_and_can_migrate(tmp_pat
 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "audience_sync").rglob("*.py")}
+    modules = {
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "audience_sync").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert "audience_sync/daemon/status.css" in modules
     migrations = {
         "audience_sync/_migrations/" + p.relative_to(ROOT / "migrations").as_posix()
         for p in (ROOT / "migrations").rglob("*")
         if p.is_file() and p.suffix in (".py", ".mako")
     }
     assert "audience_sync/_migrations/versions/0001_initial.py" in migrations
-    assert modules - names == set(), "modules missing from the wheel (add new subpackages to pyproject.toml)"
+    assert modules - names == set(), "files missing from the wheel (add new subpackages and data to pyproject.toml)"
     assert migrations - names == set(), "migrations missing from the wheel"
 
     site = tmp_path / "site"
@@ -92,3 +97,12 @@ def test_a_wheel_carries_every_module_and_the_migrations_and_can_migrate(tmp_pat
         timeout=120,
     )
     assert checked.returncode == 0 and checked.stdout.strip() == "[]", checked.stderr[-3000:]
+    page = subprocess.run(
+        [sys.executable, "-c", "from audience_sync.daemon.web import CSS; print(len(CSS))"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert page.returncode == 0 and int(page.stdout) > 1000, page.stderr[-3000:]  # the page's style sheet

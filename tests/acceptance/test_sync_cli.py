@@ -3,6 +3,7 @@ store on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
@@ -317,3 +318,31 @@ def test_change_logs_past_the_retention_are_deleted_and_show_says_so(project: Pr
     text = project.cli("show", str(old["id"]), "--changes").stdout
     assert "(none)\n(change logs of runs finished more than 30d ago are deleted: database.change_log_retention)" in text
     assert "deleted" not in project.cli("show", str(recent["id"]), "--changes").stdout
+
+
+def test_the_cli_judges_runs_of_other_hosts_by_schedule_lease(project: Project) -> None:
+    """Every command that opens the store marks runs of dead processes interrupted; for a run of
+    another host only its lease can tell, and the lease is ``schedule.lease``, as in the daemon."""
+    from datetime import UTC, datetime, timedelta
+
+    from audience_sync.store.tables import runs
+
+    assert project.cli_json("history") == []  # the store is created and migrated
+    beat = datetime.now(UTC) - timedelta(seconds=90)
+    engine = project.engine()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                runs.insert().values(
+                    audience=KEY, mode="delta", trigger="schedule", status="running", started_at=beat,
+                    owner="other-host:1:token", heartbeat_at=beat,
+                )
+            )  # fmt: skip
+    finally:
+        engine.dispose()
+    lease = {"AUDIENCE_SYNC_SCHEDULE__LEASE": "5m"}
+    result = project.cli("history", "--json", env=lease)
+    assert result.returncode == 0, result.stderr
+    assert [r["status"] for r in json.loads(result.stdout)] == ["running"]  # 90 s old beat, 5 min lease: alive
+    [run] = project.cli_json("history")  # the default lease (60s): that replica is gone
+    assert (run["status"], run["error"]) == ("interrupted", "the process running this sync stopped before it finished")

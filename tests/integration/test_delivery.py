@@ -15,10 +15,9 @@ import pytest
 from sqlalchemy import update
 
 from audience_sync.odp.client import ClientOptions, OdpClient
-from audience_sync.realtime.dispatcher import DeliveryWorker
-from audience_sync.realtime.ingest import ingest_rate
 from audience_sync.store import outbox
 from audience_sync.store.tables import rt_deliveries
+from audience_sync.wiring import delivery_worker
 from tests.conftest import Database, Emulator, run_cli
 from tests.integration.test_ingest import Realtime, drain, realtime_env
 
@@ -88,9 +87,25 @@ def test_a_429_with_retry_after_waits_and_delivers(realtime: Realtime) -> None:
     assert {d["status"] for d in realtime.deliveries()} == {"delivered"}
 
 
+class Clock:
+    """A wall clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 def test_retryable_failures_back_off_with_a_growing_delay_and_never_die(realtime: Realtime) -> None:
+    """The worker's clock and the client's sleep are the test's: the back-off is checked, not waited."""
     config = realtime.reconfigure('[realtime]\nretry_delay = "300ms"\nretry_max_delay = "1s"\n')
-    worker = realtime.worker(config)
+    clock = Clock()
+    waits: list[float] = []
+    worker = realtime.worker(config, client=realtime.client(sleep=waits.append), now=clock)
     identify(realtime, "u1")
     realtime.emulator.faults(status=503)
     delays = []
@@ -101,8 +116,11 @@ def test_retryable_failures_back_off_with_a_growing_delay_and_never_die(realtime
         assert item["error"] == "HTTP 503 after 3 attempts"
         delays.append((item["available_at"] - item["updated_at"]).total_seconds())
         assert worker.process_once() == 0  # not before available_at
-        time.sleep(delays[-1])
+        clock.advance(delays[-1] - 0.001)
+        assert worker.process_once() == 0  # nor a moment before it
+        clock.advance(0.001)
     assert delays == pytest.approx([0.3, 0.6, 1.0], abs=0.01)
+    assert len(waits) == 3 * 2  # the client's own retries within each attempt (3 tries: 2 waits)
     realtime.emulator.faults()
     drain(worker)
     [item] = realtime.deliveries()
@@ -114,7 +132,7 @@ def test_refused_credentials_keep_items_pending(realtime: Realtime) -> None:
     identify(realtime, "u1")
     options = ClientOptions(base_url=realtime.emulator.base, api_key="wrong-key", max_requests_per_second=0)
     with OdpClient(options) as client:
-        worker = DeliveryWorker(realtime.config, realtime.engine, client)
+        worker = delivery_worker(realtime.config.settings, realtime.engine, client)
         worker.process_once()
         worker.close()
     [item] = realtime.deliveries()
@@ -291,7 +309,7 @@ def test_delivery_holds_back_while_ingestion_is_heavy(realtime: Realtime) -> Non
     assert time.monotonic() - started < 0.02  # nothing ingested lately: no holding back
     batch = [{"type": "page", "userId": f"u{i}"} for i in range(2500)]
     assert realtime.post("/v1/batch", {"batch": batch}).json()["accepted"] == 2500
-    assert ingest_rate() > 2 * worker.light_ingest_rate
+    assert realtime.load.rate() > 2 * worker.light_ingest_rate
     started = time.monotonic()
     worker._yield_to_ingestion(0.05, stop)
     assert time.monotonic() - started >= 0.05  # works at most half of the time

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,16 +30,17 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
 from audience_sync.config import Config, load_config
+from audience_sync.daemon.server import delivery_routes
 from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.client import OdpClient
-from audience_sync.odp.target import client_options
-from audience_sync.realtime.admin import admin_routes
-from audience_sync.realtime.dispatcher import DeliveryWorker
-from audience_sync.realtime.ingest import ingest_routes
+from audience_sync.realtime.delivery import DeliveryWorker
+from audience_sync.realtime.ingest import IngestLoad, ingest_routes, message_writer
 from audience_sync.realtime.metrics import RealtimeMetrics, register_realtime_metrics
 from audience_sync.store import migrate, outbox
 from audience_sync.store.engine import make_engine
 from audience_sync.store.tables import rt_deliveries, rt_messages
+from audience_sync.timestamps import Now, utcnow
+from audience_sync.wiring import client_options, delivery_worker, write_keys
 from tests.conftest import Database, Emulator, free_port
 
 WRITE_KEY = "wk-test"
@@ -95,6 +96,7 @@ class Realtime:
     url: str
     metrics: RealtimeMetrics
     registry: CollectorRegistry
+    load: IngestLoad
     stack: ExitStack
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30))
 
@@ -122,12 +124,25 @@ class Realtime:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(select(rt_deliveries).order_by(rt_deliveries.c.id))]
 
-    def client(self) -> OdpClient:
+    def client(self, sleep: Callable[[float], None] = time.sleep) -> OdpClient:
+        """A client as the daemon's (``sleep``: how it waits between retries)."""
         odp = self.config.settings.odp
-        return self.stack.enter_context(OdpClient(client_options(odp, self.emulator.base, "test-key")))
+        options = client_options(odp, self.emulator.base, "test-key")
+        return self.stack.enter_context(OdpClient(options, sleep=sleep))
 
-    def worker(self, config: Config | None = None) -> DeliveryWorker:
-        worker = DeliveryWorker(config or self.config, self.engine, self.client(), metrics=self.metrics)
+    def worker(
+        self, config: Config | None = None, *, client: OdpClient | None = None, now: Now = utcnow
+    ) -> DeliveryWorker:
+        """A delivery worker as the daemon's, on this ingestion's load; ``now``: its wall clock."""
+        settings = (config or self.config).settings
+        worker = delivery_worker(
+            settings,
+            self.engine,
+            client or self.client(),
+            metrics=self.metrics,
+            ingest_rate=self.load.rate,
+            now=now,
+        )
         self.stack.callback(worker.close)
         return worker
 
@@ -151,8 +166,12 @@ def realtime_env(tmp_path: Path, database: Database, emulator: Emulator) -> Iter
     registry = CollectorRegistry()
     metrics = register_realtime_metrics(registry, engine)
     with ExitStack() as stack:
-        url = stack.enter_context(serve([*ingest_routes(config, engine, metrics), *admin_routes(config, engine)]))
-        env = Realtime(tmp_path, database, emulator, config, engine, url, metrics, registry, stack)
+        load = IngestLoad()
+        writer = message_writer(engine)
+        stack.callback(writer.close)
+        routes = [*ingest_routes(writer, write_keys(config.settings), metrics, load), *delivery_routes(engine)]
+        url = stack.enter_context(serve(routes))
+        env = Realtime(tmp_path, database, emulator, config, engine, url, metrics, registry, load, stack)
         stack.callback(env.http.close)
         yield env
     engine.dispose()
@@ -521,12 +540,13 @@ import sys
 import uvicorn
 from starlette.applications import Starlette
 from audience_sync.config import load_config
-from audience_sync.realtime.ingest import ingest_routes
+from audience_sync.realtime.ingest import ingest_routes, message_writer
 from audience_sync.store.engine import make_engine
+from audience_sync.wiring import write_keys
 
 config = load_config(sys.argv[1])
 engine = make_engine(config.settings.database.url)
-app = Starlette(routes=ingest_routes(config, engine))
+app = Starlette(routes=ingest_routes(message_writer(engine), write_keys(config.settings)))
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """
 

@@ -4,20 +4,24 @@ modes, duplicates, traits, sync_audience delivery, quarantine, the per-audience 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from audience_sync.audiences.rules import Mode
-from audience_sync.audiences.syncer import Syncer, SyncOptions
+from audience_sync import wiring
+from audience_sync.audiences.rules import Mode, audience_named
+from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.config import Config, load_config
 from audience_sync.errors import RunInProgress
+from audience_sync.leases import HOST, THIS_PROCESS, Owner
 from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.store import migrate
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import make_engine
+from audience_sync.timestamps import iso, utcnow
 from tests.conftest import Database, Emulator, render_toml
 
 
@@ -56,9 +60,13 @@ class Harness:
         return name
 
     def sync(self, config: Config, key: str | None = None, **options: Any) -> dict[str, Any]:
-        audience = config.settings.audiences[0] if key is None else config.settings.audience(key)
-        syncer = Syncer(config, self.engine, self.client)
-        return syncer.sync(audience, SyncOptions(**options))
+        configured = wiring.audiences(config.settings)
+        audience = configured[0] if key is None else audience_named(configured, key)
+        syncer = wiring.syncer(config.settings, self.engine, self.client)
+        try:
+            return syncer.sync(audience, SyncOptions(**options)).to_json()  # the record as `sync --json` prints it
+        finally:
+            syncer.close()
 
     def acked(self, audience: str) -> dict[str, str]:
         with self.engine.connect() as conn:
@@ -155,7 +163,7 @@ def test_rejected_member_is_quarantined_after_five_runs(h: Harness) -> None:
     h.emulator.reset()
     run = h.sync(config)
     assert (run["status"], run["sent"], run["failed"], run["requests"]) == ("succeeded", 0, 0, 0)
-    changes = run_store.changes(h.engine, run["id"])
+    changes = [change.to_json() for change in run_store.changes(h.engine, run["id"])]
     assert changes == [{"member": "bad", "value": True, "outcome": "quarantined", "error": None}]
     full = h.sync(config, mode=Mode.FULL)  # a manual full run tries quarantined members again
     assert full["sent"] == 2
@@ -163,27 +171,32 @@ def test_rejected_member_is_quarantined_after_five_runs(h: Harness) -> None:
 
 def test_one_run_per_audience_at_a_time(h: Harness) -> None:
     config = h.config(file_audience("Locked", h.csv("l.csv", ["u1,a@x"])))
-    run_id, _ = run_store.start_run(h.engine, audience="locked", mode="delta", trigger="manual")
+    run_id, _ = run_store.start_run(
+        h.engine, audience="locked", mode="delta", trigger="manual", owner=THIS_PROCESS.new()
+    )
     with pytest.raises(RunInProgress, match="already in progress"):
         h.sync(config)
     run_store.finish_run(h.engine, run_id, "succeeded")
     assert h.sync(config)["status"] == "succeeded"
 
 
+LEASE = timedelta(seconds=60)
+
+
 def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
-    dead = run_store.Owner(run_store.PROCESS_OWNER.host, 2**22 + 12345, "gone")
-    live = run_store.Owner("other-host", 1, "far")
+    dead = Owner(HOST, 2**22 + 12345, "gone")
+    live = Owner("other-host", 1, "far")
     dead_id, _ = run_store.start_run(h.engine, audience="a", mode="delta", trigger="manual", owner=dead)
     live_id, _ = run_store.start_run(h.engine, audience="b", mode="delta", trigger="manual", owner=live)
-    assert run_store.mark_interrupted(h.engine) == [dead_id]
-    assert run_store.get_run(h.engine, dead_id)["status"] == "interrupted"  # type: ignore[index]
-    assert run_store.get_run(h.engine, live_id)["status"] == "running"  # type: ignore[index]
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == [dead_id]
+    assert getattr(run_store.get_run(h.engine, dead_id), "status", None) == "interrupted"
+    assert getattr(run_store.get_run(h.engine, live_id), "status", None) == "running"
     with h.engine.begin() as conn:  # the other host stopped renewing its lease
         conn.execute(
             text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
-            {"t": run_store.utcnow().replace(tzinfo=None) - run_store.DEFAULT_LEASE * 2, "i": live_id},
+            {"t": utcnow().replace(tzinfo=None) - LEASE * 2, "i": live_id},
         )
-    assert run_store.mark_interrupted(h.engine) == [live_id]
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == [live_id]
 
 
 def test_jsonl_source_and_bad_line(h: Harness) -> None:
@@ -201,10 +214,10 @@ def test_jsonl_source_and_bad_line(h: Harness) -> None:
 @pytest.mark.parametrize("delivery", ["upsert_contact", "sync_audience"])
 def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, delivery: str) -> None:
     """The send path writes item JSON as text for speed; read back from the store, it must mean exactly
-    what the reference builders rules.*_body build."""
+    what the reference builders odp.payloads.*_body build."""
     import json
 
-    from audience_sync.audiences import rules
+    from audience_sync.odp import payloads
     from audience_sync.store.members import ITEM_SEPARATOR, pending_batches
 
     rows = [
@@ -221,7 +234,9 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
             ("t3", "t3", None, None, None, "null"),
             ("t4", "t4", None, None, None, '{"tier":["a","é"],"n":-1e-7}'),
         ]
-    run_id, started = run_store.start_run(h.engine, audience="ref", mode="initial", trigger="manual")
+    run_id, started = run_store.start_run(
+        h.engine, audience="ref", mode="initial", trigger="manual", owner=THIS_PROCESS.new()
+    )
     with h.engine.begin() as conn:
         for member, uid, email, anon, vuid, value in rows:
             conn.execute(
@@ -231,7 +246,7 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
                 ),
                 {"r": run_id, "m": member, "v": value, "u": uid, "e": email, "a": anon, "o": vuid},
             )
-    timestamp = run_store.iso(started) or ""
+    timestamp = iso(started)
     by_id = {}
     sizes = []
     for ids, texts, count in pending_batches(
@@ -247,9 +262,9 @@ def test_bodies_built_in_the_database_equal_the_reference_builders(h: Harness, d
     for _, uid, email, anon, vuid, value in rows:
         ids = {"user_id": uid, "email": email, "anonymous_id": anon, "optimizely_vuid": vuid}
         if delivery == "upsert_contact":
-            expected.append(rules.upsert_contact_body("ref", value, ids))
+            expected.append(payloads.upsert_contact_body("ref", value, ids))
         else:
-            expected.append(rules.sync_audience_body("ref", value, ids, timestamp))
+            expected.append(payloads.sync_audience_body("ref", value, ids, timestamp))
     assert built == expected
 
 
@@ -266,13 +281,62 @@ def test_sql_source_streams_every_row(h: Harness) -> None:
     assert (run["members"], run["entered"], run["invalid"]) == (total, total, 0)
 
 
+def test_a_sqlite_source_is_read_without_being_modified(h: Harness) -> None:
+    """The store's pragmas (WAL above all) are never applied to a source: its file stays byte for byte
+    what it was, in the journal mode its owner chose, with no -wal or -shm file next to it."""
+    import hashlib
+    import sqlite3
+
+    source = h.tmp_path / "warehouse.db"
+    with sqlite3.connect(source) as db:
+        db.execute("CREATE TABLE customers (user_id TEXT, email TEXT)")
+        db.executemany("INSERT INTO customers VALUES (?, ?)", [(f"c{i}", f"c{i}@x") for i in range(50)])
+    db.close()
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    url = f"sqlite:///{source}"
+    config = h.config({"name": "Warehouse", "source": {"type": "sql", "url": url, "query": "SELECT * FROM customers"}})
+    run = h.sync(config)
+    assert (run["status"], run["sent"]) == ("succeeded", 50)
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in h.tmp_path.iterdir() if p.name.startswith("warehouse.db")) == ["warehouse.db"]
+    db = sqlite3.connect(source)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        db.close()
+
+
+def test_a_source_query_cannot_write_even_to_the_store(h: Harness) -> None:
+    """A source is opened read-only, also when it is the store's own database (no ``url``)."""
+    with h.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE people (user_id VARCHAR(20))"))
+        conn.execute(text("INSERT INTO people VALUES ('p1'), ('p2')"))
+        if h.database.kind == "postgresql":  # a server-side cursor only takes a SELECT: write from one
+            conn.execute(text("CREATE SEQUENCE people_seq"))
+    if h.database.kind == "postgresql":
+        query, read_only = "SELECT 'p' || nextval('people_seq') AS user_id FROM people", "read-only transaction"
+    else:
+        query, read_only = "DELETE FROM people RETURNING user_id", "readonly database"
+    run = h.sync(h.config({"name": "Writer", "source": {"type": "sql", "query": query}}))
+    assert run["status"] == "failed"
+    assert run["error"].startswith("source query of audience 'writer' failed:")
+    assert read_only in run["error"], run["error"]
+    with h.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM people")).scalar_one() == 2
+        if h.database.kind == "postgresql":
+            assert conn.execute(text("SELECT last_value, is_called FROM people_seq")).one() == (1, False)
+    assert h.emulator.requests() == []
+
+
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 def test_settling_a_run_looks_members_up_by_key_even_on_fresh_tables(h: Harness) -> None:
     """Regression: with EXISTS, PostgreSQL planned settle_sent as a scan of every member per change
     on unanalysed tables (35 s for 20k changes). The statement must look each member up by its key."""
     from audience_sync.store.members import _SETTLE
 
-    run_id, started = run_store.start_run(h.engine, audience="a", mode="initial", trigger="manual")
+    run_id, started = run_store.start_run(
+        h.engine, audience="a", mode="initial", trigger="manual", owner=THIS_PROCESS.new()
+    )
     with h.engine.begin() as conn:
         conn.execute(
             text(
@@ -344,7 +408,7 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
         conn.execute(text("CREATE TABLE people (user_id VARCHAR(20))"))
         conn.execute(text("INSERT INTO people VALUES (:u)"), [{"u": f"p{i}"} for i in range(total)])
     config = h.config({"name": "People", "source": {"type": "sql", "query": "SELECT user_id FROM people"}})
-    audience = config.settings.audiences[0]
+    [audience] = wiring.audiences(config.settings)
     stop = {"set": False}
     staged: list[str] = []
 
@@ -353,8 +417,11 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
             staged.append(message)
             stop["set"] = True  # a stop signal arrives while the source is being read
 
-    stopping = Syncer(config, h.engine, h.client, progress=progress, should_stop=lambda: stop["set"])
-    run = stopping.sync(audience)
+    stopping = wiring.syncer(config.settings, h.engine, h.client, progress=progress, should_stop=lambda: stop["set"])
+    try:
+        run = stopping.sync(audience).to_json()
+    finally:
+        stopping.close()
     assert run["status"] == "interrupted" and "stopped while reading the source" in run["error"]
     assert staged == [f"people: staged {sources.CHUNK_ROWS:,} rows"]  # not read to its end
     assert (run["sent"], run["requests"]) == (0, 0)
@@ -366,8 +433,6 @@ def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h:
 
 @pytest.mark.parametrize("retention", ["30d", "0s"])
 def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harness, retention: str) -> None:
-    from datetime import timedelta
-
     from sqlalchemy import update
 
     from audience_sync.store.tables import runs
@@ -379,7 +444,7 @@ def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harne
     )
     first_a, first_b = h.sync(config, "a"), h.sync(config, "b")
     with h.engine.begin() as conn:
-        aged = run_store.utcnow() - timedelta(days=31)
+        aged = utcnow() - timedelta(days=31)
         conn.execute(update(runs).where(runs.c.id.in_([first_a["id"], first_b["id"]])).values(finished_at=aged))
     h.sync(config, "a")  # a delta with nothing to send: it still tidies its own audience's change logs
 
@@ -388,4 +453,4 @@ def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harne
         assert kept == {first_a["id"]: 2, first_b["id"]: 1}
     else:
         assert kept == {first_a["id"]: 0, first_b["id"]: 1}  # B's own next run will tidy B
-    assert run_store.get_run(h.engine, first_a["id"])["sent"] == 2  # type: ignore[index]
+    assert getattr(run_store.get_run(h.engine, first_a["id"]), "sent", None) == 2

@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
+from audience_sync.odp.regions import base_url
 from audience_sync.realtime.actions import (
     ACTIONS,
-    ValidationError,
-    base_url,
     build_requests,
     merge_fields,
     resolve_action,
 )
+from audience_sync.realtime.fields import ValidationError
 from audience_sync.realtime.mapping import UNDEFINED, MappingError, resolve, resolve_fields
 from audience_sync.realtime.presets import PRESETS, enabled_presets, get_preset
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from audience_sync.config import format_duration, load_config, parse_duration, redact_url
+from audience_sync.config import load_config, parse_duration
 from audience_sync.errors import ConfigError
+from audience_sync.masking import redact_url
+from audience_sync.timestamps import format_duration
 
 MINIMAL = """
 [odp]

@@ -27,7 +27,6 @@ from starlette.routing import Route
 import audience_sync
 from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.client import (
-    REGION_BASE_URLS,
     USER_AGENT,
     BatchReport,
     ClientOptions,
@@ -38,6 +37,7 @@ from audience_sync.odp.client import (
     _Pacer,
     parse_retry_after,
 )
+from audience_sync.odp.regions import REGIONS
 
 API_KEY = "sk-SECRET-token-0123456789abcdef"
 BASE = "https://odp.test/twilio_segment"
@@ -148,7 +148,7 @@ def send_all(client: OdpClient, batches: Any, **kwargs: Any) -> tuple[SendTotals
 
 def test_constants() -> None:
     assert f"audience-sync/{audience_sync.__version__}" == USER_AGENT
-    assert REGION_BASE_URLS == {
+    assert REGIONS == {
         "US": "https://function.zaius.app/twilio_segment",
         "EU": "https://function.eu1.ocp.optimizely.com/twilio_segment",
         "AU": "https://function.au1.ocp.optimizely.com/twilio_segment",

@@ -461,3 +461,15 @@ def test_unknown_delivery_statuses_follow_the_known_ones() -> None:
         "delivery-aaa",
         "delivery-zzz",
     ]
+
+
+def test_every_status_the_store_writes_has_its_colour_and_place() -> None:
+    from audience_sync.daemon.web import CSS, DELIVERY_ORDER
+    from audience_sync.statuses import DeliveryStatus, RunStatus
+
+    for status in (*RunStatus, *DeliveryStatus):
+        assert f".badge.status-{status}" in CSS, status
+    assert tuple(DeliveryStatus) == DELIVERY_ORDER
+    counts = {status.value: 1 for status in DeliveryStatus}
+    rows = parse(page(deliveries=counts)).by_testid("deliveries").iter("tbody")[0].iter("tr")
+    assert [r.attrs["data-testid"] for r in rows] == [f"delivery-{s}" for s in DeliveryStatus]

@@ -1,52 +1,29 @@
-"""CLI commands of the real-time path: ``test-event``, ``deliveries``, ``replay``."""
+"""The real-time path's commands: ``test-event``, ``deliveries``, ``replay``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from audience_sync.config import Config, OdpSettings
-
-
-def register(sub: Any, common: argparse.ArgumentParser, json_flag: argparse.ArgumentParser) -> None:
-    """Add the real-time commands to the ``audience-sync`` parser."""
-    p = sub.add_parser(
-        "test-event",
-        parents=[common, json_flag],
-        help="build (and with --send, send) the ODP request for an event",
-        description="Build the ODP request an action makes of an event (a JSON object, or an array of them "
-        "as one batch) and print it, or the validation errors. --send sends it and prints the response.",
-    )
-    p.add_argument("--action", required=True, metavar="A", help="upsert_contact, email_event, ... (or a slug)")
-    p.add_argument("--event", required=True, metavar="FILE", help="JSON file: one event, or an array of events")
-    p.add_argument("--fields", metavar="FILE", help="JSON object of field mappings, merged over the defaults")
-    p.add_argument("--no-defaults", action="store_true", help="use --fields alone, without the defaults")
-    p.add_argument("--send", action="store_true", help="send the request to ODP and print the response")
-    p.set_defaults(func=cmd_test_event)
-
-    p = sub.add_parser("deliveries", parents=[common, json_flag], help="real-time delivery items, newest first")
-    p.add_argument("--status", metavar="S", help="pending, sending, delivered, invalid or dead")
-    p.add_argument("--limit", type=int, default=50, metavar="N")
-    p.set_defaults(func=cmd_deliveries)
-
-    p = sub.add_parser("replay", parents=[common, json_flag], help="queue dead deliveries again")
-    p.add_argument("--dead", action="store_true", help="replay dead deliveries (the default)")
-    p.set_defaults(func=cmd_replay)
-
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, UsageError, emit_json, table
+from audience_sync.config import Config
+from audience_sync.odp.client import BatchReport, OutboundItem
+from audience_sync.odp.regions import base_url
+from audience_sync.realtime.actions import build_requests, resolve_action
+from audience_sync.realtime.mapping import MappingError
+from audience_sync.statuses import DELIVERY_STATUSES, DeliveryStatus
+from audience_sync.store import outbox
+from audience_sync.wiring import open_client, open_store
 
 # --- test-event ------------------------------------------------------------------------------------------
 
 
 def _read_json(path: str, flag: str) -> Any:
-    from audience_sync.cli import UsageError
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -72,29 +49,6 @@ class _Recorder(httpx.BaseTransport):
         self.inner.close()
 
 
-@contextmanager
-def _sending_client(odp: OdpSettings, transport: httpx.BaseTransport) -> Iterator[tuple[Any, str]]:
-    """(client, base URL) the way :func:`audience_sync.odp.target.open_client` picks the target, with our
-    transport: the region or ``odp.endpoint`` with the key, else the endpoint or the bundled emulator."""
-    from audience_sync.odp.client import OdpClient
-    from audience_sync.odp.target import LOCAL_TOKEN, base_url, client_options, embedded_emulator
-
-    if odp.api_key is not None:
-        base = base_url(odp)
-        with OdpClient(client_options(odp, base, odp.api_key.get_secret_value()), transport=transport) as client:
-            yield client, base
-        return
-    if odp.endpoint:
-        with OdpClient(client_options(odp, odp.endpoint, LOCAL_TOKEN), transport=transport) as client:
-            yield client, odp.endpoint
-        return
-    with (
-        embedded_emulator() as url,
-        OdpClient(client_options(odp, url, LOCAL_TOKEN), transport=transport) as client,
-    ):
-        yield client, url
-
-
 def _response_body(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -102,12 +56,7 @@ def _response_body(response: httpx.Response) -> Any:
         return response.text
 
 
-def cmd_test_event(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.cli import EXIT_FAILED, EXIT_OK, UsageError, _emit_json
-    from audience_sync.odp.client import BatchReport, OutboundItem
-    from audience_sync.realtime.actions import base_url, build_requests, resolve_action
-    from audience_sync.realtime.mapping import MappingError
-
+def test_event(args: argparse.Namespace, config: Config) -> int:
     try:
         action = resolve_action(args.action)
     except ValueError as exc:
@@ -138,8 +87,8 @@ def cmd_test_event(args: argparse.Namespace, config: Config) -> int:
     else:
         recorder = _Recorder()
         reports: list[BatchReport] = []
-        with _sending_client(odp, recorder) as (client, base):
-            result = build(base)
+        with open_client(odp, transport=recorder) as client:
+            result = build(client.options.base_url)
             for request in result.requests:
                 items = [OutboundItem(key=i, body=body) for i, body in enumerate(request["body"])]
                 client.send(action.path, [items], reports.append)
@@ -150,7 +99,7 @@ def cmd_test_event(args: argparse.Namespace, config: Config) -> int:
         ]
         ok = not result.errors and all(not r.rejected and not r.failed for r in reports)
     if args.json:
-        _emit_json(output)
+        emit_json(output)
     else:
         _print_test_event(output)
     return EXIT_OK if ok else EXIT_FAILED
@@ -171,42 +120,36 @@ def _print_test_event(output: dict[str, Any]) -> None:
 # --- deliveries and replay --------------------------------------------------------------------------------
 
 
-def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.cli import EXIT_OK, UsageError, _emit_json, _open_store, _table
-    from audience_sync.store import outbox
-
-    if args.status and args.status not in outbox.STATUSES:
-        raise UsageError(f"--status must be one of {', '.join(outbox.STATUSES)}")
+def deliveries(args: argparse.Namespace, config: Config) -> int:
+    if args.status and args.status not in DELIVERY_STATUSES:
+        raise UsageError(f"--status must be one of {', '.join(DELIVERY_STATUSES)}")
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    engine = _open_store(config)
+    engine = open_store(config.settings)
     try:
-        records = [outbox.delivery_record(d) for d in outbox.list_deliveries(engine, args.status, args.limit)]
+        records = [d.to_json() for d in outbox.list_deliveries(engine, args.status, args.limit)]
         counts = None if args.json else outbox.counts(engine)
     finally:
         engine.dispose()
     if args.json:
-        _emit_json(records)
+        emit_json(records)
         return EXIT_OK
     assert counts is not None
     print("  ".join(f"{status} {count}" for status, count in counts.items()))
     rows = [{**r, "error": (r["error"] or "")[:80]} for r in records]
     columns = ("id", "status", "mapping", "path", "attempts", "http_status", "received_at", "message_id", "error")
-    print(_table(rows, columns))
+    print(table(rows, columns))
     return EXIT_OK
 
 
-def cmd_replay(args: argparse.Namespace, config: Config) -> int:
-    from audience_sync.cli import EXIT_OK, _emit_json, _open_store
-    from audience_sync.store import outbox
-
-    engine = _open_store(config)
+def replay(args: argparse.Namespace, config: Config) -> int:
+    engine = open_store(config.settings)
     try:
-        replayed = outbox.replay(engine, outbox.DEAD)
+        replayed = outbox.replay(engine, DeliveryStatus.DEAD)
     finally:
         engine.dispose()
     if args.json:
-        _emit_json({"replayed": replayed})
+        emit_json({"replayed": replayed})
     else:
         print(f"queued {replayed} dead deliveries again; the daemon's delivery worker sends them")
     return EXIT_OK

@@ -28,33 +28,44 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Final
 
 from sqlalchemy import Engine
 
-from audience_sync import owners
-from audience_sync.config import Config
+from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
-from audience_sync.realtime.ingest import ingest_rate
 from audience_sync.realtime.metrics import RealtimeMetrics
 from audience_sync.realtime.routing import Router
 from audience_sync.store import outbox
+from audience_sync.timestamps import Now, utcnow
 
-__all__ = ["DEDUP_WINDOW", "DeliveryWorker"]
+__all__ = ["DEDUP_WINDOW", "DeliveryOptions", "DeliveryWorker"]
 
 log = logging.getLogger("audience_sync.delivery")
 
 DEDUP_WINDOW: Final = timedelta(hours=24)
 """A ``messageId`` accepted within this window is acknowledged but not delivered again."""
 
-_LIVE_TOKENS: set[str] = set()  # tokens of the workers of this process
 
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """How the worker batches and retries (``odp.batch_size``, ``odp.concurrency`` and ``[realtime]``;
+    the defaults are the configuration's).
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
+    ``linger``: how long a partial batch waits to fill; ``retention``: delivered and invalid items are
+    deleted after this; ``retry_delay`` / ``retry_max_delay``: the first and the largest wait before a
+    retryable failure is tried again (doubling in between).
+    """
+
+    batch_size: int
+    concurrency: int
+    linger: timedelta
+    retention: timedelta
+    retry_delay: timedelta
+    retry_max_delay: timedelta
 
 
 class DeliveryWorker:
@@ -76,22 +87,37 @@ class DeliveryWorker:
     """The least share of the time delivery works however heavy ingestion is."""
 
     def __init__(
-        self, config: Config, engine: Engine, client: OdpClient, *, metrics: RealtimeMetrics | None = None
+        self,
+        engine: Engine,
+        client: OdpClient,
+        router: Router,
+        options: DeliveryOptions,
+        *,
+        metrics: RealtimeMetrics | None = None,
+        ingest_rate: Callable[[], float] = lambda: 0.0,
+        now: Now = utcnow,
+        holders: Holders = THIS_PROCESS,
     ) -> None:
-        settings = config.settings
+        """``engine``: the store; ``client``: sends to ODP; ``router``: the enabled mappings;
+        ``metrics``: the real-time counters; ``ingest_rate``: events/s this process accepts lately (see
+        :meth:`_yield_to_ingestion`); ``now``: the wall clock that decides when items are due and
+        stamps them (a test's clock moves without waiting); ``holders``: where its lease holder comes
+        from (released by :meth:`close`)."""
         self.engine = engine
         self.client = client
         self.metrics = metrics
-        self.router = Router.from_config(settings.presets.disabled, settings.mappings)
-        self.batch_size = settings.odp.batch_size
-        self.claim_limit = self.batch_size * settings.odp.concurrency * 2
-        self.linger = settings.realtime.linger
-        self.retention = settings.realtime.retention
-        self.retry_delay = settings.realtime.retry_delay.total_seconds()
-        self.retry_max_delay = settings.realtime.retry_max_delay.total_seconds()
-        self.token = owners.new_token()
-        self.owner = owners.owner_string(self.token)
-        _LIVE_TOKENS.add(self.token)
+        self.router = router
+        self.batch_size = options.batch_size
+        self.claim_limit = self.batch_size * options.concurrency * 2
+        self.linger = options.linger
+        self.retention = options.retention
+        self.retry_delay = options.retry_delay.total_seconds()
+        self.retry_max_delay = options.retry_max_delay.total_seconds()
+        self.ingest_rate = ingest_rate
+        self.now = now
+        self.holders = holders
+        self.holder = holders.new()
+        self.owner = str(self.holder)
         self._next_due: datetime | None = None
         self._last_recovery = 0.0
 
@@ -123,13 +149,13 @@ class DeliveryWorker:
         return self._cycle(threading.Event(), flush=True)
 
     def close(self) -> None:
-        """Forget this worker: its remaining claims are released by the next worker's start."""
-        _LIVE_TOKENS.discard(self.token)
+        """Give up this worker's lease holder: claims it still has are taken back by the next worker."""
+        self.holders.release(self.holder)
 
     def purge(self, now: datetime | None = None) -> tuple[int, int]:
         """Delete delivered/invalid items past the retention and routed messages past the de-duplication
         window; returns (items, messages)."""
-        now = now or _utcnow()
+        now = now or self.now()
         items, messages = outbox.purge(
             self.engine, items_before=now - self.retention, messages_before=now - DEDUP_WINDOW
         )
@@ -147,7 +173,7 @@ class DeliveryWorker:
     def _idle_wait(self) -> float:
         wait = self.poll_seconds
         if self._next_due is not None:
-            wait = min(wait, max(0.01, (self._next_due - _utcnow()).total_seconds()))
+            wait = min(wait, max(0.01, (self._next_due - self.now()).total_seconds()))
         return wait
 
     # --- routing -----------------------------------------------------------------------------------------
@@ -157,7 +183,7 @@ class DeliveryWorker:
         deadline = time.monotonic() + self.route_budget_seconds
         while True:
             cpu = time.thread_time()
-            messages, made = outbox.route_messages(self.engine, self._items_for, limit=self.route_chunk)
+            messages, made = outbox.route_messages(self.engine, self._items_for, limit=self.route_chunk, now=self.now())
             items += made
             if messages < self.route_chunk or time.monotonic() >= deadline:
                 return items
@@ -169,7 +195,7 @@ class DeliveryWorker:
         the last piece of work took): routing and sending cost far more CPU than accepting, and in one
         process they share the GIL with ingestion. Up to ``light_ingest_rate`` events/s nothing is held
         back; above it the share falls in proportion, down to ``min_share``; the backlog drains after."""
-        rate = ingest_rate()
+        rate = self.ingest_rate()
         if rate <= self.light_ingest_rate or seconds <= 0:
             return
         share = max(self.min_share, self.light_ingest_rate / rate)
@@ -210,14 +236,15 @@ class DeliveryWorker:
     # --- claiming and sending ---------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        released = outbox.release_expired(self.engine)
-        gone = [owner for owner in outbox.sending_owners(self.engine) if owners.is_alive(owner, _LIVE_TOKENS) is False]
-        released += outbox.release(self.engine, gone)
+        now = self.now()
+        released = outbox.release_expired(self.engine, now)
+        gone = [owner for owner in outbox.sending_owners(self.engine) if self.holders.is_alive(owner) is False]
+        released += outbox.release(self.engine, gone, now)
         if released:
             log.warning("took back %d delivery items from workers that stopped", released)
 
     def _send_due(self, stop: threading.Event, flush: bool) -> int:
-        now = _utcnow()
+        now = self.now()
         self._next_due = None
         settled = 0
         for backlog in outbox.pending_backlog(self.engine, now):
@@ -230,8 +257,10 @@ class DeliveryWorker:
                 self._next_due = due if self._next_due is None else min(self._next_due, due)
                 continue
             while limit > 0 and not stop.is_set():
-                lease_until = _utcnow() + timedelta(seconds=self.lease_seconds)
-                claimed = outbox.claim(self.engine, backlog.path, min(limit, self.claim_limit), self.owner, lease_until)
+                lease_until = self.now() + timedelta(seconds=self.lease_seconds)
+                claimed = outbox.claim(
+                    self.engine, backlog.path, min(limit, self.claim_limit), self.owner, lease_until, now=self.now()
+                )
                 if not claimed:
                     break
                 limit -= len(claimed)
@@ -248,7 +277,7 @@ class DeliveryWorker:
 
         def on_report(report: BatchReport) -> None:
             nonlocal settled
-            now = _utcnow()
+            now = self.now()
             delivered = [item.key for item in report.acknowledged]
             dead = [(item.key.id, message) for item, message in report.rejected]
             retry = [
@@ -270,7 +299,7 @@ class DeliveryWorker:
                 for claimed_item in delivered:
                     self.metrics.delivered_after((now - claimed_item.received_at).total_seconds())
 
-        with self._heartbeat():
+        with Heartbeat(self._renew_leases, self.lease_seconds / 3, what=f"the delivery leases of {self.owner}"):
             self.client.send(path, batches, on_report, should_stop=stop.is_set)
         return settled
 
@@ -278,23 +307,5 @@ class DeliveryWorker:
         seconds = self.retry_delay * 2.0 ** min(max(attempts - 1, 0), 30)
         return timedelta(seconds=min(seconds, self.retry_max_delay))
 
-    @contextmanager
-    def _heartbeat(self) -> Iterator[None]:
-        """Renew the lease of this worker's claims while a send lasts."""
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(self.lease_seconds / 3):
-                try:
-                    until = _utcnow() + timedelta(seconds=self.lease_seconds)
-                    outbox.renew_lease(self.engine, self.owner, until)
-                except Exception as exc:
-                    log.warning("renewing delivery leases failed: %s", exc)
-
-        thread = threading.Thread(target=beat, name="delivery-lease", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
+    def _renew_leases(self) -> None:
+        outbox.renew_lease(self.engine, self.owner, self.now() + timedelta(seconds=self.lease_seconds))

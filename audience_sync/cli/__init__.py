@@ -1,0 +1,144 @@
+"""The ``audience-sync`` command line (product.md section 6): the parser and ``main``.
+
+One module per command family does the work: :mod:`~audience_sync.cli.audiences` (sync, history,
+show, audiences), :mod:`~audience_sync.cli.realtime` (test-event, deliveries, replay) and
+:mod:`~audience_sync.cli.daemon` (run, db, check, emulator); :mod:`~audience_sync.cli.output` writes.
+``main`` imports only the family of the command it runs, so a quick command does not pay for loading
+the daemon. The CLI is the top of the package: nothing else imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from audience_sync import __version__
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, setup_logging
+from audience_sync.config import load_config
+from audience_sync.errors import AudienceSyncError, ConfigError, UnknownAudience
+
+__all__ = ["build_parser", "main"]
+
+
+def _command(family: str, name: str) -> dict[str, Any]:
+    """Parser defaults naming the function that runs a command: ``audience_sync.cli.<family>.<name>``."""
+    return {"command_family": family, "command_function": name}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $AUDIENCE_SYNC_CONFIG or ./audience-sync.toml)",
+    )
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    common.add_argument("--log-format", choices=("text", "json"), default="text")
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog="audience-sync",
+        description="Keep Optimizely Data Platform in step with your audiences and events.",
+    )
+    parser.add_argument("--version", action="version", version=f"audience-sync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="the daemon: scheduler, HTTP server, real-time delivery")
+    p.add_argument("--host", default=None, help="listen address (default: server.host)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: server.port)")
+    p.set_defaults(**_command("daemon", "run"), log_default=logging.INFO)
+
+    p = sub.add_parser("sync", parents=[common, json_flag], help="run audience syncs now")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="audience keys (default: every enabled audience)")
+    p.add_argument("--full", action="store_true", help="re-send true for every current member, plus exits")
+    p.add_argument("--reconcile", action="store_true", help="full, plus false again for every known non-member")
+    p.add_argument("--dry-run", action="store_true", help="plan and report; send nothing, change nothing")
+    p.add_argument("--force", action="store_true", help="send even when the circuit breaker would hold the run")
+    p.set_defaults(**_command("audiences", "sync"))
+
+    p = sub.add_parser("history", parents=[common, json_flag], help="sync history, newest first")
+    p.add_argument("--audience", metavar="KEY")
+    p.add_argument("--status", metavar="S")
+    p.add_argument("--limit", type=int, default=20, metavar="N")
+    p.set_defaults(**_command("audiences", "history"))
+
+    p = sub.add_parser("show", parents=[common, json_flag], help="one run record")
+    p.add_argument("run_id", type=int, metavar="RUN_ID")
+    p.add_argument("--changes", action="store_true", help="add the run's per-member changes")
+    p.set_defaults(**_command("audiences", "show"))
+
+    p = sub.add_parser("audiences", parents=[common, json_flag], help="configured audiences")
+    p.set_defaults(**_command("audiences", "audiences"))
+
+    p = sub.add_parser("db", parents=[common], help="database maintenance")
+    p.add_argument("action", choices=("upgrade",))
+    p.set_defaults(**_command("daemon", "db"))
+
+    p = sub.add_parser("check", parents=[common, json_flag], help="validate config, database and ODP credentials")
+    p.set_defaults(**_command("daemon", "check"))
+
+    p = sub.add_parser("emulator", parents=[common], help="run a local ODP emulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--api-key", default=None, help="the Bearer token to accept (default: any)")
+    p.add_argument("--status", type=int, help="answer every batch request with this status")
+    p.add_argument("--status-count", type=int, help="only the next N requests get --status")
+    p.add_argument("--retry-after", type=float, help="Retry-After seconds sent with --status 429")
+    p.add_argument("--failure-rate", type=float, help="probability of a 500 per request")
+    p.add_argument("--latency-ms", type=float, help="delay before answering")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(**_command("daemon", "emulator"), no_config=True)
+
+    p = sub.add_parser(
+        "test-event",
+        parents=[common, json_flag],
+        help="build (and with --send, send) the ODP request for an event",
+        description="Build the ODP request an action makes of an event (a JSON object, or an array of them "
+        "as one batch) and print it, or the validation errors. --send sends it and prints the response.",
+    )
+    p.add_argument("--action", required=True, metavar="A", help="upsert_contact, email_event, ... (or a slug)")
+    p.add_argument("--event", required=True, metavar="FILE", help="JSON file: one event, or an array of events")
+    p.add_argument("--fields", metavar="FILE", help="JSON object of field mappings, merged over the defaults")
+    p.add_argument("--no-defaults", action="store_true", help="use --fields alone, without the defaults")
+    p.add_argument("--send", action="store_true", help="send the request to ODP and print the response")
+    p.set_defaults(**_command("realtime", "test_event"))
+
+    p = sub.add_parser("deliveries", parents=[common, json_flag], help="real-time delivery items, newest first")
+    p.add_argument("--status", metavar="S", help="pending, sending, delivered, invalid or dead")
+    p.add_argument("--limit", type=int, default=50, metavar="N")
+    p.set_defaults(**_command("realtime", "deliveries"))
+
+    p = sub.add_parser("replay", parents=[common, json_flag], help="queue dead deliveries again")
+    p.add_argument("--dead", action="store_true", help="replay dead deliveries (the default)")
+    p.set_defaults(**_command("realtime", "replay"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args, getattr(args, "log_default", logging.WARNING))
+    try:
+        family = importlib.import_module(f"audience_sync.cli.{args.command_family}")
+        func: Callable[[argparse.Namespace, Any], int] = getattr(family, args.command_function)
+        config = None if getattr(args, "no_config", False) else load_config(args.config)
+        return func(args, config)
+    except (ConfigError, UsageError, UnknownAudience) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AudienceSyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

@@ -1,0 +1,93 @@
+"""What the CLI writes and how it exits: JSON on stdout, plain tables, a progress line and log lines on
+stderr, the exit codes, and the usage error.
+
+Exit codes: 0 ok; 1 the operation failed; 2 usage or config error; 3 a run was held (and none failed).
+``--json`` prints machine-readable JSON on stdout and nothing else there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from audience_sync.errors import AudienceSyncError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
+
+
+class UsageError(AudienceSyncError):
+    """The command was used wrongly."""
+
+
+def emit_json(payload: Any) -> None:
+    """``payload`` as indented JSON on stdout."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """``rows`` as a plain text table of ``columns`` (None prints empty); ``(none)`` without rows."""
+    if not rows:
+        return "(none)"
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+class Progress:
+    """One rewritten status line on a terminal's stderr, at most a few times a second."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        self.shown = True
+        sys.stderr.write("\r\x1b[2K" + message)
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+def setup_logging(args: argparse.Namespace, default: int = logging.WARNING) -> None:
+    """Log lines on stderr: ``-v`` for INFO, ``-vv`` for DEBUG, ``--log-format json`` for one JSON
+    object per line."""
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else default
+    handler = logging.StreamHandler(sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "alembic", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # APScheduler reports every tick skipped while a long run holds its audience: expected, not news.
+    logging.getLogger("apscheduler").setLevel(max(level, logging.ERROR))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )

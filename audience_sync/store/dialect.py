@@ -1,0 +1,269 @@
+"""Every dialect difference of the store in one place: SQLite and PostgreSQL each get the statement that
+is right (and fast) for them: upserts, bulk loads, staging tables, id lists bound as one parameter,
+JSON text, ordered string aggregates, driver-level statements, write locks, claims and advisory locks.
+
+Nothing outside ``store/`` imports this module; nothing else in ``store/`` asks which dialect it runs on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, Select, Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.dml import Insert
+
+# Any stable 64-bit number: the key of the PostgreSQL advisory lock held while migrating.
+MIGRATION_LOCK_KEY = 0x6175_6469_656E_6365
+
+
+def is_sqlite(conn: Connection | Engine) -> bool:
+    return conn.dialect.name == "sqlite"
+
+
+def insert_for(conn: Connection, table: Table) -> Any:
+    """The dialect's INSERT construct, which knows ON CONFLICT."""
+    if is_sqlite(conn):
+        return sqlite.insert(table)
+    return postgresql.insert(table)
+
+
+def upsert(
+    conn: Connection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    update: Sequence[str] | dict[str, Any],
+) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE, for both dialects.
+
+    ``update`` is a list of columns taken from the new row, or a mapping of column -> SQL expression that
+    may refer to ``excluded``.
+    """
+    if not rows:
+        return
+    stmt: Insert = insert_for(conn, table)
+    excluded = stmt.excluded  # type: ignore[attr-defined]
+    if isinstance(update, dict):
+        set_ = {k: (v(excluded) if callable(v) else v) for k, v in update.items()}
+    else:
+        set_ = {c: excluded[c] for c in update}
+    conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=set_), rows)  # type: ignore[attr-defined]
+
+
+def bulk_load(conn: Connection, table_name: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Load many rows fast: ``COPY`` on PostgreSQL, ``executemany`` on the raw SQLite cursor."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    if is_sqlite(conn):
+        marks = ", ".join("?" for _ in columns)
+        cursor = raw.cursor()
+        cursor.executemany(f"INSERT INTO {table_name} ({', '.join(columns)}) VALUES ({marks})", rows)
+        cursor.close()
+        return
+    with raw.cursor() as cur, cur.copy(f"COPY {table_name} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def in_id_list(conn: Connection, column: str) -> str:
+    """SQL for a driver-level statement (see :func:`driver_execute`) testing ``column`` against a list
+    of ids bound as ONE ``?`` parameter (see :func:`id_list`).
+
+    One parameter instead of one per id keeps per-batch statements cheap: SQLite reads a JSON array
+    with ``json_each``, PostgreSQL binds an array.
+    """
+    if is_sqlite(conn):
+        return f"{column} IN (SELECT value FROM json_each(?))"
+    return f"{column} = ANY(CAST(? AS BIGINT[]))"
+
+
+def json_string(conn: Connection, expr: str) -> str:
+    """SQL for the JSON text of a text expression (a quoted, escaped JSON string; NULL stays NULL on
+    PostgreSQL and becomes ``null`` on SQLite, so callers guard NULLs themselves)."""
+    return f"json_quote({expr})" if is_sqlite(conn) else f"to_json(CAST({expr} AS TEXT))::text"
+
+
+def string_agg(conn: Connection, expr: str, separator: int, order_by: str) -> str:
+    """SQL aggregating ``expr`` as text joined by the character of code ``separator``, in ``order_by``
+    order. SQLite (before 3.44) takes no ORDER BY in an aggregate: it joins rows in the order its
+    subquery yields them, so every such aggregate of one query sees the same order."""
+    if is_sqlite(conn):
+        return f"group_concat({expr}, char({separator}))"
+    return f"string_agg(CAST({expr} AS TEXT), chr({separator}) ORDER BY {order_by})"
+
+
+def driver_rows(conn: Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """Rows of a query straight from the driver's cursor, as the driver's plain tuples, in ``conn``'s
+    transaction: for hot reads where SQLAlchemy's per-row result handling would cost more than the
+    query. ``sql`` marks parameters with ``?`` (see :func:`driver_execute`)."""
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.execute(_driver_sql(conn, sql), tuple(params))
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def driver_execute(conn: Connection, sql: str, params: Sequence[Any]) -> int:
+    """Run one statement straight through the driver in ``conn``'s transaction; returns its rowcount.
+
+    For statements run once per batch on the hot path, where SQLAlchemy's per-execution work costs
+    more than the statement. ``sql`` marks parameters with ``?``, turned into ``%s`` for psycopg (so it
+    must hold no other ``?`` or ``%``); values must already be what the dialect stores (see
+    :func:`bind_value`)."""
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.execute(_driver_sql(conn, sql), tuple(params))
+        return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
+def _driver_cursor(conn: Connection) -> Any:
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    return raw.cursor()
+
+
+def _driver_sql(conn: Connection, sql: str) -> str:
+    return sql if is_sqlite(conn) else sql.replace("?", "%s")
+
+
+def id_list(conn: Connection, ids: str) -> str:
+    """The bound value for :func:`in_id_list` from integer ids joined by commas: a JSON array for
+    SQLite, an array literal for PostgreSQL."""
+    return f"[{ids}]" if is_sqlite(conn) else f"{{{ids}}}"
+
+
+def begin_write(conn: Connection) -> None:
+    """Start a transaction that reads and then writes, on a connection with no transaction open.
+
+    SQLite: takes the write lock first (``BEGIN IMMEDIATE``). A deferred transaction that has read
+    cannot become a writer once another connection has committed: it fails at once with "database
+    is locked" instead of waiting for the lock. PostgreSQL needs nothing.
+    """
+    if is_sqlite(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """``engine.begin()`` for a transaction that reads before it writes (see :func:`begin_write`)."""
+    with engine.connect() as conn:
+        begin_write(conn)
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+
+@contextmanager
+def migration_lock(conn: Connection) -> Iterator[None]:
+    """Serialise migrations of replicas starting together.
+
+    PostgreSQL: a session advisory lock. SQLite: the migration runs in one ``BEGIN IMMEDIATE`` transaction.
+    """
+    if is_sqlite(conn):
+        # The migration's whole transaction holds SQLite's write lock; a second process waits for it.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield
+        return
+    conn.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
+
+
+def claim_lock(query: Select[Any]) -> Select[Any]:
+    """Lock the rows a claiming query selects, skipping rows other transactions hold.
+
+    PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so replicas claim disjoint rows without waiting on each
+    other. SQLite renders no lock: it has one writer at a time, so a claiming ``UPDATE ... WHERE id IN
+    (SELECT ...)`` is atomic there anyway.
+    """
+    return query.with_for_update(skip_locked=True)
+
+
+def insert_new(
+    conn: Connection, table: str, columns: Sequence[str], conflict: str, rows: Sequence[Sequence[Any]]
+) -> None:
+    """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` of many rows (values already as the dialect
+    stores them, see :func:`bind_value`) straight through the driver, without SQLAlchemy's per-row work:
+    ``executemany`` on SQLite's cursor, psycopg's pipelined ``executemany`` on PostgreSQL. Runs in
+    ``conn``'s transaction."""
+    if not rows:
+        return
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+        f"ON CONFLICT ({conflict}) DO NOTHING"
+    )
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.executemany(_driver_sql(conn, sql), rows)
+    finally:
+        cursor.close()
+
+
+def bind_value(conn: Connection | Engine, table: Table, column: str, value: Any) -> Any:
+    """``value`` as the dialect stores it in ``table.column`` (what SQLAlchemy would bind), for the
+    driver-level statements above."""
+    process = table.c[column].type.bind_processor(conn.dialect)
+    return process(value) if process is not None else value
+
+
+def stage_distinct(
+    conn: Connection,
+    table: str,
+    columns: Sequence[str],
+    chunks: Iterable[Sequence[Sequence[Any]]],
+    on_chunk: Callable[[int], None],
+) -> None:
+    """Load ``chunks`` of rows into a fresh temporary ``table`` of text ``columns`` whose first column
+    is the primary key; of rows with one key, the first loaded is kept. ``on_chunk`` gets the running
+    count of rows loaded.
+
+    SQLite: ``INSERT OR IGNORE`` into a ``WITHOUT ROWID`` table (the key decides as rows arrive).
+    PostgreSQL: ``COPY`` into an unkeyed table, then ``DISTINCT ON`` the key in load order, then
+    ``ANALYZE``, so that the plan's anti-joins are planned with the real size.
+    """
+    key = columns[0]
+    names = ", ".join(columns)
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    loaded = 0
+    if is_sqlite(conn):
+        typed = ", ".join(f"{c} TEXT PRIMARY KEY" if c == key else f"{c} TEXT" for c in columns)
+        conn.exec_driver_sql(f"CREATE TEMP TABLE {table} ({typed}) WITHOUT ROWID")
+        cursor = _driver_cursor(conn)
+        try:
+            marks = ", ".join("?" for _ in columns)
+            for chunk in chunks:
+                cursor.executemany(f"INSERT OR IGNORE INTO {table} ({names}) VALUES ({marks})", chunk)
+                loaded += len(chunk)
+                on_chunk(loaded)
+        finally:
+            cursor.close()
+        return
+    raw = f"{table}_raw"
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {raw} (seq BIGSERIAL, {', '.join(f'{c} TEXT' for c in columns)})")
+    for chunk in chunks:
+        bulk_load(conn, raw, columns, chunk)
+        loaded += len(chunk)
+        on_chunk(loaded)
+    distinct = f"SELECT DISTINCT ON ({key}) {names} FROM {raw} ORDER BY {key}, seq"
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {table} AS {distinct}")
+    conn.exec_driver_sql(f"DROP TABLE {raw}")
+    conn.exec_driver_sql(f"ALTER TABLE {table} ADD PRIMARY KEY ({key})")
+    analyze(conn, table)
+
+
+def analyze(conn: Connection, table: str) -> None:
+    """Refresh the planner's statistics of ``table`` (PostgreSQL); SQLite needs nothing here."""
+    if not is_sqlite(conn):
+        conn.exec_driver_sql(f"ANALYZE {table}")

@@ -1,0 +1,188 @@
+"""The validated settings turned into the objects the packages take.
+
+Only the composition roots call these: the CLI (``audience_sync.cli``) and the daemon's runner
+(``audience_sync.daemon.runner``). Below them nothing reads the configuration: the store, the audience
+sync, the real-time path and the ODP client take plain objects, and a test builds them the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import httpx
+from sqlalchemy import Engine
+
+from audience_sync.audiences.rules import Audience, FileSource, Source, SqlSource
+from audience_sync.audiences.syncer import Progress, Syncer
+from audience_sync.config import AudienceSettings, OdpSettings, Settings
+from audience_sync.daemon.slots import Schedule
+from audience_sync.errors import AudienceSyncError, first_line
+from audience_sync.masking import redact_url
+from audience_sync.odp.client import ClientOptions, OdpClient
+from audience_sync.odp.target import Target, reach
+from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
+from audience_sync.realtime.metrics import RealtimeMetrics
+from audience_sync.realtime.routing import Router
+from audience_sync.store import migrate
+from audience_sync.store.engine import make_engine
+from audience_sync.store.runs import mark_interrupted
+from audience_sync.store.sources import SourceDatabases
+from audience_sync.timestamps import Now, utcnow
+
+log = logging.getLogger("audience_sync")
+
+
+# --- the store --------------------------------------------------------------------------------------------
+
+
+def open_store(settings: Settings) -> Engine:
+    """The store's engine, migrated to the newest schema, with the runs of dead processes marked
+    ``interrupted`` (on another host: a heartbeat older than ``schedule.lease``). Raises
+    :class:`AudienceSyncError` naming the (password-masked) database."""
+    url = settings.database.url
+    engine = make_engine(url)
+    try:
+        migrate.upgrade(engine)
+    except Exception as exc:
+        engine.dispose()
+        raise AudienceSyncError(f"database {redact_url(url)} is not usable: {first_line(exc)}") from None
+    interrupted = mark_interrupted(engine, lease=settings.schedule.lease)
+    if interrupted:
+        log.warning("marked runs %s as interrupted: their process stopped", ", ".join(map(str, interrupted)))
+    return engine
+
+
+# --- audiences --------------------------------------------------------------------------------------------
+
+
+def audience(settings: AudienceSettings) -> Audience:
+    """One ``[[audiences]]`` entry as the sync takes it."""
+    source: Source
+    if settings.source.type == "sql":
+        source = SqlSource(query=settings.source.query or "", url=settings.source.url)
+    else:
+        assert settings.source.path is not None  # the config requires it
+        source = FileSource(settings.source.path)
+    return Audience(
+        key=settings.key,
+        name=settings.name,
+        source=source,
+        kind=settings.kind,
+        delivery=settings.delivery,
+        enabled=settings.enabled,
+        max_exit_ratio=settings.max_exit_ratio,
+    )
+
+
+def audiences(settings: Settings) -> list[Audience]:
+    """Every configured audience, in the config's order."""
+    return [audience(a) for a in settings.audiences]
+
+
+def schedules(settings: Settings) -> dict[Audience, Schedule]:
+    """Every enabled audience with its effective schedule: its own interval/jitter/cron over
+    ``[schedule]``."""
+    defaults = settings.schedule
+    out: dict[Audience, Schedule] = {}
+    for entry in settings.audiences:
+        if not entry.enabled:
+            continue
+        if entry.cron or (entry.interval is None and defaults.cron):
+            schedule = Schedule(timedelta(0), timedelta(0), entry.cron or defaults.cron)
+        else:
+            interval = entry.interval if entry.interval is not None else defaults.interval
+            jitter = entry.jitter if entry.jitter is not None else defaults.jitter
+            schedule = Schedule(interval, jitter)
+        out[audience(entry)] = schedule
+    return out
+
+
+def syncer(
+    settings: Settings,
+    engine: Engine,
+    client: OdpClient,
+    *,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Syncer:
+    """A syncer on the store ``engine`` sending with ``client``; :meth:`Syncer.close` closes the sources."""
+    return Syncer(
+        engine,
+        client,
+        SourceDatabases(settings.database.url),
+        batch_size=settings.odp.batch_size,
+        change_log_retention=settings.database.change_log_retention,
+        progress=progress,
+        should_stop=should_stop,
+    )
+
+
+# --- ODP ----------------------------------------------------------------------------------------------------
+
+
+def odp_target(odp: OdpSettings) -> Target:
+    """Where the configuration sends (see :class:`~audience_sync.odp.target.Target`)."""
+    api_key = odp.api_key.get_secret_value() if odp.api_key is not None else None
+    return Target.of(region=odp.region, endpoint=odp.endpoint, api_key=api_key)
+
+
+def client_options(odp: OdpSettings, base_url: str, api_key: str) -> ClientOptions:
+    """The client's options for ``base_url`` and ``api_key``, tuned by ``[odp]``."""
+    return ClientOptions(
+        base_url=base_url,
+        api_key=api_key,
+        concurrency=odp.concurrency,
+        max_requests_per_second=odp.max_requests_per_second,
+        timeout_seconds=odp.timeout_seconds,
+        max_attempts=odp.max_attempts,
+    )
+
+
+@contextmanager
+def open_client(odp: OdpSettings, *, transport: httpx.BaseTransport | None = None) -> Iterator[OdpClient]:
+    """The ODP client of the configuration (its base URL: ``client.options.base_url``), open while the
+    context lasts, with the bundled emulator behind it when no key and no endpoint are set."""
+    with (
+        reach(odp_target(odp)) as (base_url, token),
+        OdpClient(client_options(odp, base_url, token), transport=transport) as client,
+    ):
+        yield client
+
+
+# --- the real-time path -----------------------------------------------------------------------------------
+
+
+def write_keys(settings: Settings) -> list[str]:
+    """The Segment write keys ingestion accepts (``server.write_keys``)."""
+    return [key.get_secret_value() for key in settings.server.write_keys]
+
+
+def delivery_options(settings: Settings) -> DeliveryOptions:
+    return DeliveryOptions(
+        batch_size=settings.odp.batch_size,
+        concurrency=settings.odp.concurrency,
+        linger=settings.realtime.linger,
+        retention=settings.realtime.retention,
+        retry_delay=settings.realtime.retry_delay,
+        retry_max_delay=settings.realtime.retry_max_delay,
+    )
+
+
+def delivery_worker(
+    settings: Settings,
+    engine: Engine,
+    client: OdpClient,
+    *,
+    metrics: RealtimeMetrics | None = None,
+    ingest_rate: Callable[[], float] = lambda: 0.0,
+    now: Now = utcnow,
+) -> DeliveryWorker:
+    """The delivery worker of the configuration: the enabled mappings (presets minus
+    ``presets.disabled``, then ``[[mappings]]``), batching and retries of ``[odp]`` and ``[realtime]``."""
+    router = Router.from_config(settings.presets.disabled, settings.mappings)
+    return DeliveryWorker(
+        engine, client, router, delivery_options(settings), metrics=metrics, ingest_rate=ingest_rate, now=now
+    )
