@@ -26,6 +26,7 @@ of a quoted string (``"say \\"hi\\""``).
 from __future__ import annotations
 
 import difflib
+import json
 import numbers
 import re
 from collections.abc import Mapping
@@ -108,6 +109,9 @@ class _Field:
     def top_level(self) -> bool:
         return not self.path
 
+    def __str__(self) -> str:
+        return ".".join([self.root, *(re.sub(r"([^\w])", r"\\\1", key) for key in self.path)])
+
     def resolve(self, event: Mapping[str, Any]) -> Any:
         """The field's value in ``event``, or ``_MISSING`` (JSON null is absent, as is a path through
         a non-object)."""
@@ -129,6 +133,22 @@ class _Node:
     def evaluate(self, event: Mapping[str, Any]) -> bool:
         raise NotImplementedError
 
+    def why_false(self, event: Mapping[str, Any]) -> str:
+        """Why this node is false for ``event`` (only asked when it is)."""
+        raise NotImplementedError
+
+
+def _shown(value: Any) -> str:
+    """An event's value as a reason shows it: JSON, cut short; a missing one as ``missing``."""
+    if value is _MISSING:
+        return "missing"
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _literal(value: _Value) -> str:
+    return json.dumps(value.text, ensure_ascii=False) if value.kind == "string" else value.text
+
 
 @dataclass(frozen=True, slots=True)
 class _Comparison(_Node):
@@ -141,6 +161,10 @@ class _Comparison(_Node):
         if self.target.top_level:
             return self._top_level(actual)
         return self._path(actual)
+
+    def why_false(self, event: Mapping[str, Any]) -> str:
+        actual = _shown(self.target.resolve(event))
+        return f"{self.target} {self.op} {_literal(self.value)} is false: {self.target} is {actual}"
 
     def _top_level(self, actual: Any) -> bool:
         # type/event/name/userId/anonymousId: every literal is compared as a string.
@@ -204,6 +228,11 @@ class _Function(_Node):
         hit = self.pattern.fullmatch(actual) is not None if self.pattern is not None else self.argument in actual
         return hit != self.negate
 
+    def why_false(self, event: Mapping[str, Any]) -> str:
+        argument = json.dumps(self.argument, ensure_ascii=False)
+        call = f"{'!' if self.negate else ''}{self.name}({self.target}, {argument})"
+        return f"{call} is false: {self.target} is {_shown(self.target.resolve(event))}"
+
 
 @dataclass(frozen=True, slots=True)
 class _And(_Node):
@@ -212,6 +241,9 @@ class _And(_Node):
     def evaluate(self, event: Mapping[str, Any]) -> bool:
         return all(child.evaluate(event) for child in self.children)
 
+    def why_false(self, event: Mapping[str, Any]) -> str:
+        return next(child.why_false(event) for child in self.children if not child.evaluate(event))
+
 
 @dataclass(frozen=True, slots=True)
 class _Or(_Node):
@@ -219,6 +251,9 @@ class _Or(_Node):
 
     def evaluate(self, event: Mapping[str, Any]) -> bool:
         return any(child.evaluate(event) for child in self.children)
+
+    def why_false(self, event: Mapping[str, Any]) -> str:
+        return "none holds: " + "; ".join(f"({child.why_false(event)})" for child in self.children)
 
 
 def _wildcard_pattern(pattern: str) -> re.Pattern[str]:
@@ -238,6 +273,15 @@ class Trigger:
         if not isinstance(event, Mapping):
             return False
         return self._root.evaluate(event)
+
+    def why_not(self, event: Mapping[str, Any]) -> str | None:
+        """Why ``event`` is not selected: the first condition that fails, with the event's value, e.g.
+        ``event = "Product Viewed" is false: event is "Order Completed"``; None when it is selected."""
+        if not isinstance(event, Mapping):
+            return "the event is not an object"
+        if self._root.evaluate(event):
+            return None
+        return self._root.why_false(event)
 
     def __str__(self) -> str:
         return self.source

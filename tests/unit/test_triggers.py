@@ -361,3 +361,45 @@ def test_non_mapping_event_never_matches() -> None:
 def test_error_message_format() -> None:
     with pytest.raises(TriggerError, match=re.escape("trigger 'type': at column 5: expected")):
         parse_trigger("type")
+
+
+@pytest.mark.parametrize(
+    ("trigger", "event", "reason"),
+    [
+        ('type = "track" and event = "A"', {"type": "track", "event": "B"}, 'event = "A" is false: event is "B"'),
+        ('type = "identify"', {"type": "track"}, 'type = "identify" is false: type is "track"'),
+        (
+            "properties.total >= 100",
+            {"properties": {"total": 5}},
+            "properties.total >= 100 is false: properties.total is 5",
+        ),
+        (
+            "properties.total >= 100",
+            {"properties": {}},
+            "properties.total >= 100 is false: properties.total is missing",
+        ),
+        ("traits.vip = true", {"traits": {"vip": "true"}}, 'traits.vip = true is false: traits.vip is "true"'),
+        (
+            r'properties.plan\ name = "pro"',
+            {"properties": {"plan name": "x"}},
+            r'properties.plan\ name = "pro" is false: properties.plan\ name is "x"',
+        ),
+        (
+            '!contains(event, "Order")',
+            {"event": "Order Completed"},
+            '!contains(event, "Order") is false: event is "Order Completed"',
+        ),
+        ('match(event, "Email*")', {"event": "Order"}, 'match(event, "Email*") is false: event is "Order"'),
+        (
+            '(event = "A" or event = "B") and type = "track"',
+            {"type": "track", "event": "C"},
+            'none holds: (event = "A" is false: event is "C"); (event = "B" is false: event is "C")',
+        ),
+    ],
+)
+def test_why_not_names_the_condition_that_fails_and_the_events_value(
+    trigger: str, event: dict[str, Any], reason: str
+) -> None:
+    assert parse_trigger(trigger).why_not(event) == reason
+    assert parse_trigger('type = "track"').why_not({"type": "track"}) is None
+    assert parse_trigger('type = "track"').why_not([]) == "the event is not an object"  # type: ignore[arg-type]
