@@ -25,7 +25,7 @@ from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.odp.target import Target, reach
 from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
 from audience_sync.realtime.metrics import RealtimeMetrics
-from audience_sync.realtime.routing import Router
+from audience_sync.realtime.routing import ResolvedMapping, Router, all_mappings
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
 from audience_sync.store.runs import mark_interrupted
@@ -160,6 +160,12 @@ def write_keys(settings: Settings) -> list[str]:
     return [key.get_secret_value() for key in settings.server.write_keys]
 
 
+def mappings(settings: Settings) -> list[ResolvedMapping]:
+    """Every real-time mapping, enabled or not: the presets and the built-in Upsert Contact (minus
+    ``presets.disabled``), then ``[[mappings]]``."""
+    return all_mappings(settings.presets.disabled, settings.mappings)
+
+
 def delivery_options(settings: Settings) -> DeliveryOptions:
     return DeliveryOptions(
         batch_size=settings.odp.batch_size,
@@ -182,7 +188,7 @@ def delivery_worker(
 ) -> DeliveryWorker:
     """The delivery worker of the configuration: the enabled mappings (presets minus
     ``presets.disabled``, then ``[[mappings]]``), batching and retries of ``[odp]`` and ``[realtime]``."""
-    router = Router.from_config(settings.presets.disabled, settings.mappings)
+    router = Router(mappings(settings))
     return DeliveryWorker(
         engine, client, router, delivery_options(settings), metrics=metrics, ingest_rate=ingest_rate, now=now
     )

@@ -85,10 +85,10 @@ class Action:
         """Step 4: required fields (in declaration order), then each field's type and format."""
         for spec in self.fields:
             if spec.required and spec.name not in values:
-                raise ValidationError(f"The root value is missing the required field '{spec.name}'.")
+                raise ValidationError(f"The root value is missing the required field '{spec.name}'.", spec.name)
         for spec in self.fields:
             if spec.choices is not None and values.get(spec.name) not in spec.choices:
-                raise ValidationError(f"{spec.label} must be one of: {or_list(spec.choices)}.")
+                raise ValidationError(f"{spec.label} must be one of: {or_list(spec.choices)}.", spec.name)
             if spec.name in values:
                 check(spec, values[spec.name])
 
@@ -469,10 +469,12 @@ def merge_fields(action: Action, user_fields: Mapping[str, Any] | None, use_defa
 
 @dataclass
 class BuildResult:
-    """The outcome of building one batch: at most one request, plus the invalid events by index."""
+    """The outcome of building one batch: at most one request, plus the invalid events by index
+    (``error_fields``: the field at fault of each, when the error names one)."""
 
     requests: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    error_fields: dict[int, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """``{"requests": [...], "errors": [...]}`` as ``test-event --json`` prints it."""
@@ -504,6 +506,8 @@ def build_requests(
             items.append(resolved_action.build_item(event, mapping))
         except ValidationError as exc:
             result.errors.append({"index": index, "message": str(exc)})
+            if exc.field:
+                result.error_fields[index] = exc.field
     if items:
         url = base.rstrip("/") + resolved_action.path
         result.requests.append({"method": "POST", "url": url, "body": items})

@@ -29,11 +29,13 @@ __all__ = [
 
 
 class ValidationError(ValueError):
-    """An event cannot be sent with this mapping; ``str()`` is the exact message reported to users."""
+    """An event cannot be sent with this mapping; ``str()`` is the exact message reported to users.
+    ``field`` names the field at fault when there is one (``event_action``, ``user_identifiers.email``)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field
 
     def __str__(self) -> str:
         return self.message
@@ -139,35 +141,37 @@ def _coerce_object(properties: tuple[Field, ...], value: Any) -> Any:
     return {k: coerce(known[k], v) for k, v in value.items() if k in known}
 
 
-def check(spec: Field, value: Any) -> None:
-    """Raise :class:`ValidationError` when ``value`` is not of ``spec``'s type or format."""
+def check(spec: Field, value: Any, where: str = "") -> None:
+    """Raise :class:`ValidationError` when ``value`` is not of ``spec``'s type or format (``where``:
+    the enclosing field's path, for the error's :attr:`~ValidationError.field`)."""
+    name = f"{where}{spec.name}"
     if spec.type == "string":
         if not isinstance(value, str):
-            raise ValidationError(f"{spec.label} must be a string but it was {describe(value)}.")
+            raise ValidationError(f"{spec.label} must be a string but it was {describe(value)}.", name)
     elif spec.type == "number":
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValidationError(f"{spec.label} must be a number but it was {describe(value)}.")
+            raise ValidationError(f"{spec.label} must be a number but it was {describe(value)}.", name)
     elif spec.type == "datetime":
         if parse_date_like(value) is None:
-            raise ValidationError(f"{spec.label} must be a valid date-like string but it was not.")
+            raise ValidationError(f"{spec.label} must be a valid date-like string but it was not.", name)
     elif spec.multiple:
         if not isinstance(value, list):
-            raise ValidationError(f"{spec.label} must be an array but it was {describe(value)}.")
+            raise ValidationError(f"{spec.label} must be an array but it was {describe(value)}.", name)
         for item in value:
-            _check_object(spec, item)
+            _check_object(spec, item, name)
     else:
-        _check_object(spec, value)
+        _check_object(spec, value, name)
 
 
-def _check_object(spec: Field, value: Any) -> None:
+def _check_object(spec: Field, value: Any, name: str) -> None:
     if not isinstance(value, Mapping):
-        raise ValidationError(f"{spec.label} must be an object but it was {describe(value)}.")
+        raise ValidationError(f"{spec.label} must be an object but it was {describe(value)}.", name)
     for prop in spec.properties or ():
         if prop.required and prop.name not in value:
-            raise ValidationError(f"{spec.label} is missing the required field '{prop.name}'.")
+            raise ValidationError(f"{spec.label} is missing the required field '{prop.name}'.", f"{name}.{prop.name}")
     for prop in spec.properties or ():
         if prop.name in value:
-            check(prop, value[prop.name])
+            check(prop, value[prop.name], f"{name}.")
 
 
 _MDY = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")

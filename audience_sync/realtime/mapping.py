@@ -27,6 +27,7 @@ __all__ = [
     "DIRECTIVES",
     "UNDEFINED",
     "MappingError",
+    "describe_mapping",
     "get_path",
     "is_directive",
     "is_undefined",
@@ -282,3 +283,34 @@ def _validate(mapping: Any) -> None:
     elif isinstance(mapping, list | tuple):
         for item in mapping:
             _validate(item)
+
+
+def describe_mapping(mapping: Any) -> str:
+    """A field mapping in a line a person reads: ``$.properties.email if it exists, else
+    $.traits.email``, ``each of $.properties.products: {product_id: $.product_id, qty: $.quantity}``,
+    ``"purchase"`` (a plain value as JSON)."""
+    if isinstance(mapping, Mapping) and is_directive(mapping) and len(mapping) == 1:
+        name, argument = next(iter(mapping.items()))
+        if name == "@path" and isinstance(argument, str):
+            return argument
+        if name == "@template" and isinstance(argument, str):
+            return f"template {json.dumps(argument, ensure_ascii=False)}"
+        if name == "@literal":
+            return json.dumps(argument, ensure_ascii=False)
+        if name == "@if" and isinstance(argument, Mapping):
+            test = "exists" if "exists" in argument else "blank"
+            then = describe_mapping(argument["then"]) if "then" in argument else "nothing"
+            other = describe_mapping(argument["else"]) if "else" in argument else "nothing"
+            subject = describe_mapping(argument.get(test))
+            if test == "exists" and then == subject:
+                return f"{then} if it exists, else {other}"
+            condition = "exists" if test == "exists" else "is blank"
+            return f"{then} if {subject} {condition}, else {other}"
+        if name == "@arrayPath" and isinstance(argument, list | tuple) and argument:
+            where = argument[0] if isinstance(argument[0], str) else describe_mapping(argument[0])
+            if len(argument) == 2 and isinstance(argument[1], Mapping) and argument[1]:
+                return f"each of {where}: {describe_mapping(argument[1])}"
+            return f"each of {where}"
+    if isinstance(mapping, Mapping) and not is_directive(mapping):
+        return "{" + ", ".join(f"{k}: {describe_mapping(v)}" for k, v in mapping.items()) + "}"
+    return json.dumps(mapping, ensure_ascii=False, default=str)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from audience_sync.realtime.presets import PRESET_NAMES
-from audience_sync.realtime.routing import Router, resolve_mappings
+from audience_sync.realtime.routing import Router, all_mappings, resolve_mappings, trace
 from audience_sync.realtime.triggers import TriggerError
 
 TS = "2024-05-01T10:00:00.000Z"
@@ -222,3 +222,73 @@ def test_a_sync_audience_mapping() -> None:
         "subscription": True,
         "userId": "a9",
     }
+
+
+# --- every mapping, enabled or not, and what each does with one event ---------------------------------------
+
+
+def test_all_mappings_lists_the_disabled_ones_too_and_says_who_disabled_them() -> None:
+    custom = [Custom("Clicked", 'event = "Clicked"', "custom_event", {"event_type": "button"}, enabled=False)]
+    listed = all_mappings(disabled_presets=["Email Sent"], custom=custom)
+    assert [m.name for m in listed] == [*PRESET_NAMES, "Clicked"]
+    state = {m.name: (m.kind, m.enabled, m.disabled_by) for m in listed}
+    assert state["Email Sent"] == ("preset", False, "presets.disabled")
+    assert state["Email Opened"] == ("preset", True, None)
+    assert state["Upsert Contact"] == ("built-in", True, None)
+    assert state["Clicked"] == ("custom", False, "enabled = false")
+    assert [m.name for m in Router(listed).mappings] == [n for n in PRESET_NAMES if n != "Email Sent"]
+
+
+def test_a_mapping_shows_its_effective_fields_and_its_own() -> None:
+    [order] = [m for m in all_mappings() if m.name == "Order Completed"]
+    shown = order.to_json("https://function.zaius.app/twilio_segment/")
+    assert shown["endpoint"] == "https://function.zaius.app/twilio_segment/batch_custom_event"
+    assert (shown["kind"], shown["enabled"], shown["action"]) == ("preset", True, "ecommerce_event")
+    assert shown["trigger"] == 'type = "track" and event = "Order Completed"'
+    assert shown["overrides"] == {"event_type": "order", "event_action": "purchase"}
+    # The action's defaults merged with the preset's, in the order the action declares its fields.
+    assert list(shown["fields"]) == [
+        "user_identifiers",
+        "event_type",
+        "event_action",
+        "products",
+        "order_id",
+        "total",
+        "timestamp",
+    ]
+    assert shown["fields"]["event_action"] == "purchase"
+    assert shown["fields"]["total"] == {"@path": "$.properties.total"}
+
+
+def test_trace_says_what_every_mapping_does_with_an_event() -> None:
+    custom = [
+        Custom("Big orders", 'event = "Order Completed" and properties.total >= 100', "custom_event"),
+        Custom("Orders", 'event = "Order Completed"', "ecommerce_event"),
+        Custom("Off", 'event = "Order Completed"', "custom_event", enabled=False),
+    ]
+    mappings = all_mappings(disabled_presets=["Email Sent"], custom=custom)
+    event = track("Order Completed", total=59.9, products=[{"product_id": "p1", "quantity": 1}])
+    verdicts = {v.mapping.name: v for v in trace(mappings, event)}
+    assert len(verdicts) == len(mappings)
+    matched = verdicts["Order Completed"]
+    assert matched.outcome == "matched" and matched.item is not None and matched.item.body is not None
+    assert matched.item.body["action"] == "purchase"
+    assert verdicts["Product Viewed"].outcome == "no_match"
+    assert verdicts["Product Viewed"].reason == 'event = "Product Viewed" is false: event is "Order Completed"'
+    assert verdicts["Big orders"].reason == "properties.total >= 100 is false: properties.total is 59.9"
+    assert (verdicts["Email Sent"].outcome, verdicts["Email Sent"].reason) == (
+        "disabled",
+        "disabled by presets.disabled",
+    )
+    assert verdicts["Off"].reason == "disabled by enabled = false"
+    invalid = verdicts["Orders"]
+    assert invalid.outcome == "invalid" and invalid.item is not None
+    assert (invalid.item.error, invalid.item.field) == (
+        "The root value is missing the required field 'event_action'.",
+        "event_action",
+    )
+    # What the trace calls matched or invalid is exactly what the daemon's router makes of the event.
+    routed = Router(mappings).route(event)
+    assert [(i.mapping, i.body, i.error) for i in routed] == [
+        (v.mapping.name, v.item.body, v.item.error) for v in verdicts.values() if v.item is not None
+    ]
