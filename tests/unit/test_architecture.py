@@ -168,6 +168,7 @@ PURE = (
     "audience_sync.odp.regions",
     "audience_sync.realtime.actions",
     "audience_sync.realtime.fields",
+    "audience_sync.realtime.hints",
     "audience_sync.realtime.mapping",
     "audience_sync.realtime.messages",
     "audience_sync.realtime.presets",
