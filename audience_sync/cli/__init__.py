@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from audience_sync import __version__
-from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, setup_logging
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, SHOW_LIMIT, UsageError, setup_logging
 from audience_sync.config import load_config
 from audience_sync.errors import AudienceSyncError, ConfigError, UnknownAudience
 
@@ -28,6 +28,12 @@ __all__ = ["build_parser", "main"]
 def _command(family: str, name: str) -> dict[str, Any]:
     """Parser defaults naming the function that runs a command: ``audience_sync.cli.<family>.<name>``."""
     return {"command_family": family, "command_function": name}
+
+
+def _examples(*lines: str) -> dict[str, Any]:
+    """``add_parser`` keywords for a command's help: its examples (a test parses each of them)."""
+    text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    return {"epilog": text, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,16 +51,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="audience-sync",
         description="Keep Optimizely Data Platform in step with your audiences and events.",
+        **_examples(
+            "audience-sync run --config audience-sync.toml",
+            "audience-sync sync --dry-run",
+            "audience-sync COMMAND --help",
+        ),
     )
     parser.add_argument("--version", action="version", version=f"audience-sync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", parents=[common], help="the daemon: scheduler, HTTP server, real-time delivery")
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="the daemon: scheduler, HTTP server, real-time delivery",
+        description="Run the daemon until SIGTERM or SIGINT. SIGHUP (or POST /api/reload) reloads the "
+        "configuration file without stopping anything.",
+        **_examples(
+            "audience-sync run --config /etc/audience-sync/audience-sync.toml --log-format json",
+            "audience-sync run --port 9090",
+            "kill -HUP $(pidof -s audience-sync)   # reload the configuration",
+        ),
+    )
     p.add_argument("--host", default=None, help="listen address (default: server.host)")
     p.add_argument("--port", type=int, default=None, help="listen port (default: server.port)")
     p.set_defaults(**_command("daemon", "run"), log_default=logging.INFO)
 
-    p = sub.add_parser("sync", parents=[common, json_flag], help="run audience syncs now")
+    p = sub.add_parser(
+        "sync",
+        parents=[common, json_flag],
+        help="run audience syncs now",
+        **_examples(
+            "audience-sync sync",
+            "audience-sync sync order_completed_last_30days --dry-run",
+            "audience-sync sync order_completed_last_30days --full --force",
+        ),
+    )
     p.add_argument("keys", nargs="*", metavar="KEY", help="audience keys (default: every enabled audience)")
     p.add_argument("--full", action="store_true", help="re-send true for every current member, plus exits")
     p.add_argument("--reconcile", action="store_true", help="full, plus false again for every known non-member")
@@ -62,28 +93,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="send even when the circuit breaker would hold the run")
     p.set_defaults(**_command("audiences", "sync"))
 
-    p = sub.add_parser("history", parents=[common, json_flag], help="sync history, newest first")
+    p = sub.add_parser(
+        "history",
+        parents=[common, json_flag],
+        help="sync history, newest first",
+        **_examples(
+            "audience-sync history",
+            "audience-sync history --audience order_completed_last_30days --status failed --limit 5",
+        ),
+    )
     p.add_argument("--audience", metavar="KEY")
     p.add_argument("--status", metavar="S")
     p.add_argument("--limit", type=int, default=20, metavar="N")
     p.set_defaults(**_command("audiences", "history"))
 
-    p = sub.add_parser("show", parents=[common, json_flag], help="one run record")
+    p = sub.add_parser(
+        "show",
+        parents=[common, json_flag],
+        help="one run record",
+        description="One run record; --changes lists its per-member changes (100 at a time on a terminal, "
+        "every one with --json unless --limit is given).",
+        **_examples(
+            "audience-sync show 42",
+            "audience-sync show 42 --changes --outcome rejected",
+            "audience-sync show 42 --changes --limit 50 --offset 100",
+        ),
+    )
     p.add_argument("run_id", type=int, metavar="RUN_ID")
     p.add_argument("--changes", action="store_true", help="add the run's per-member changes")
+    p.add_argument("--outcome", metavar="O", help="only changes with this outcome (sent, rejected, quarantined, ...)")
+    p.add_argument(
+        "--limit", type=int, metavar="N", help=f"changes to list (default {SHOW_LIMIT}, --json: all; 0: all)"
+    )
+    p.add_argument("--offset", type=int, default=0, metavar="N", help="changes to skip first")
     p.set_defaults(**_command("audiences", "show"))
 
-    p = sub.add_parser("audiences", parents=[common, json_flag], help="configured audiences")
+    p = sub.add_parser(
+        "audiences",
+        parents=[common, json_flag],
+        help="configured audiences",
+        **_examples("audience-sync audiences", "audience-sync audiences --json"),
+    )
     p.set_defaults(**_command("audiences", "audiences"))
 
-    p = sub.add_parser("db", parents=[common], help="database maintenance")
+    p = sub.add_parser(
+        "mappings",
+        parents=[common, json_flag],
+        help="the real-time mappings: presets, Upsert Contact and yours",
+        description="Every real-time mapping (the presets, the built-in Upsert Contact and the [[mappings]] "
+        "of the configuration), enabled or not, with its trigger, action, endpoint and effective fields "
+        "(the action's defaults merged with the mapping's own).",
+        **_examples(
+            "audience-sync mappings",
+            'audience-sync mappings "Order Completed" --json',
+        ),
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these mappings (default: all)")
+    p.set_defaults(**_command("realtime", "mappings"))
+
+    p = sub.add_parser(
+        "db",
+        parents=[common],
+        help="database maintenance",
+        **_examples("audience-sync db upgrade --config audience-sync.toml"),
+    )
     p.add_argument("action", choices=("upgrade",))
     p.set_defaults(**_command("daemon", "db"))
 
-    p = sub.add_parser("check", parents=[common, json_flag], help="validate config, database and ODP credentials")
+    p = sub.add_parser(
+        "check",
+        parents=[common, json_flag],
+        help="validate config, database and ODP credentials",
+        **_examples("audience-sync check", "audience-sync check --config /etc/audience-sync/audience-sync.toml --json"),
+    )
     p.set_defaults(**_command("daemon", "check"))
 
-    p = sub.add_parser("emulator", parents=[common], help="run a local ODP emulator")
+    p = sub.add_parser(
+        "emulator",
+        parents=[common],
+        help="run a local ODP emulator",
+        **_examples(
+            "audience-sync emulator --port 9000",
+            "audience-sync emulator --port 9000 --status 429 --status-count 3 --retry-after 2",
+        ),
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--api-key", default=None, help="the Bearer token to accept (default: any)")
@@ -101,21 +194,39 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, json_flag],
         help="build (and with --send, send) the ODP request for an event",
         description="Build the ODP request an action makes of an event (a JSON object, or an array of them "
-        "as one batch) and print it, or the validation errors. --send sends it and prints the response.",
+        "as one batch) and print it, or the validation errors. --send sends it and prints the response. "
+        "--route runs the events through every mapping of the configuration instead of one action.",
+        **_examples(
+            "audience-sync test-event --action ecommerce_event --event order.json --fields order-fields.json",
+            "audience-sync test-event --route --event order.json",
+            "audience-sync test-event --action upsert_contact --event identify.json --send --json",
+        ),
     )
-    p.add_argument("--action", required=True, metavar="A", help="upsert_contact, email_event, ... (or a slug)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--action", metavar="A", help="upsert_contact, email_event, ... (or a slug)")
+    how.add_argument("--route", action="store_true", help="through every mapping: which match, why the others do not")
     p.add_argument("--event", required=True, metavar="FILE", help="JSON file: one event, or an array of events")
     p.add_argument("--fields", metavar="FILE", help="JSON object of field mappings, merged over the defaults")
     p.add_argument("--no-defaults", action="store_true", help="use --fields alone, without the defaults")
-    p.add_argument("--send", action="store_true", help="send the request to ODP and print the response")
+    p.add_argument("--send", action="store_true", help="send the request(s) to ODP and print the response")
     p.set_defaults(**_command("realtime", "test_event"))
 
-    p = sub.add_parser("deliveries", parents=[common, json_flag], help="real-time delivery items, newest first")
+    p = sub.add_parser(
+        "deliveries",
+        parents=[common, json_flag],
+        help="real-time delivery items, newest first",
+        **_examples("audience-sync deliveries", "audience-sync deliveries --status dead --limit 20 --json"),
+    )
     p.add_argument("--status", metavar="S", help="pending, sending, delivered, invalid or dead")
     p.add_argument("--limit", type=int, default=50, metavar="N")
     p.set_defaults(**_command("realtime", "deliveries"))
 
-    p = sub.add_parser("replay", parents=[common, json_flag], help="queue dead deliveries again")
+    p = sub.add_parser(
+        "replay",
+        parents=[common, json_flag],
+        help="queue dead deliveries again",
+        **_examples("audience-sync replay --dead"),
+    )
     p.add_argument("--dead", action="store_true", help="replay dead deliveries (the default)")
     p.set_defaults(**_command("realtime", "replay"))
     return parser

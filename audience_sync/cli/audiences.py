@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from datetime import datetime, timedelta
+from typing import Any
 
 from audience_sync import wiring
 from audience_sync.audiences.rules import Mode, audience_named, exit_code
 from audience_sync.audiences.syncer import SyncOptions
-from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, Progress, UsageError, emit_json, table
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, SHOW_LIMIT, Progress, UsageError, emit_json, table
 from audience_sync.config import Config
 from audience_sync.errors import RunInProgress
-from audience_sync.statuses import RUN_STATUSES
+from audience_sync.statuses import RUN_STATUSES, Outcome
 from audience_sync.store.reports import audience_views
-from audience_sync.store.runs import COUNTERS, RunRecord, changes, get_run, list_runs
+from audience_sync.store.runs import COUNTERS, RunRecord, change_counts, changes, get_run, list_runs
 from audience_sync.timestamps import format_duration, utcnow
 
 SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNTERS)
-HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", *COUNTERS)
+OUTCOMES = tuple(Outcome)
+HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", "duration", *COUNTERS, "error")
+ERROR_WIDTH = 60
 
 
 def sync(args: argparse.Namespace, config: Config) -> int:
@@ -76,22 +81,52 @@ def history(args: argparse.Namespace, config: Config) -> int:
         records = list_runs(engine, audience=args.audience, status=args.status, limit=args.limit)
     finally:
         engine.dispose()
-    rows = [r.to_json() for r in records]
     if args.json:
-        emit_json(rows)
+        emit_json([r.to_json() for r in records])
     else:
+        now = utcnow()
+        rows = [{**r.to_json(), "duration": _duration(r, now), "error": _short(r.error)} for r in records]
         print(table(rows, HISTORY_COLUMNS))
     return EXIT_OK
 
 
+def _duration(record: RunRecord, now: datetime) -> str:
+    """How long a run took (``4.2s``, ``12m5s``); a run still going: how long so far (``3s...``)."""
+    end = record.finished_at or now
+    seconds = max(0.0, (end - record.started_at).total_seconds())
+    text = f"{seconds:.1f}s" if seconds < 10 else format_duration(timedelta(seconds=seconds))
+    return text if record.finished_at else f"{text}..."
+
+
+def _short(error: str | None) -> str | None:
+    """The first line of an error, cut to fit a table (``show RUN_ID`` prints it whole)."""
+    if not error:
+        return None
+    line = error.strip().splitlines()[0]
+    return line if len(line) <= ERROR_WIDTH else line[: ERROR_WIDTH - 3] + "..."
+
+
 def show(args: argparse.Namespace, config: Config) -> int:
+    if args.outcome is not None and args.outcome not in OUTCOMES:
+        raise UsageError(f"--outcome must be one of {', '.join(OUTCOMES)}")
+    paging = args.outcome is not None or args.limit is not None or args.offset
+    if paging and not args.changes:
+        raise UsageError("--outcome, --limit and --offset need --changes")
+    if (args.limit is not None and args.limit < 0) or args.offset < 0:
+        raise UsageError("--limit and --offset must not be negative")
+    limit = args.limit if args.limit is not None else (None if args.json else SHOW_LIMIT)
     engine = wiring.open_store(config.settings)
     try:
         record = get_run(engine, args.run_id)
         if record is None:
             print(f"error: no run with id {args.run_id}", file=sys.stderr)
             return EXIT_FAILED
-        listed = [c.to_json() for c in changes(engine, args.run_id)] if args.changes else []
+        listed: list[dict[str, Any]] = []
+        counts: dict[Outcome, int] = {}
+        if args.changes:
+            found = changes(engine, args.run_id, limit=limit or None, offset=args.offset, outcome=args.outcome)
+            listed = [c.to_json() for c in found]
+            counts = {} if args.json else change_counts(engine, args.run_id)
     finally:
         engine.dispose()
     if args.json:
@@ -101,13 +136,30 @@ def show(args: argparse.Namespace, config: Config) -> int:
         print(f"{key:12} {'' if value is None else value}")
     if args.changes:
         print()
-        print(table(listed, ("member", "value", "outcome", "error")))
+        rows = [{**c, "value": json.dumps(c["value"])} for c in listed]  # as JSON: true, "gold", null
+        print(table(rows, ("member", "value", "outcome", "error")))
+        total = counts.get(Outcome(args.outcome), 0) if args.outcome else sum(counts.values())
+        if total:
+            print(_page_footer(listed, total, counts, args.offset, args.outcome))
         retention = config.settings.database.change_log_retention
         finished = record.finished_at
-        if not listed and retention and finished and finished < utcnow() - retention:
+        if not total and retention and finished and finished < utcnow() - retention:
             kept = format_duration(retention)
             print(f"(change logs of runs finished more than {kept} ago are deleted: database.change_log_retention)")
     return EXIT_OK
+
+
+def _page_footer(
+    listed: list[dict[str, Any]], total: int, counts: dict[Outcome, int], offset: int, outcome: str | None
+) -> str:
+    """``changes 1-100 of 1050 (sent 1049, rejected 1); --offset 100 for the next``."""
+    by_outcome = ", ".join(f"{o} {counts[o]}" for o in Outcome if o in counts)
+    what = f"{outcome} changes" if outcome else "changes"
+    shown = f"{offset + 1}-{offset + len(listed)}" if listed else "none"
+    line = f"({what} {shown} of {total}; all changes: {by_outcome}"
+    if offset + len(listed) < total:
+        line += f"; --offset {offset + len(listed)} for the next"
+    return line + ")"
 
 
 def audiences(args: argparse.Namespace, config: Config) -> int:

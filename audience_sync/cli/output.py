@@ -19,6 +19,9 @@ from audience_sync.errors import AudienceSyncError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
 
+SHOW_LIMIT = 100
+"""Changes ``show --changes`` prints without ``--limit`` (with ``--json``: all of them)."""
+
 
 class UsageError(AudienceSyncError):
     """The command was used wrongly."""

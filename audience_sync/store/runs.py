@@ -258,14 +258,17 @@ def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, RunRecord]:
     return {r.audience: RunRecord.from_row(r) for r in rows}
 
 
-def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[Change]:
-    """A run's per-member changes in plan order: member key, value sent, outcome, error."""
-    query = (
-        select(run_changes.c.member, run_changes.c.value, run_changes.c.outcome, run_changes.c.error)
-        .where(run_changes.c.run_id == run_id)
-        .order_by(run_changes.c.id)
-        .offset(offset)
+def changes(
+    engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0, outcome: str | None = None
+) -> list[Change]:
+    """A run's per-member changes in plan order: member key, value sent, outcome, error; only those of
+    ``outcome`` when it is given; ``limit`` and ``offset`` page through them."""
+    query = select(run_changes.c.member, run_changes.c.value, run_changes.c.outcome, run_changes.c.error).where(
+        run_changes.c.run_id == run_id
     )
+    if outcome is not None:
+        query = query.where(run_changes.c.outcome == outcome)
+    query = query.order_by(run_changes.c.id).offset(offset)
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as conn:
@@ -273,3 +276,14 @@ def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: in
             Change(r.member, json.loads(r.value) if r.value is not None else None, Outcome(r.outcome), r.error)
             for r in conn.execute(query)
         ]
+
+
+def change_counts(engine: Engine, run_id: int) -> dict[Outcome, int]:
+    """How many of a run's changes have each outcome (outcomes without changes left out)."""
+    query = (
+        select(run_changes.c.outcome, func.count())
+        .where(run_changes.c.run_id == run_id)
+        .group_by(run_changes.c.outcome)
+    )
+    with engine.connect() as conn:
+        return {Outcome(outcome): int(count) for outcome, count in conn.execute(query)}

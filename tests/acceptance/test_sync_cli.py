@@ -117,6 +117,63 @@ def test_initial_then_delta_then_nothing(project: Project) -> None:
     assert audiences[0]["last_run"]["id"] == run3["id"]
 
 
+def test_show_pages_through_the_changes_and_filters_them_by_outcome(project: Project) -> None:
+    make_customers(project, range(250))
+    sql_audience(project)
+    rejected = [{"user_identifiers": {"userId": f"u{i}"}} for i in (7, 180)]
+    project.emulator.faults(reject_items=rejected)
+    [run] = project.cli_json("sync", expect=1)
+    run_id = str(run["id"])
+
+    text = project.cli("show", run_id, "--changes").stdout.splitlines()
+    rows = [line for line in text if line.startswith("u")]
+    assert len(rows) == 100  # a terminal gets 100 at a time
+    assert text[-1] == "(changes 1-100 of 250; all changes: sent 248, rejected 2; --offset 100 for the next)"
+    last = project.cli("show", run_id, "--changes", "--limit", "100", "--offset", "200").stdout.splitlines()
+    assert len([line for line in last if line.startswith("u")]) == 50
+    assert last[-1] == "(changes 201-250 of 250; all changes: sent 248, rejected 2)"
+
+    bad = project.cli("show", run_id, "--changes", "--outcome", "rejected").stdout.splitlines()
+    assert sorted(line.split()[:3] for line in bad if line.startswith("u")) == [
+        ["u180", "true", "rejected"],
+        ["u7", "true", "rejected"],
+    ]
+    assert bad[-1] == "(rejected changes 1-2 of 2; all changes: sent 248, rejected 2)"
+
+    # --json lists every change unless --limit says otherwise; --outcome filters it too.
+    every = project.cli_json("show", run_id, "--changes")["changes"]
+    assert len(every) == 250
+    page = project.cli_json("show", run_id, "--changes", "--limit", "5", "--offset", "10")["changes"]
+    assert page == every[10:15]
+    only = project.cli_json("show", run_id, "--changes", "--outcome", "rejected")["changes"]
+    assert sorted((c["member"], c["outcome"]) for c in only) == [("u180", "rejected"), ("u7", "rejected")]
+    assert all("HTTP 400" in c["error"] for c in only)
+
+    for args, message in [
+        (["--changes", "--outcome", "lost"], "--outcome must be one of pending, sent, rejected"),
+        (["--changes", "--offset", "-1"], "must not be negative"),
+    ]:
+        result = project.cli("show", run_id, *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # the table, not the store, is tested
+def test_history_shows_each_runs_duration_and_error(project: Project) -> None:
+    make_customers(project, range(20))
+    sql_audience(project)
+    project.cli_json("sync")
+    project.sql("DROP TABLE customers")
+    project.cli_json("sync", expect=1)
+    header, failed, succeeded = project.cli("history").stdout.splitlines()
+    assert header.split() == [
+        "id", "audience", "mode", "trigger", "status", "started_at", "duration",
+        "members", "entered", "exited", "invalid", "sent", "failed", "requests", "error",
+    ]  # fmt: skip
+    assert failed.split()[4] == "failed" and failed.split()[6].endswith("s")
+    assert "source query of audience" in failed and failed.endswith("...")  # cut to fit, whole in show
+    assert succeeded.split()[4] == "succeeded" and succeeded.split()[-1] == "1"  # requests; no error
+
+
 def test_server_errors_are_retried_within_the_run(project: Project) -> None:
     make_customers(project, range(300))
     sql_audience(project)
