@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -329,6 +329,55 @@ class Settings(BaseSettings):
                 raise ValueError(f"mappings[{index}].name: {mapping.name!r} is used by two mappings")
             names.add(mapping.name)
         return self
+
+
+RESTART_ONLY: Final = ("odp", "database", "server.host", "server.port")
+"""Settings the daemon reads once, at its start: the ODP client and its destination, the store, the
+listening socket. A reload of the configuration (SIGHUP, ``POST /api/reload``) applies everything else
+and keeps the running values of these; :func:`keep_restart_only` names the ones that changed."""
+
+
+def keep_restart_only(running: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """``new`` with the running values of :data:`RESTART_ONLY`, and the keys among them whose new values
+    wait for a restart (``odp.api_key``, ``server.port``; names only, never values)."""
+    kept = new
+    waiting: list[str] = []
+    for path in RESTART_ONLY:
+        old_value, new_value = _value_at(running, path), _value_at(new, path)
+        waiting += _differences(path, old_value, new_value)
+        kept = _with_value(kept, path.split("."), old_value)
+    return kept, waiting
+
+
+def _value_at(settings: BaseModel, path: str) -> Any:
+    value: Any = settings
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _with_value(model: BaseModel, parts: list[str], value: Any) -> Any:
+    head, rest = parts[0], parts[1:]
+    replaced = _with_value(getattr(model, head), rest, value) if rest else value
+    return model.model_copy(update={head: replaced})
+
+
+def _differences(path: str, old: Any, new: Any) -> list[str]:
+    if isinstance(old, BaseModel) and type(old) is type(new):
+        return [
+            d
+            for name in type(old).model_fields
+            for d in _differences(f"{path}.{name}", getattr(old, name), getattr(new, name))
+        ]
+    return [] if _plain(old) == _plain(new) else [path]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 class Config:

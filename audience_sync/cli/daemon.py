@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, UsageError, emit_json
-from audience_sync.config import Config
+from audience_sync.config import Config, load_config
 from audience_sync.daemon.runner import run_daemon
 from audience_sync.errors import AudienceSyncError, first_line
 from audience_sync.masking import redact_url
@@ -19,15 +19,18 @@ from audience_sync.wiring import odp_target, open_client, open_store
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    settings = config.settings
-    if args.host or args.port is not None:
-        server = settings.server.model_copy(
-            update={k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
-        )
-        config = Config(settings.model_copy(update={"server": server}), config.path)
+    def with_options(loaded: Config) -> Config:
+        """``--host`` and ``--port`` over the file's, at start and at every reload."""
+        given = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+        if not given:
+            return loaded
+        server = loaded.settings.server.model_copy(update=given)
+        return Config(loaded.settings.model_copy(update={"server": server}), loaded.path)
+
+    config = with_options(config)
     engine = open_store(config.settings)
     try:
-        return run_daemon(config, engine)
+        return run_daemon(config, engine, load=lambda: with_options(load_config(args.config)))
     finally:
         engine.dispose()
 

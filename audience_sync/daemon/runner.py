@@ -1,5 +1,5 @@
 """``audience-sync run``: one asyncio process with the scheduler, the HTTP server and the real-time
-delivery worker, until SIGTERM/SIGINT.
+delivery worker, until SIGTERM/SIGINT. SIGHUP (or ``POST /api/reload``) reloads the configuration.
 
 On a stop signal it takes no new work, lets the batches in flight finish (runs cut short are recorded
 ``interrupted`` and resumed by the next start), and exits 0. ``server.shutdown_timeout`` (25 s) bounds
@@ -18,7 +18,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -26,16 +28,20 @@ from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
 from audience_sync import wiring
+from audience_sync.audiences.rules import Audience
 from audience_sync.audiences.syncer import Syncer
-from audience_sync.config import Config, Settings
+from audience_sync.config import Config, Settings, keep_restart_only
 from audience_sync.daemon.metrics import RunDurations, register_sync_metrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
+from audience_sync.daemon.slots import Schedule
+from audience_sync.errors import ConfigError
 from audience_sync.group_writer import GroupWriter
 from audience_sync.odp.client import OdpClient
-from audience_sync.realtime.delivery import DeliveryWorker
-from audience_sync.realtime.ingest import IngestLoad, MessageRows, ingest_routes, message_writer
+from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
+from audience_sync.realtime.ingest import IngestLoad, MessageRows, WriteKeys, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
+from audience_sync.realtime.routing import ResolvedMapping, Router
 from audience_sync.store import outbox
 
 log = logging.getLogger("audience_sync.daemon")
@@ -78,14 +84,15 @@ class _Deadline:
         os._exit(EXIT_FORCED)
 
 
-def run_daemon(config: Config, engine: Engine) -> int:
-    """Serve until a stop signal; returns the process exit code."""
+def run_daemon(config: Config, engine: Engine, load: Callable[[], Config] | None = None) -> int:
+    """Serve until a stop signal; returns the process exit code. ``load`` reads the configuration again
+    for a reload (SIGHUP, ``POST /api/reload``); without it the daemon cannot reload."""
     settings = config.settings
     stop = threading.Event()
     deadline = _Deadline(settings.server.shutdown_timeout.total_seconds())
     try:
         with wiring.open_client(settings.odp) as client:
-            daemon = Daemon.build(settings, engine, client, stop)
+            daemon = Daemon.build(settings, engine, client, stop, load=load)
             try:
                 return asyncio.run(_serve(settings, daemon, stop, deadline))
             finally:
@@ -95,44 +102,194 @@ def run_daemon(config: Config, engine: Engine) -> int:
 
 
 @dataclass(frozen=True)
+class Configured:
+    """The daemon's pieces that the reloadable settings decide, built whole from one ``Settings``
+    before any of them is used: a reload that cannot build them changes nothing.
+
+    A setting a new piece of the daemon depends on joins here (built in :meth:`of`) and is swapped in
+    by :meth:`Daemon.apply`; one that cannot change while the daemon runs belongs in
+    :data:`~audience_sync.config.RESTART_ONLY`.
+    """
+
+    settings: Settings
+    audiences: list[Audience]
+    schedules: dict[Audience, Schedule]
+    mappings: list[ResolvedMapping]
+    router: Router
+    delivery: DeliveryOptions
+    write_keys: list[str]
+    admin_token: str | None
+
+    @classmethod
+    def of(cls, settings: Settings) -> Configured:
+        mappings = wiring.mappings(settings)
+        token = settings.server.admin_token
+        return cls(
+            settings=settings,
+            audiences=wiring.audiences(settings),
+            schedules=wiring.schedules(settings),
+            mappings=mappings,
+            router=Router(mappings),
+            delivery=wiring.delivery_options(settings),
+            write_keys=wiring.write_keys(settings),
+            admin_token=token.get_secret_value() if token else None,
+        )
+
+    def summary(self) -> str:
+        enabled = [m.name for m in self.mappings if m.enabled]
+        return (
+            f"{len(self.audiences)} audiences ({', '.join(a.key for a in self.audiences) or 'none'}), "
+            f"{len(self.schedules)} scheduled, {len(enabled)} of {len(self.mappings)} mappings enabled"
+        )
+
+
 class Daemon:
     """Everything the daemon runs, built whole before it serves (:meth:`build`) and closed once it has
     stopped (:meth:`close`): the syncer and the runs in flight, the scheduler, the ingestion writer,
-    the delivery worker and the HTTP app over them."""
+    the delivery worker and the HTTP app over them.
 
-    syncer: Syncer
-    tracker: RunTracker
-    scheduler: AudienceScheduler
-    writer: GroupWriter[MessageRows]
-    worker: DeliveryWorker
-    app: ASGIApp
+    What the settings decide is :attr:`configured`; :meth:`reload` reads the configuration again and
+    swaps the new pieces in (:meth:`apply`), leaving the server, the writer, the worker's thread and the
+    runs in flight as they are, so ingestion keeps answering and no run is cut.
+    """
+
+    def __init__(
+        self,
+        configured: Configured,
+        *,
+        syncer: Syncer,
+        tracker: RunTracker,
+        scheduler: AudienceScheduler,
+        writer: GroupWriter[MessageRows],
+        worker: DeliveryWorker,
+        state: DaemonState,
+        keys: WriteKeys,
+        app: ASGIApp,
+        base_url: str,
+        stop: threading.Event,
+        load: Callable[[], Config] | None,
+    ) -> None:
+        self.configured = configured
+        self.syncer = syncer
+        self.tracker = tracker
+        self.scheduler = scheduler
+        self.writer = writer
+        self.worker = worker
+        self.state = state
+        self.keys = keys
+        self.app = app
+        self.base_url = base_url
+        self.stop = stop
+        self.load = load
+        self._reloading = asyncio.Lock()
+        if load is not None:
+            state.reload = self.reload
 
     @classmethod
-    def build(cls, settings: Settings, engine: Engine, client: OdpClient, stop: threading.Event) -> Daemon:
+    def build(
+        cls,
+        settings: Settings,
+        engine: Engine,
+        client: OdpClient,
+        stop: threading.Event,
+        *,
+        load: Callable[[], Config] | None = None,
+    ) -> Daemon:
         """The daemon of ``settings`` on the store ``engine``, sending with ``client``; ``stop`` is set
-        when it stops (runs and deliveries in flight wind down)."""
+        when it stops (runs and deliveries in flight wind down); ``load`` reads the configuration again
+        (None: no reload)."""
+        configured = Configured.of(settings)
         registry = CollectorRegistry()
         syncer = wiring.syncer(settings, engine, client, should_stop=stop.is_set)
         tracker = RunTracker(syncer, on_finished=RunDurations(registry).observe)
-        schedules = wiring.schedules(settings)
-        scheduler = AudienceScheduler(engine, tracker, schedules, lease=settings.schedule.lease, stop=stop)
+        scheduler = AudienceScheduler(engine, tracker, configured.schedules, lease=settings.schedule.lease, stop=stop)
         register_sync_metrics(registry, engine, scheduler.next_run_times)
         counters = register_realtime_metrics(registry, engine)
-        load = IngestLoad()
+        ingest_load = IngestLoad()
         writer = message_writer(engine)
-        worker = wiring.delivery_worker(settings, engine, client, metrics=counters, ingest_rate=load.rate)
-        token = settings.server.admin_token
+        worker = DeliveryWorker(
+            engine, client, configured.router, configured.delivery, metrics=counters, ingest_rate=ingest_load.rate
+        )
+        base_url = client.options.base_url
         state = DaemonState(
             engine,
-            wiring.audiences(settings),
+            configured.audiences,
             tracker,
             scheduler,
             registry,
-            admin_token=token.get_secret_value() if token else None,
+            admin_token=configured.admin_token,
             delivery_counts=functools.partial(outbox.counts, engine),
+            mappings=[m.to_json(base_url) for m in configured.mappings],
         )
-        routes = ingest_routes(writer, wiring.write_keys(settings), counters, load)
-        return cls(syncer, tracker, scheduler, writer, worker, create_app(state, routes))
+        keys = WriteKeys(configured.write_keys)
+        app = create_app(state, ingest_routes(writer, keys, counters, ingest_load))
+        return cls(
+            configured,
+            syncer=syncer,
+            tracker=tracker,
+            scheduler=scheduler,
+            writer=writer,
+            worker=worker,
+            state=state,
+            keys=keys,
+            app=app,
+            base_url=base_url,
+            stop=stop,
+            load=load,
+        )
+
+    def apply(self, configured: Configured) -> None:
+        """Swap ``configured``'s pieces in, each in one assignment (on the event loop, so no request or
+        tick sees half of one): the scheduler's plan, the worker's router and options, the write keys,
+        what the admin API and the page show, the admin token."""
+        self.scheduler.reschedule(configured.schedules, lease=configured.settings.schedule.lease)
+        self.worker.reconfigure(configured.router, configured.delivery)
+        self.keys.replace(configured.write_keys)
+        self.state.configure(
+            audiences=configured.audiences,
+            mappings=[m.to_json(self.base_url) for m in configured.mappings],
+            admin_token=configured.admin_token,
+        )
+        self.configured = configured
+
+    async def reload(self, origin: str = "POST /api/reload") -> dict[str, Any]:
+        """Read the configuration again and apply it; returns ``{"status", "audiences", "restart_required"}``.
+
+        A configuration that does not load (a syntax error, an invalid value, a missing file) raises
+        :class:`ConfigError` and changes nothing: the running configuration stays in force. Settings
+        that cannot change while the daemon runs (:data:`~audience_sync.config.RESTART_ONLY`) keep
+        their running values and are named in ``restart_required``. Both outcomes are logged.
+        """
+        if self.load is None:
+            raise ConfigError("this daemon was started without a configuration to reload")
+        async with self._reloading:
+            if self.stop.is_set():
+                raise ConfigError("the daemon is stopping")
+            try:
+                config = await asyncio.to_thread(self.load)
+                settings, waiting = keep_restart_only(self.configured.settings, config.settings)
+                configured = Configured.of(settings)
+            except Exception as exc:
+                message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+                log.error("reload (%s) refused, the running configuration stays in force: %s", origin, message)
+                raise ConfigError(message) from None
+            unchanged = settings == self.configured.settings
+            self.apply(configured)
+            if unchanged:
+                log.info("reload (%s): the configuration is unchanged", origin)
+            else:
+                log.info("reload (%s): configuration applied: %s", origin, configured.summary())
+            if waiting:
+                log.warning(
+                    "reload (%s): %s changed and take effect at the next restart; the running values stay",
+                    origin,
+                    ", ".join(waiting),
+                )
+            return {
+                "status": "unchanged" if unchanged else "reloaded",
+                "audiences": [a.key for a in configured.audiences],
+                "restart_required": waiting,
+            }
 
     def close(self) -> None:
         """Once the server has stopped: commit the messages still queued, give up the leases' holders
@@ -149,6 +306,14 @@ async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, dead
     shutdown = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload_on_signal(daemon))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     host, port = settings.server.host, settings.server.port
     server = uvicorn.Server(
@@ -171,6 +336,7 @@ async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, dead
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
     log.info("stopping: no new work; finishing the batches in flight")
+    deadline.seconds = daemon.configured.settings.server.shutdown_timeout.total_seconds()  # as last reloaded
     deadline.start()
     stop.set()
     daemon.scheduler.shutdown()
@@ -182,3 +348,9 @@ async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, dead
     waiter.cancel()
     log.info("stopped")
     return 0
+
+
+async def _reload_on_signal(daemon: Daemon) -> None:
+    """SIGHUP: reload, and log the outcome (:meth:`Daemon.reload` does)."""
+    with contextlib.suppress(ConfigError):
+        await daemon.reload("SIGHUP")

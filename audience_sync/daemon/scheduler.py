@@ -33,6 +33,10 @@ log = logging.getLogger("audience_sync.scheduler")
 TICK_SECONDS = 1.0
 
 
+def _plan(schedules: Mapping[Audience, Schedule]) -> dict[str, tuple[Audience, Schedule]]:
+    return {audience.key: (audience, schedule) for audience, schedule in schedules.items()}
+
+
 class RunTracker:
     """The runs this process is executing, so shutdown can wait for them and the API can start them."""
 
@@ -83,31 +87,69 @@ class AudienceScheduler:
         self.tracker = tracker
         self.stop = stop
         self.lease = lease
-        self.audiences = {a.key: a for a in schedules}
-        self.schedules = {a.key: schedule for a, schedule in schedules.items()}
+        self.plan = _plan(schedules)
         self._scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
 
+    @property
+    def audiences(self) -> dict[str, Audience]:
+        """The scheduled audiences by key."""
+        return {key: audience for key, (audience, _) in self.plan.items()}
+
     def start(self) -> None:
-        for key in self.audiences:
-            self._scheduler.add_job(
-                self._tick,
-                IntervalTrigger(seconds=TICK_SECONDS, timezone=UTC),
-                args=[key],
-                id=f"audience:{key}",
-                next_run_time=utcnow(),
-            )
-        lease_check = max(1.0, self.lease.total_seconds() / 4)
+        for key in self.plan:
+            self._add_tick(key)
         self._scheduler.add_job(
             self._check_leases,
-            IntervalTrigger(seconds=lease_check, timezone=UTC),
+            IntervalTrigger(seconds=self._lease_check_seconds(), timezone=UTC),
             id="leases",
             next_run_time=utcnow(),
         )
         self._scheduler.start()
-        log.info("scheduling %d audiences: %s", len(self.audiences), ", ".join(self.audiences) or "none")
+        log.info("scheduling %d audiences: %s", len(self.plan), ", ".join(self.plan) or "none")
+
+    def reschedule(self, schedules: Mapping[Audience, Schedule], *, lease: timedelta) -> None:
+        """Schedule ``schedules`` from now on (a reload of the configuration; call it on the event loop).
+
+        The new plan replaces the old in one assignment: the ticks of removed (or disabled) audiences
+        stop, new audiences are ticked at once (an audience without runs gets its initial sync), and a
+        changed schedule or source counts from the next tick. A run in flight is not touched: it
+        finishes with the audience it started with. What is due still comes from the database, so a
+        new interval applies to the slot after the last run.
+        """
+        old = self.plan
+        self.plan = _plan(schedules)
+        changed_lease = lease != self.lease
+        self.lease = lease
+        if not self._scheduler.running:
+            return  # start() schedules the plan it finds
+        for key in old.keys() - self.plan.keys():
+            self._scheduler.remove_job(f"audience:{key}")
+        for key in self.plan.keys() - old.keys():
+            self._add_tick(key)
+        if changed_lease:
+            self._scheduler.reschedule_job(
+                "leases", trigger=IntervalTrigger(seconds=self._lease_check_seconds(), timezone=UTC)
+            )
+        added, removed = sorted(self.plan.keys() - old.keys()), sorted(old.keys() - self.plan.keys())
+        if added or removed:
+            log.info(
+                "scheduling %d audiences (added: %s; removed: %s)", len(self.plan), added or "none", removed or "none"
+            )
+
+    def _add_tick(self, key: str) -> None:
+        self._scheduler.add_job(
+            self._tick,
+            IntervalTrigger(seconds=TICK_SECONDS, timezone=UTC),
+            args=[key],
+            id=f"audience:{key}",
+            next_run_time=utcnow(),
+        )
+
+    def _lease_check_seconds(self) -> float:
+        return max(1.0, self.lease.total_seconds() / 4)
 
     def shutdown(self) -> None:
         if self._scheduler.running:
@@ -118,11 +160,12 @@ class AudienceScheduler:
 
         An audience with a run in progress has none.
         """
-        latest = run_store.latest_runs(self.engine, list(self.audiences))
+        plan = self.plan  # one plan throughout, whatever a reload does meanwhile
+        latest = run_store.latest_runs(self.engine, list(plan))
         now = utcnow()
         out: dict[str, datetime] = {}
-        for key in self.audiences:
-            due = next_due(key, self.schedules[key], latest.get(key), now)
+        for key, (_, schedule) in plan.items():
+            due = next_due(key, schedule, latest.get(key), now)
             if due is not None:
                 out[key] = due.at
         return out
@@ -137,23 +180,26 @@ class AudienceScheduler:
             log.warning("marked runs %s interrupted: their process stopped renewing its lease", dead)
 
     async def _tick(self, key: str) -> None:
-        if self.stop.is_set():
+        planned = self.plan.get(key)
+        if self.stop.is_set() or planned is None:
             return
+        schedule = planned[1]
         try:
             latest = await asyncio.to_thread(run_store.latest_runs, self.engine, [key])
         except Exception:
             log.exception("could not read the run history of %s", key)
             return
         now = utcnow()
-        due = next_due(key, self.schedules[key], latest.get(key), now)
+        due = next_due(key, schedule, latest.get(key), now)
         if due is not None and now < due.at <= now + timedelta(seconds=TICK_SECONDS):
             await asyncio.sleep((due.at - now).total_seconds())  # start on time, not on the next tick
             now = due.at
-        if due is None or due.at > now or self.stop.is_set():
+        planned = self.plan.get(key)  # a reload may have changed or removed it meanwhile
+        if due is None or due.at > now or self.stop.is_set() or planned is None:
             return
         options = SyncOptions(trigger=Trigger.SCHEDULE, slot=due.slot)
         try:
-            prepared = await self.tracker.begin(self.audiences[key], options)
+            prepared = await self.tracker.begin(planned[0], options)
         except (SlotTaken, RunInProgress) as exc:
             log.debug("%s: not running slot %s: %s", key, due.slot, exc)
             return

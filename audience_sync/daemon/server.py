@@ -1,12 +1,13 @@
 """The daemon's HTTP server: the admin API (``/api/*``, Bearer ``server.admin_token``: audiences, runs,
-deliveries), health, metrics, the status page, and the Segment-compatible ingestion API it is given."""
+deliveries, mappings, reload), health, metrics, the status page, and the Segment-compatible ingestion
+API it is given."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,14 +25,15 @@ from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_name
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.web import render_status_page
-from audience_sync.errors import RunInProgress, UnknownAudience
-from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus
+from audience_sync.errors import ConfigError, RunInProgress, UnknownAudience
+from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus, Outcome
 from audience_sync.store import outbox
 from audience_sync.store import runs as run_store
 from audience_sync.store.reports import audience_views, size_history
 from audience_sync.timestamps import iso, utcnow
 
 API_MODES = {"delta": Mode.DELTA, "full": Mode.FULL, "reconcile": Mode.RECONCILE}
+OUTCOMES = tuple(Outcome)
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -39,33 +41,39 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 class AdminAuth:
-    """Bearer ``server.admin_token`` on every ``/api/*`` request (401 JSON otherwise)."""
+    """Bearer ``server.admin_token`` on every ``/api/*`` request (401 JSON otherwise); ``token`` is read
+    per request, so a reload of the configuration changes it."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, token: Callable[[], str | None]) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/api/"):
             header = dict(scope["headers"]).get(b"authorization", b"")
-            if self.expected is None:
+            token = self.token()
+            expected = f"Bearer {token}".encode() if token else None
+            if expected is None:
                 response = error(401, "unauthorized", "the admin API is disabled: set server.admin_token")
                 await response(scope, receive, send)
                 return
-            if not hmac.compare_digest(header, self.expected):
+            if not hmac.compare_digest(header, expected):
                 response = error(401, "unauthorized", "missing or wrong admin token (Authorization: Bearer ...)")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DaemonState:
     """What the HTTP server reads and starts: built whole by the runner before it serves.
 
     ``audiences``: the configured audiences; ``registry``: the metrics served on ``/metrics``;
     ``admin_token``: the Bearer token of ``/api/*`` (None: the admin API answers 401);
-    ``delivery_counts``: the real-time backlog by status for the page (None: no real-time path).
+    ``delivery_counts``: the real-time backlog by status for the page (None: no real-time path);
+    ``mappings``: what ``GET /api/mappings`` lists; ``reload``: what ``POST /api/reload`` calls (it
+    answers the new configuration's summary, or raises :class:`ConfigError` and changes nothing).
+    A reload replaces ``audiences``, ``mappings`` and ``admin_token`` (:meth:`configure`).
     """
 
     engine: Engine
@@ -75,6 +83,16 @@ class DaemonState:
     registry: CollectorRegistry
     admin_token: str | None = None
     delivery_counts: Callable[[], dict[str, int]] | None = None
+    mappings: Sequence[Mapping[str, Any]] = ()
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+    def configure(
+        self, *, audiences: Sequence[Audience], mappings: Sequence[Mapping[str, Any]], admin_token: str | None
+    ) -> None:
+        """A reload's new values; each is replaced in one assignment (requests read each once)."""
+        self.audiences = audiences
+        self.mappings = mappings
+        self.admin_token = admin_token
 
 
 def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
@@ -178,10 +196,27 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
             offset = _int_param(request, "offset", 0, 0, 10**12)
         except ValueError as exc:
             return error(400, "invalid_request", str(exc))
+        outcome = request.query_params.get("outcome") or None
+        if outcome is not None and outcome not in OUTCOMES:
+            return error(400, "invalid_request", f"outcome must be one of {', '.join(OUTCOMES)}")
         if await _db(run_store.get_run, engine, run_id) is None:
             return error(404, "not_found", f"no run with id {run_id}")
-        listed = await _db(run_store.changes, engine, run_id, limit=limit, offset=offset)
-        return JSONResponse([change.to_json() for change in listed])
+        listed = await _db(run_store.changes, engine, run_id, limit=limit, offset=offset, outcome=outcome)
+        counts = await _db(run_store.change_counts, engine, run_id)
+        total = counts.get(Outcome(outcome), 0) if outcome else sum(counts.values())
+        return JSONResponse([change.to_json() for change in listed], headers={"X-Total-Count": str(total)})
+
+    async def mappings(request: Request) -> Response:
+        return JSONResponse(list(state.mappings))
+
+    async def reload(request: Request) -> Response:
+        if state.reload is None:
+            return error(404, "not_found", "this server cannot reload its configuration")
+        try:
+            summary = await state.reload()
+        except ConfigError as exc:
+            return error(400, "invalid_config", str(exc))
+        return JSONResponse(summary)
 
     async def status_page(request: Request) -> Response:
         page = await _db(lambda: render_page(state, next_runs()))
@@ -196,6 +231,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         Route("/api/runs", list_runs),
         Route("/api/runs/{run_id}", get_run),
         Route("/api/runs/{run_id}/changes", run_changes),
+        Route("/api/mappings", mappings),
+        Route("/api/reload", reload, methods=["POST"]),
     ]
 
 
@@ -262,4 +299,4 @@ def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) 
     any extra (ingestion), behind admin auth."""
     deliveries = delivery_routes(state.engine) if state.delivery_counts is not None else []
     app = Starlette(routes=[*(extra_routes or []), *build_routes(state), *deliveries])
-    return AdminAuth(app, state.admin_token)
+    return AdminAuth(app, lambda: state.admin_token)

@@ -106,13 +106,7 @@ class DeliveryWorker:
         self.engine = engine
         self.client = client
         self.metrics = metrics
-        self.router = router
-        self.batch_size = options.batch_size
-        self.claim_limit = self.batch_size * options.concurrency * 2
-        self.linger = options.linger
-        self.retention = options.retention
-        self.retry_delay = options.retry_delay.total_seconds()
-        self.retry_max_delay = options.retry_max_delay.total_seconds()
+        self.reconfigure(router, options)
         self.ingest_rate = ingest_rate
         self.now = now
         self.holders = holders
@@ -120,6 +114,18 @@ class DeliveryWorker:
         self.owner = str(self.holder)
         self._next_due: datetime | None = None
         self._last_recovery = 0.0
+
+    def reconfigure(self, router: Router, options: DeliveryOptions) -> None:
+        """Route with ``router`` and batch and retry by ``options`` from now on (a reload of the
+        configuration; safe while :meth:`run` works: each value is replaced in one assignment, and a
+        chunk of messages is routed with one router). Items already made keep their mapping's body."""
+        self.router = router
+        self.batch_size = options.batch_size
+        self.claim_limit = options.batch_size * options.concurrency * 2
+        self.linger = options.linger
+        self.retention = options.retention
+        self.retry_delay = options.retry_delay.total_seconds()
+        self.retry_max_delay = options.retry_max_delay.total_seconds()
 
     # --- the loop ----------------------------------------------------------------------------------------
 
@@ -204,9 +210,10 @@ class DeliveryWorker:
     def _items_for(self, messages: Sequence[outbox.Message]) -> list[outbox.NewDelivery]:
         items: list[outbox.NewDelivery] = []
         invalid = 0
+        router = self.router
         for message in messages:
             try:
-                routed = self.router.route(json.loads(message.payload))
+                routed = router.route(json.loads(message.payload))
             except Exception as exc:  # a message that breaks routing must not block the ones after it
                 log.exception("routing message %s failed", message.message_id)
                 items.append(

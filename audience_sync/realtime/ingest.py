@@ -37,7 +37,7 @@ from audience_sync.realtime.metrics import IngestCounters
 from audience_sync.store import outbox
 from audience_sync.timestamps import utcnow
 
-__all__ = ["ENDPOINTS", "IngestLoad", "MessageRows", "ingest_routes", "message_writer"]
+__all__ = ["ENDPOINTS", "IngestLoad", "MessageRows", "WriteKeys", "ingest_routes", "message_writer"]
 
 log = logging.getLogger("audience_sync.ingest")
 
@@ -189,15 +189,27 @@ def _parse(raw: bytes) -> Any:
         raise RequestError(400, "invalid_json", "the body is not valid JSON") from None
 
 
+class WriteKeys:
+    """The write keys ingestion accepts (``server.write_keys``); a reload of the configuration replaces
+    them whole (:meth:`replace`), and each request reads them once."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.encoded: tuple[bytes, ...] = ()
+        self.replace(keys)
+
+    def replace(self, keys: Sequence[str]) -> None:
+        self.encoded = tuple(key.encode() for key in keys)
+
+
 class _Ingest:
     def __init__(
         self,
-        write_keys: Sequence[str],
+        write_keys: WriteKeys,
         writer: GroupWriter[MessageRows],
         metrics: IngestCounters | None,
         load: IngestLoad | None,
     ) -> None:
-        self.keys = [key.encode() for key in write_keys]
+        self.keys = write_keys
         self.writer = writer
         self.metrics = metrics
         self.load = load
@@ -225,7 +237,7 @@ class _Ingest:
                 raise RequestError(400, "invalid_json", "the body must be a JSON object")
             body_key = body.get("writeKey")
             basic_key = _basic_user(request.headers.get("authorization"))
-            if not _authorized(self.keys, (basic_key, body_key if isinstance(body_key, str) else None)):
+            if not _authorized(self.keys.encoded, (basic_key, body_key if isinstance(body_key, str) else None)):
                 raise RequestError(401, "unauthorized", "missing or unknown write key")
             prepared = prepare(body, kind, utcnow(), len(raw))
         except RequestError as exc:
@@ -261,17 +273,19 @@ async def _library_metrics(request: Request) -> Response:
 
 def ingest_routes(
     writer: GroupWriter[MessageRows],
-    write_keys: Sequence[str],
+    write_keys: Sequence[str] | WriteKeys,
     counters: IngestCounters | None = None,
     load: IngestLoad | None = None,
 ) -> list[BaseRoute]:
     """The ``/v1/*`` routes (long and short forms, every method: POST ingests, OPTIONS answers CORS
     preflight, anything else 405), accepting ``write_keys`` (``server.write_keys``) and committing
-    through ``writer`` (:func:`message_writer`; its owner closes it once the server stopped), and
+    through ``writer`` (:func:`message_writer`; its owner closes it once the server stopped; a
+    :class:`WriteKeys` lets a reload replace the keys), and
     ``/v1/m`` for analytics.js's usage counters. ``counters`` (from
     :func:`~audience_sync.realtime.metrics.register_realtime_metrics`) counts accepted and rejected events;
     ``load`` notes them for the delivery worker."""
-    ingest = _Ingest(write_keys, writer, counters, load)
+    keys = write_keys if isinstance(write_keys, WriteKeys) else WriteKeys(write_keys)
+    ingest = _Ingest(keys, writer, counters, load)
     routes: list[BaseRoute] = [
         Route(f"/v1/{name}", ingest.endpoint(kind), methods=_ALL_METHODS) for name, kind in ENDPOINTS.items()
     ]

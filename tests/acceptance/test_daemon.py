@@ -176,6 +176,12 @@ def test_admin_api(project: Project, daemons: list[Daemon]) -> None:
     assert (run["mode"], run["trigger"], run["status"], run["sent"]) == ("full", "api", "succeeded", 600)
     changes = daemon.http.get(f"/api/runs/{run_id}/changes", params={"limit": 10, "offset": 5}).json()
     assert len(changes) == 10 and all(c["outcome"] == "sent" and c["value"] is True for c in changes)
+    sent = daemon.http.get(f"/api/runs/{run_id}/changes", params={"outcome": "sent", "limit": 3})
+    assert len(sent.json()) == 3 and sent.headers["x-total-count"] == "600"
+    rejected = daemon.http.get(f"/api/runs/{run_id}/changes", params={"outcome": "rejected"})
+    assert rejected.json() == [] and rejected.headers["x-total-count"] == "0"
+    unknown = daemon.http.get(f"/api/runs/{run_id}/changes", params={"outcome": "lost"})
+    assert unknown.status_code == 400 and "outcome must be one of" in unknown.json()["message"]
     assert daemon.http.get("/api/runs/999999").status_code == 404
     listed = daemon.http.get("/api/runs", params={"audience": KEY, "status": "succeeded", "limit": 1}).json()
     assert [r["id"] for r in listed] == [run_id]

@@ -121,3 +121,22 @@ def test_durations_and_url_redaction() -> None:
 )
 def test_durations_are_shown_as_the_config_writes_them(text: str, shown: str) -> None:
     assert format_duration(parse_duration(text)) == shown
+
+
+def test_a_reload_keeps_the_settings_read_at_start_and_names_the_changed_ones(tmp_path: Path) -> None:
+    from audience_sync.config import keep_restart_only
+
+    running = load_config(write(tmp_path, MINIMAL)).settings
+    changed = MINIMAL.replace('api_key = "s3cret-key"', 'api_key = "other-key"\nbatch_size = 50') + (
+        '[database]\nurl = "sqlite:///other.db"\n[server]\nport = 9999\nadmin_token = "t"\n'
+        '[presets]\ndisabled = ["Email Sent"]\n'
+    )
+    new = load_config(write(tmp_path, changed)).settings
+    kept, waiting = keep_restart_only(running, new)
+    assert waiting == ["odp.api_key", "odp.batch_size", "database.url", "server.port"]
+    assert (kept.odp, kept.database) == (running.odp, running.database)
+    assert (kept.server.host, kept.server.port) == (running.server.host, running.server.port)
+    # Everything else is the new configuration's.
+    assert kept.server.admin_token is not None and kept.server.admin_token.get_secret_value() == "t"
+    assert kept.presets.disabled == ["Email Sent"]
+    assert keep_restart_only(running, running) == (running, [])
