@@ -115,13 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         "every one with --json unless --limit is given).",
         **_examples(
             "audience-sync show 42",
-            "audience-sync show 42 --changes --outcome rejected",
+            "audience-sync show 42 --outcome rejected",
             "audience-sync show 42 --changes --limit 50 --offset 100",
         ),
     )
     p.add_argument("run_id", type=int, metavar="RUN_ID")
     p.add_argument("--changes", action="store_true", help="add the run's per-member changes")
-    p.add_argument("--outcome", metavar="O", help="only changes with this outcome (sent, rejected, quarantined, ...)")
+    p.add_argument(
+        "--outcome",
+        metavar="O",
+        help="only changes with this outcome (sent, rejected, quarantined, ...); implies --changes",
+    )
     p.add_argument(
         "--limit", type=int, metavar="N", help=f"changes to list (default {SHOW_LIMIT}, --json: all; 0: all)"
     )

@@ -109,9 +109,8 @@ def _short(error: str | None) -> str | None:
 def show(args: argparse.Namespace, config: Config) -> int:
     if args.outcome is not None and args.outcome not in OUTCOMES:
         raise UsageError(f"--outcome must be one of {', '.join(OUTCOMES)}")
-    paging = args.outcome is not None or args.limit is not None or args.offset
-    if paging and not args.changes:
-        raise UsageError("--outcome, --limit and --offset need --changes")
+    if args.outcome is not None or args.limit is not None or args.offset:
+        args.changes = True  # they choose which changes to list: --changes goes without saying
     if (args.limit is not None and args.limit < 0) or args.offset < 0:
         raise UsageError("--limit and --offset must not be negative")
     limit = args.limit if args.limit is not None else (None if args.json else SHOW_LIMIT)

@@ -136,6 +136,7 @@ class Configured:
         )
 
     def summary(self) -> str:
+        """What a reload's log line says of it: the audiences, how many are scheduled, the mappings."""
         enabled = [m.name for m in self.mappings if m.enabled]
         return (
             f"{len(self.audiences)} audiences ({', '.join(a.key for a in self.audiences) or 'none'}), "

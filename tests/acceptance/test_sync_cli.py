@@ -133,7 +133,7 @@ def test_show_pages_through_the_changes_and_filters_them_by_outcome(project: Pro
     assert len([line for line in last if line.startswith("u")]) == 50
     assert last[-1] == "(changes 201-250 of 250; all changes: sent 248, rejected 2)"
 
-    bad = project.cli("show", run_id, "--changes", "--outcome", "rejected").stdout.splitlines()
+    bad = project.cli("show", run_id, "--outcome", "rejected").stdout.splitlines()  # --changes goes without saying
     assert sorted(line.split()[:3] for line in bad if line.startswith("u")) == [
         ["u180", "true", "rejected"],
         ["u7", "true", "rejected"],
