@@ -17,17 +17,10 @@ import pytest
 
 from tests.acceptance.test_daemon import TOKEN, Daemon, wait_for
 from tests.conftest import Database, Emulator, free_port
+from tests.integration.test_ingest import BUTTON_MAPPING
 
 WRITE_KEY = "wk-reload"
-BUTTON = """
-[[mappings]]
-name = "Button Clicked"
-trigger = 'type = "track" and event = "Button Clicked"'
-action = "custom_event"
-[mappings.fields]
-event_type = "button"
-event_action = "click"
-"""
+BUTTON = BUTTON_MAPPING  # a custom mapping: Button Clicked -> custom_event, type "button", action "click"
 
 pytestmark = pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 
