@@ -3,6 +3,7 @@ modes, duplicates, traits, sync_audience delivery, quarantine, the per-audience 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -197,6 +198,22 @@ def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
             {"t": utcnow().replace(tzinfo=None) - LEASE * 2, "i": live_id},
         )
     assert run_store.mark_interrupted(h.engine, lease=LEASE) == [live_id]
+
+
+def test_a_killed_run_whose_pid_was_reused_is_judged_by_its_lease(h: Harness) -> None:
+    """A run killed on this host whose pid now belongs to another process (here: pytest's parent) must
+    not hold its audience forever: past the lease it is interrupted; within it, it still runs."""
+    reused = Owner(HOST, os.getppid(), "killed")
+    run_id, _ = run_store.start_run(h.engine, audience="a", mode="delta", trigger="manual", owner=reused)
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == []  # a fresh heartbeat: it may be alive
+    with h.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
+            {"t": utcnow().replace(tzinfo=None) - LEASE * 2, "i": run_id},
+        )
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == [run_id]
+    config = h.config(file_audience("A", h.csv("a.csv", ["u1,a@x"])))
+    assert h.sync(config)["status"] == "succeeded"
 
 
 def test_jsonl_source_and_bad_line(h: Harness) -> None:
