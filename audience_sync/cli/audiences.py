@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from audience_sync import wiring
@@ -101,7 +102,8 @@ def show(args: argparse.Namespace, config: Config) -> int:
         print(f"{key:12} {'' if value is None else value}")
     if args.changes:
         print()
-        print(table(listed, ("member", "value", "outcome", "error")))
+        rows = [{**change, "value": json.dumps(change["value"])} for change in listed]  # as --json writes it
+        print(table(rows, ("member", "value", "outcome", "error")))
         retention = config.settings.database.change_log_retention
         finished = record.finished_at
         if not listed and retention and finished and finished < utcnow() - retention:

@@ -346,3 +346,20 @@ def test_the_cli_judges_runs_of_other_hosts_by_schedule_lease(project: Project) 
     assert [r["status"] for r in json.loads(result.stdout)] == ["running"]  # 90 s old beat, 5 min lease: alive
     [run] = project.cli_json("history")  # the default lease (60s): that replica is gone
     assert (run["status"], run["error"]) == ("interrupted", "the process running this sync stopped before it finished")
+
+
+def test_the_changes_table_shows_values_as_json(project: Project) -> None:
+    """`show --changes` prints each value as `--json` does (true, 10, "gold", null), not Python's
+    True/None: a trait's text "10" and number 10 differ in ODP, and so they do here."""
+    path = project.dir / "ltv.jsonl"
+    rows = [{"user_id": "u1", "value": 10}, {"user_id": "u2", "value": "10"}, {"user_id": "u3", "value": True}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    project.audiences = [{"name": "LTV", "kind": "trait", "source": {"type": "file", "path": "ltv.jsonl"}}]
+    [first] = project.cli_json("sync")
+    path.write_text(json.dumps(rows[0]) + "\n")
+    [second] = project.cli_json("sync", "--force")
+    lines = project.cli("show", str(first["id"]), "--changes").stdout.splitlines()
+    expected = [["u1", "10", "sent"], ["u2", '"10"', "sent"], ["u3", "true", "sent"]]
+    assert [line.split()[:3] for line in lines[-3:]] == expected
+    lines = project.cli("show", str(second["id"]), "--changes").stdout.splitlines()
+    assert [line.split()[:3] for line in lines[-2:]] == [["u2", "null", "sent"], ["u3", "null", "sent"]]
