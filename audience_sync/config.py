@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from audience_sync.errors import ConfigError
+from audience_sync.masking import url_passwords
 from audience_sync.naming import trait_key
 from audience_sync.odp.regions import REGIONS
 from audience_sync.realtime.actions import resolve_action
@@ -58,13 +59,36 @@ def parse_duration(value: object) -> timedelta:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
+_TOKEN = re.compile(r"[!-~]+")  # printable ASCII, no spaces
+
+
+def _secret_text(value: object) -> object:
+    """A key or token as written, without the whitespace around it (the newline of ``$(cat file)``, a
+    Kubernetes secret's line end). What is left must be printable ASCII without spaces: it goes in an
+    HTTP header, and a newline or a non-ASCII character there fails every request. The error never
+    shows the value."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value  # pydantic names the type
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("is empty")
+    if not _TOKEN.fullmatch(stripped):
+        raise ValueError("may only hold printable ASCII characters, without spaces (the value is not shown)")
+    return stripped
+
+
+SecretToken = Annotated[SecretStr, BeforeValidator(_secret_text)]
+"""A secret that goes in an HTTP header: stripped, printable ASCII without spaces."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class OdpSettings(_Section):
-    api_key: SecretStr | None = None
+    api_key: SecretToken | None = None
     region: str = "US"
     endpoint: str | None = None
     batch_size: int = Field(default=100, ge=1, le=500)
@@ -121,8 +145,8 @@ def _check_cron(value: str | None) -> str | None:
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
-    admin_token: SecretStr | None = None
-    write_keys: list[SecretStr] = Field(default_factory=list)
+    admin_token: SecretToken | None = None
+    write_keys: list[SecretToken] = Field(default_factory=list)
     # How long a stop (SIGTERM/SIGINT) waits for runs and deliveries in flight; then the process exits
     # at once. Below a supervisor's kill timeout (30 s is common).
     shutdown_timeout: Duration = timedelta(seconds=25)
@@ -302,6 +326,15 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (env_settings, init_settings)
+
+    def secret_values(self) -> list[str]:
+        """Every secret of the configuration, masked by value wherever text leaves the process (see
+        :mod:`audience_sync.masking`): the ODP API key, the admin token, the write keys, and the
+        passwords of the database and source URLs. A new secret setting is added here."""
+        tokens = [self.odp.api_key, self.server.admin_token, *self.server.write_keys]
+        values = [token.get_secret_value() for token in tokens if token is not None]
+        urls = [self.database.url, *(a.source.url for a in self.audiences)]
+        return values + [password for url in urls for password in url_passwords(url)]
 
     @model_validator(mode="after")
     def _unique_keys(self) -> Settings:

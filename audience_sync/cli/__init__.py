@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from audience_sync import __version__
-from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, setup_logging
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, masked_output, setup_logging
 from audience_sync.config import load_config
 from audience_sync.errors import AudienceSyncError, ConfigError, UnknownAudience
+from audience_sync.masking import SECRETS
 
 __all__ = ["build_parser", "main"]
 
@@ -124,11 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args, getattr(args, "log_default", logging.WARNING))
+    with masked_output():
+        setup_logging(args, getattr(args, "log_default", logging.WARNING))
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         family = importlib.import_module(f"audience_sync.cli.{args.command_family}")
         func: Callable[[argparse.Namespace, Any], int] = getattr(family, args.command_function)
         config = None if getattr(args, "no_config", False) else load_config(args.config)
+        if config is not None:
+            SECRETS.add(config.settings.secret_values())
         return func(args, config)
     except (ConfigError, UsageError, UnknownAudience) as exc:
         print(f"error: {exc}", file=sys.stderr)

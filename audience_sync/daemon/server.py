@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audience_sync import __version__
 from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
@@ -25,6 +25,7 @@ from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.web import render_status_page
 from audience_sync.errors import RunInProgress, UnknownAudience
+from audience_sync.masking import SECRETS, Secrets
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus
 from audience_sync.store import outbox
 from audience_sync.store import runs as run_store
@@ -57,6 +58,42 @@ class AdminAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class MaskSecrets:
+    """Every response body with the secrets of :data:`~audience_sync.masking.SECRETS` masked (the
+    admin API's JSON, the status page, the metrics): an error that quotes a password or a key, from a
+    database driver or a proxy, never leaves the process."""
+
+    def __init__(self, app: ASGIApp, secrets: Secrets = SECRETS) -> None:
+        self.app = app
+        self.secrets = secrets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.secrets:
+            await self.app(scope, receive, send)
+            return
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def masked(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            text = b"".join(chunks).decode("utf-8", "surrogateescape")
+            body = self.secrets.mask(text).encode("utf-8", "surrogateescape")
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, masked)
 
 
 @dataclass(frozen=True)
@@ -259,7 +296,7 @@ def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
 
 def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
     """The daemon's ASGI app: its routes (and the deliveries' when ``state`` has a real-time path) plus
-    any extra (ingestion), behind admin auth."""
+    any extra (ingestion), behind admin auth, with secrets masked in every answer."""
     deliveries = delivery_routes(state.engine) if state.delivery_counts is not None else []
     app = Starlette(routes=[*(extra_routes or []), *build_routes(state), *deliveries])
-    return AdminAuth(app, state.admin_token)
+    return MaskSecrets(AdminAuth(app, state.admin_token))

@@ -86,6 +86,11 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "both use the trait key 'big_spenders'",
         ),
         ("[odp\n", "audience-sync.toml"),
+        ('[odp]\napi_key = "odp key"\n', "odp.api_key: may only hold printable ASCII characters, without spaces"),
+        ('[odp]\napi_key = "k\u00e9y-0123"\n', "odp.api_key: may only hold printable ASCII characters"),
+        ('[odp]\napi_key = " \\n"\n', "odp.api_key: is empty"),
+        ('[server]\nadmin_token = "tab\\tinside"\n', "server.admin_token: may only hold printable ASCII"),
+        ('[server]\nwrite_keys = ["wk-good", "wk bad"]\n', "server.write_keys[1]: may only hold printable ASCII"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -100,6 +105,42 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
     assert "s3cret" not in str(info.value)
     config = load_config(write(tmp_path, MINIMAL))
     assert "s3cret" not in repr(config.settings)
+    for text in ('[odp]\napi_key = "s3cret key"\n',):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text))
+        assert "s3cret" not in str(info.value)
+
+
+def test_whitespace_around_keys_is_stripped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trailing newline (``$(cat key.txt)``, a Kubernetes secret) would be sent in the Authorization
+    header and fail every request, its escaped form leaking into every error."""
+    monkeypatch.setenv("AUDIENCE_SYNC_ODP__API_KEY", "odp-key-0123\n")
+    monkeypatch.setenv("AUDIENCE_SYNC_SERVER__WRITE_KEYS", '[" wk-1\\t", "wk-2"]')
+    s = load_config(write(tmp_path, '[server]\nadmin_token = "  admin-token\\r\\n"\n')).settings
+    assert s.odp.api_key is not None and s.odp.api_key.get_secret_value() == "odp-key-0123"
+    assert s.server.admin_token is not None and s.server.admin_token.get_secret_value() == "admin-token"
+    assert [k.get_secret_value() for k in s.server.write_keys] == ["wk-1", "wk-2"]
+
+
+def test_every_secret_is_listed_for_masking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDIENCE_SYNC_DATABASE__URL", "postgresql+psycopg://:db-pass%21@db/x?password=db-query-pw")
+    text = (
+        MINIMAL
+        + 'url = "postgresql://reader:src-pass@wh/db"\n'
+        + ('[server]\nadmin_token = "admin-token"\nwrite_keys = ["wk-1", "wk-2"]\n')
+    )
+    text = text.replace('type = "file"\npath = "members.csv"', 'type = "sql"\nquery = "SELECT 1"')
+    settings = load_config(write(tmp_path, text)).settings
+    assert set(settings.secret_values()) == {
+        "s3cret-key",
+        "admin-token",
+        "wk-1",
+        "wk-2",
+        "db-pass%21",
+        "db-pass!",
+        "db-query-pw",
+        "src-pass",
+    }
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -112,6 +153,10 @@ def test_durations_and_url_redaction() -> None:
     assert parse_duration("500ms") == timedelta(milliseconds=500)
     assert parse_duration(2) == timedelta(seconds=2)
     assert redact_url("postgresql+psycopg://app:pw@db/x") == "postgresql+psycopg://app:***@db/x"
+    assert redact_url("postgresql+psycopg://:pw@db/x") == "postgresql+psycopg://:***@db/x"
+    assert redact_url("postgresql://db/x?sslmode=require&password=pw&a=b") == (
+        "postgresql://db/x?sslmode=require&password=***&a=b"
+    )
     assert redact_url("sqlite:///a.db") == "sqlite:///a.db"
 
 
