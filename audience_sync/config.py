@@ -6,9 +6,11 @@ the TOML file. Nothing else in the project reads ``os.environ``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from audience_sync.errors import ConfigError
 from audience_sync.masking import url_passwords
@@ -34,6 +36,7 @@ from audience_sync.realtime.actions import resolve_action
 from audience_sync.realtime.mapping import MappingError, validate_mapping
 from audience_sync.realtime.presets import PRESETS, get_preset
 from audience_sync.realtime.triggers import TriggerError, parse_trigger
+from audience_sync.store.engine import url_problem
 
 ENV_PREFIX = "AUDIENCE_SYNC_"
 DEFAULT_CONFIG_PATH = Path("audience-sync.toml")
@@ -83,6 +86,13 @@ SecretToken = Annotated[SecretStr, BeforeValidator(_secret_text)]
 """A secret that goes in an HTTP header: stripped, printable ASCII without spaces."""
 
 
+def _database_url(value: str) -> str:
+    problem = url_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -116,6 +126,11 @@ class DatabaseSettings(_Section):
     url: str = "sqlite:///audience_sync.db"
     # The per-member change logs of runs finished longer ago are deleted (run records stay); 0 keeps them.
     change_log_retention: Duration = timedelta(days=30)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _database_url(value)
 
 
 class ScheduleSettings(_Section):
@@ -164,6 +179,11 @@ class SourceSettings(_Section):
     url: str | None = None
     query: str | None = None
     path: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _database_url(value)
 
     @model_validator(mode="after")
     def _required(self) -> SourceSettings:
@@ -406,6 +426,29 @@ def _format_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def _environment_error(environ: Mapping[str, str]) -> str | None:
+    """Name the ``AUDIENCE_SYNC_*`` variable whose value should be JSON (a list, an object) and is not,
+    with the form it takes. The value is not shown: it may be a secret."""
+    for name, value in environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == ENV_PREFIX + "CONFIG":
+            continue
+        annotation: Any = Settings
+        for part in name[len(ENV_PREFIX) :].lower().split("__"):
+            fields = getattr(annotation, "model_fields", {})
+            if part not in fields:
+                annotation = None
+                break
+            annotation = fields[part].annotation
+        origin = typing.get_origin(annotation)
+        if origin is list or origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            try:
+                json.loads(value)
+            except ValueError:
+                form = """a JSON list, e.g. '["a", "b"]'""" if origin is list else "a JSON object"
+                return f"{name}: must be {form} (the value is not shown)"
+    return None
+
+
 def resolve_config_path(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
     """``--config`` beats ``AUDIENCE_SYNC_CONFIG`` beats ``./audience-sync.toml`` (when it exists)."""
     env = os.environ if environ is None else environ
@@ -433,6 +476,8 @@ def load_config(path: str | Path | None = None) -> Config:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+    except SettingsError as exc:  # an environment variable that should hold JSON does not
+        raise ConfigError(_environment_error(os.environ) or str(exc)) from None
     except ValueError as exc:  # raised by trait_key for a name without letters
         raise ConfigError(str(exc)) from None
     base = config_path.parent if config_path else Path.cwd()

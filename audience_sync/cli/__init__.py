@@ -20,10 +20,12 @@ from typing import Any
 from audience_sync import __version__
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, masked_output, setup_logging
 from audience_sync.config import load_config
-from audience_sync.errors import AudienceSyncError, ConfigError, UnknownAudience
+from audience_sync.errors import AudienceSyncError, ConfigError, UnknownAudience, first_line
 from audience_sync.masking import SECRETS
 
 __all__ = ["build_parser", "main"]
+
+log = logging.getLogger("audience_sync.cli")
 
 
 def _command(family: str, name: str) -> dict[str, Any]:
@@ -150,3 +152,8 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:  # a failure nothing above foresaw: one line (the traceback with -v)
+        log.debug("the command failed", exc_info=True)
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        print(f"error: {type(exc).__name__}: {first_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILED

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from audience_sync.config import Config, Settings
 from audience_sync.daemon.metrics import RunDurations, register_sync_metrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
+from audience_sync.errors import AudienceSyncError
 from audience_sync.group_writer import GroupWriter
 from audience_sync.odp.client import OdpClient
 from audience_sync.realtime.delivery import DeliveryWorker
@@ -79,19 +82,43 @@ class _Deadline:
 
 
 def run_daemon(config: Config, engine: Engine) -> int:
-    """Serve until a stop signal; returns the process exit code."""
+    """Serve until a stop signal; returns the process exit code. Raises
+    :class:`~audience_sync.errors.AudienceSyncError` when the address cannot be listened on."""
     settings = config.settings
     stop = threading.Event()
     deadline = _Deadline(settings.server.shutdown_timeout.total_seconds())
+    listener = listen(settings.server.host, settings.server.port)
     try:
         with wiring.open_client(settings.odp) as client:
             daemon = Daemon.build(settings, engine, client, stop)
             try:
-                return asyncio.run(_serve(settings, daemon, stop, deadline))
+                return asyncio.run(_serve(settings, daemon, stop, deadline, listener))
             finally:
                 daemon.close()
     finally:
         deadline.cancel()
+        listener.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The daemon's listening socket, bound before anything starts, so that a port already in use (or
+    an address this host does not have) is one error line and exit code 1, not uvicorn's traceback and
+    its exit code 3 (which means "held" here)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise AudienceSyncError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise AudienceSyncError(f"cannot listen on {host}:{port}: {reason} (server.host, server.port)") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 @dataclass(frozen=True)
@@ -144,19 +171,21 @@ class Daemon:
             self.syncer.close()
 
 
-async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, deadline: _Deadline) -> int:
+async def _serve(
+    settings: Settings, daemon: Daemon, stop: threading.Event, deadline: _Deadline, listener: socket.socket
+) -> int:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.set)
 
-    host, port = settings.server.host, settings.server.port
+    host, port = settings.server.host, int(listener.getsockname()[1])
     server = uvicorn.Server(
         uvicorn.Config(daemon.app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
     )
     # The daemon owns the signals: uvicorn must neither install handlers nor re-raise them at exit.
     setattr(server, "capture_signals", contextlib.nullcontext)  # noqa: B010
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if serving.done():
             exc = serving.exception() if not serving.cancelled() else None

@@ -12,6 +12,9 @@ from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+URL_EXAMPLES = "e.g. sqlite:///audience_sync.db or postgresql+psycopg://user:password@host:5432/dbname"
 
 
 def _driver_url(url: str) -> str:
@@ -19,6 +22,29 @@ def _driver_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable before anything connects (unparseable, a port that is not a number,
+    an unknown or uninstalled driver), or None. The message never repeats the URL: it may hold a
+    password."""
+    try:
+        parsed = make_url(_driver_url(url))
+    except ArgumentError:
+        return f"is not a database URL ({URL_EXAMPLES})"
+    except ValueError:
+        return "has a port that is not a number"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return f"has the port {parsed.port}, outside 1..65535"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        return f"names an unknown database {parsed.drivername!r} ({URL_EXAMPLES})"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        return f"needs the driver {exc.name or parsed.drivername!r}, which is not installed (pip install it)"
+    return None
 
 
 def make_engine(url: str) -> Engine:

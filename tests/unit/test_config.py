@@ -86,6 +86,19 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "both use the trait key 'big_spenders'",
         ),
         ("[odp\n", "audience-sync.toml"),
+        ('[database]\nurl = "postgresql+psycopg://app:pw@db:abc/x"\n', "database.url: has a port that is not a number"),
+        ('[database]\nurl = "postgresql+psycopg://app:pw@db:70000/x"\n', "database.url: has the port 70000"),
+        ('[database]\nurl = "not a url"\n', "database.url: is not a database URL (e.g. sqlite:///"),
+        ('[database]\nurl = "oracel://app:pw@db/x"\n', "database.url: names an unknown database 'oracel'"),
+        (
+            '[database]\nurl = "mysql://app:pw@db/x"\n',
+            "database.url: needs the driver 'MySQLdb', which is not installed",
+        ),
+        (
+            '[[audiences]]\nname = "A"\n[audiences.source]\ntype = "sql"\nquery = "SELECT 1"\n'
+            'url = "postgresql://app:pw@warehouse:5432x/db"\n',
+            "audiences[0].source.url: has a port that is not a number",
+        ),
         ('[odp]\napi_key = "odp key"\n', "odp.api_key: may only hold printable ASCII characters, without spaces"),
         ('[odp]\napi_key = "k\u00e9y-0123"\n', "odp.api_key: may only hold printable ASCII characters"),
         ('[odp]\napi_key = " \\n"\n', "odp.api_key: is empty"),
@@ -105,7 +118,7 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
     assert "s3cret" not in str(info.value)
     config = load_config(write(tmp_path, MINIMAL))
     assert "s3cret" not in repr(config.settings)
-    for text in ('[odp]\napi_key = "s3cret key"\n',):
+    for text in ('[odp]\napi_key = "s3cret key"\n', '[database]\nurl = "postgresql://app:s3cret@db:x/y"\n'):
         with pytest.raises(ConfigError) as info:
             load_config(write(tmp_path, text))
         assert "s3cret" not in str(info.value)
@@ -120,6 +133,17 @@ def test_whitespace_around_keys_is_stripped(tmp_path: Path, monkeypatch: pytest.
     assert s.odp.api_key is not None and s.odp.api_key.get_secret_value() == "odp-key-0123"
     assert s.server.admin_token is not None and s.server.admin_token.get_secret_value() == "admin-token"
     assert [k.get_secret_value() for k in s.server.write_keys] == ["wk-1", "wk-2"]
+
+
+def test_a_list_in_an_environment_variable_that_is_not_json_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUDIENCE_SYNC_SERVER__WRITE_KEYS", "wk-secret-1,wk-secret-2")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL))
+    assert str(info.value) == (
+        """AUDIENCE_SYNC_SERVER__WRITE_KEYS: must be a JSON list, e.g. '["a", "b"]' (the value is not shown)"""
+    )
 
 
 def test_every_secret_is_listed_for_masking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
