@@ -162,6 +162,8 @@ class ServerSettings(_Section):
     port: int = Field(default=8787, ge=0, le=65535)
     admin_token: SecretToken | None = None
     write_keys: list[SecretToken] = Field(default_factory=list)
+    # Whether / (the status page) and /metrics answer without the admin token.
+    public_pages: bool = True
     # How long a stop (SIGTERM/SIGINT) waits for runs and deliveries in flight; then the process exits
     # at once. Below a supervisor's kill timeout (30 s is common).
     shutdown_timeout: Duration = timedelta(seconds=25)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -89,6 +90,7 @@ def run_daemon(config: Config, engine: Engine) -> int:
     deadline = _Deadline(settings.server.shutdown_timeout.total_seconds())
     listener = listen(settings.server.host, settings.server.port)
     try:
+        _warn_if_exposed(settings.server.host, settings.server.public_pages)
         with wiring.open_client(settings.odp) as client:
             daemon = Daemon.build(settings, engine, client, stop)
             try:
@@ -119,6 +121,25 @@ def listen(host: str, port: int) -> socket.socket:
         raise AudienceSyncError(f"cannot listen on {host}:{port}: {reason} (server.host, server.port)") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _warn_if_exposed(host: str, public_pages: bool) -> None:
+    if public_pages and not _loopback(host):
+        log.warning(
+            "listening on %s with server.public_pages = true: the status page and /metrics answer anyone "
+            "who can reach this address; set server.public_pages = false to put them behind "
+            "server.admin_token",
+            host,
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -157,6 +178,7 @@ class Daemon:
             registry,
             admin_token=token.get_secret_value() if token else None,
             delivery_counts=functools.partial(outbox.counts, engine),
+            public_pages=settings.server.public_pages,
         )
         routes = ingest_routes(writer, wiring.write_keys(settings), counters, load)
         return cls(syncer, tracker, scheduler, writer, worker, create_app(state, routes))

@@ -39,15 +39,24 @@ def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-class AdminAuth:
-    """Bearer ``server.admin_token`` on every ``/api/*`` request (401 JSON otherwise)."""
+PUBLIC_PAGES = ("/", "/metrics")
+"""What ``server.public_pages = false`` puts behind the admin token (``/healthz`` never is)."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+
+class AdminAuth:
+    """Bearer ``server.admin_token`` on every ``/api/*`` request, and on the status page and the
+    metrics unless ``public_pages`` (401 JSON otherwise)."""
+
+    def __init__(self, app: ASGIApp, token: str | None, *, public_pages: bool = True) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        self.public_pages = public_pages
+
+    def _protected(self, path: str) -> bool:
+        return path.startswith("/api/") or (not self.public_pages and path in PUBLIC_PAGES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+        if scope["type"] == "http" and self._protected(scope["path"]):
             header = dict(scope["headers"]).get(b"authorization", b"")
             if self.expected is None:
                 response = error(401, "unauthorized", "the admin API is disabled: set server.admin_token")
@@ -102,7 +111,8 @@ class DaemonState:
 
     ``audiences``: the configured audiences; ``registry``: the metrics served on ``/metrics``;
     ``admin_token``: the Bearer token of ``/api/*`` (None: the admin API answers 401);
-    ``delivery_counts``: the real-time backlog by status for the page (None: no real-time path).
+    ``delivery_counts``: the real-time backlog by status for the page (None: no real-time path);
+    ``public_pages``: whether ``/`` and ``/metrics`` answer without the token (``server.public_pages``).
     """
 
     engine: Engine
@@ -112,6 +122,7 @@ class DaemonState:
     registry: CollectorRegistry
     admin_token: str | None = None
     delivery_counts: Callable[[], dict[str, int]] | None = None
+    public_pages: bool = True
 
 
 def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
@@ -299,4 +310,4 @@ def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) 
     any extra (ingestion), behind admin auth, with secrets masked in every answer."""
     deliveries = delivery_routes(state.engine) if state.delivery_counts is not None else []
     app = Starlette(routes=[*(extra_routes or []), *build_routes(state), *deliveries])
-    return MaskSecrets(AdminAuth(app, state.admin_token))
+    return MaskSecrets(AdminAuth(app, state.admin_token, public_pages=state.public_pages))
