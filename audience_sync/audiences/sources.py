@@ -25,7 +25,7 @@ from audience_sync.audiences.rules import (
     SqlSource,
     member_rows,
 )
-from audience_sync.errors import SourceError
+from audience_sync.errors import SourceError, first_line
 from audience_sync.store.sources import SourceDatabases, stream_query
 
 CHUNK_ROWS = 10_000
@@ -69,7 +69,13 @@ def stream_members(
     """Yield chunks of valid snapshot rows; count rows and invalid rows in ``stats``."""
     source = audience.source
     if isinstance(source, SqlSource):
-        yield from _sql(audience, source, stats, databases.engine(source.url))
+        try:
+            engine = databases.engine(source.url)
+        except Exception as exc:  # the URL passed the config's checks, and still the driver refuses it
+            raise SourceError(
+                f"source database of audience {audience.key!r} cannot be opened: {first_line(exc)}"
+            ) from None
+        yield from _sql(audience, source, stats, engine)
     elif isinstance(source, FileSource) and source.path.suffix.lower() == ".csv":
         yield from _csv(audience, source.path, stats)
     else:
@@ -156,6 +162,8 @@ def _jsonl(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[
                         obj = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise SourceError(f"{origin} line {number}: invalid JSON ({exc.msg})") from None
+                    except RecursionError:
+                        raise SourceError(f"{origin} line {number}: objects or arrays nested too deeply") from None
                     if not isinstance(obj, dict):
                         raise SourceError(f"{origin} line {number}: expected a JSON object")
                     lowered = {str(k).lower(): v for k, v in obj.items()}

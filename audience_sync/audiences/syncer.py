@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from audience_sync.audiences import rules
 from audience_sync.audiences.rules import Audience, Mode
 from audience_sync.audiences.sources import SourceStats, stream_members
-from audience_sync.errors import SourceError
+from audience_sync.errors import SourceError, first_line
 from audience_sync.group_writer import GroupWriter
 from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
@@ -121,6 +121,11 @@ class Syncer:
                     self.engine, key=audience.key, name=audience.name, kind=audience.kind, delivery=audience.delivery
                 )
                 status, error, counts = self._run(prepared)
+        except Exception as exc:
+            # Unforeseen (a driver's error while staging, say): this run fails with the cause; the caller
+            # goes on with its other audiences. What was acknowledged is recorded (at-least-once).
+            log.error("run %s of %s failed", run_id, audience.key, exc_info=True)
+            status, error, counts = RunStatus.FAILED, f"{type(exc).__name__}: {first_line(exc)}", {}
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             detail = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"

@@ -11,7 +11,7 @@ from audience_sync.audiences.rules import Mode, audience_named, exit_code
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, Progress, UsageError, emit_json, table
 from audience_sync.config import Config
-from audience_sync.errors import RunInProgress
+from audience_sync.errors import RunInProgress, first_line
 from audience_sync.statuses import RUN_STATUSES
 from audience_sync.store.reports import audience_views
 from audience_sync.store.runs import COUNTERS, RunRecord, changes, get_run, list_runs
@@ -47,6 +47,8 @@ def sync(args: argparse.Namespace, config: Config) -> int:
                         records.append(syncer.sync(audience, options))
                     except RunInProgress as exc:
                         failures.append(str(exc))
+                    except Exception as exc:  # this audience could not even start: go on with the others
+                        failures.append(f"audience {audience.key!r}: {type(exc).__name__}: {first_line(exc)}")
                     finally:
                         progress.done()
             finally:

@@ -363,3 +363,35 @@ def test_the_changes_table_shows_values_as_json(project: Project) -> None:
     assert [line.split()[:3] for line in lines[-3:]] == expected
     lines = project.cli("show", str(second["id"]), "--changes").stdout.splitlines()
     assert [line.split()[:3] for line in lines[-2:]] == [["u2", "null", "sent"], ["u3", "null", "sent"]]
+
+
+def test_one_bad_audience_never_stops_the_others(project: Project) -> None:
+    """Each audience's failure is its own run's: the later audiences still run, `--json` prints every
+    record, and identifiers no store can hold (a NUL, over 512 characters) are invalid rows."""
+    (project.dir / "deep.jsonl").write_text('{"user_id": "d1"}\n{"user_id": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    odd = [
+        {"user_id": "u\u0000x"},
+        {"user_id": "x" * 600},
+        {"user_id": "ok1", "email": "e\u0000@x"},
+        {"user_id": "ok2"},
+    ]
+    (project.dir / "odd.jsonl").write_text("".join(json.dumps(row) + "\n" for row in odd))
+    (project.dir / "good.csv").write_text("user_id\ng1\ng2\n")
+    unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
+    project.audiences = [
+        {"name": "Deep", "source": {"type": "file", "path": "deep.jsonl"}},
+        {"name": "Unreachable", "source": {"type": "sql", "url": unreachable, "query": "SELECT user_id FROM t"}},
+        {"name": "Odd Ids", "source": {"type": "file", "path": "odd.jsonl"}},
+        {"name": "Good", "source": {"type": "file", "path": "good.csv"}},
+    ]
+    result = project.cli("sync", "--json")
+    assert result.returncode == 1, result.stderr
+    runs = {r["audience"]: r for r in json.loads(result.stdout)}
+    assert list(runs) == ["deep", "unreachable", "odd_ids", "good"]
+    assert runs["deep"]["status"] == "failed" and "line 2: objects or arrays nested too deeply" in runs["deep"]["error"]
+    assert runs["unreachable"]["status"] == "failed" and "failed" in runs["unreachable"]["error"]
+    assert (runs["odd_ids"]["status"], runs["odd_ids"]["invalid"], runs["odd_ids"]["sent"]) == ("succeeded", 3, 1)
+    assert (runs["good"]["status"], runs["good"]["sent"]) == ("succeeded", 2)
+    assert "Traceback" not in result.stderr
+    sent = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    assert sent == {"ok2", "g1", "g2"}

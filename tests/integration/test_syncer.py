@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from audience_sync import wiring
 from audience_sync.audiences.rules import Mode, audience_named
-from audience_sync.audiences.syncer import SyncOptions
+from audience_sync.audiences.syncer import Syncer, SyncOptions
 from audience_sync.config import Config, load_config
 from audience_sync.errors import RunInProgress
 from audience_sync.leases import HOST, THIS_PROCESS, Owner
@@ -22,6 +22,7 @@ from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.store import migrate
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import make_engine
+from audience_sync.store.sources import SourceDatabases
 from audience_sync.timestamps import iso, utcnow
 from tests.conftest import Database, Emulator, render_toml
 
@@ -471,3 +472,26 @@ def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harne
     else:
         assert kept == {first_a["id"]: 0, first_b["id"]: 1}  # B's own next run will tidy B
     assert getattr(run_store.get_run(h.engine, first_a["id"]), "sent", None) == 2
+
+
+def test_an_unforeseen_failure_fails_its_run_with_the_cause_and_returns_its_record(h: Harness) -> None:
+    """A failure nothing foresaw (here a database driver that raises its own error, not SQLAlchemy's)
+    fails that run with the cause; the caller gets the record and goes on with its other audiences."""
+
+    class BrokenDriver(SourceDatabases):
+        def engine(self, url: str | None) -> Engine:
+            def connect() -> Any:
+                raise RuntimeError("the driver crashed")
+
+            return create_engine("sqlite://", creator=connect)
+
+    config = h.config({"name": "Broken", "source": {"type": "sql", "query": "SELECT 1 AS user_id"}})
+    [audience] = wiring.audiences(config.settings)
+    syncer = Syncer(h.engine, h.client, BrokenDriver(h.database.url), batch_size=100, change_log_retention=timedelta(0))
+    try:
+        record = syncer.sync(audience)
+    finally:
+        syncer.close()
+    assert (record.status, record.error) == ("failed", "RuntimeError: the driver crashed")
+    assert getattr(run_store.get_run(h.engine, record.id), "status", None) == "failed"
+    assert h.emulator.requests() == []
