@@ -78,7 +78,7 @@ class Syncer:
         """``engine``: the store; ``sources``: the SQL sources' engines (closed by :meth:`close`);
         ``batch_size``: items per request (``odp.batch_size``); ``change_log_retention``: change logs of
         runs finished longer ago are deleted after each run (0: kept); ``progress`` gets status lines;
-        ``should_stop`` tells a run to stop reading and sending (the daemon's shutdown). Its runs are
+        ``should_stop`` tells a run to stop reading and sending (SIGTERM or SIGINT). Its runs are
         held by one lease holder of ``holders``, released by :meth:`close`."""
         self.engine = engine
         self.client = client
@@ -188,7 +188,7 @@ class Syncer:
             except SourceError as exc:
                 return RunStatus.FAILED, str(exc), {"members": 0, "invalid": stats.invalid}
             except _Stopped:
-                note = "stopped while reading the source (shutdown); nothing was sent, the next run starts over"
+                note = "stopped while reading the source (SIGTERM/SIGINT); nothing was sent, the next run starts over"
                 return RunStatus.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
             plan = planning.plan(
                 run_id=run_id, audience=audience.key, mode=mode, exit_value=exit_value, dry_run=options.dry_run
@@ -209,7 +209,7 @@ class Syncer:
         run_store.set_counts(self.engine, run_id, **counts)
         sent, failed = self._send(audience, run_id, started, entered + exited - quarantined)
         if self.should_stop():
-            note = "stopped before it finished (shutdown); the next run sends what is left"
+            note = "stopped before it finished (SIGTERM/SIGINT); the next run sends what is left"
             return RunStatus.INTERRUPTED, note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 

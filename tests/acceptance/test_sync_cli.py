@@ -395,3 +395,42 @@ def test_one_bad_audience_never_stops_the_others(project: Project) -> None:
     assert "Traceback" not in result.stderr
     sent = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
     assert sent == {"ok2", "g1", "g2"}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.timeout(300)
+def test_a_stop_signal_ends_sync_promptly_recording_what_was_acknowledged(project: Project, stop: int) -> None:
+    """A supervisor's SIGTERM acts like Ctrl-C, not like SIGKILL: no new batch is taken, what ODP
+    acknowledged is recorded, the run is `interrupted`, every record is printed, and the next run sends
+    exactly what is left (nothing twice)."""
+    total = 20_000
+    make_customers(project, range(total))
+    sql_audience(project)
+    project.audiences.append({"name": "Later", "source": {"type": "sql", "query": "SELECT user_id FROM customers"}})
+    project.odp.update(concurrency=1)
+    project.emulator.faults(latency_ms=20)
+    process = project.popen("sync", "--json")
+    deadline = time.monotonic() + 120
+    while project.emulator.stats()["items"] < 2_000:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the sync did not get going"
+        time.sleep(0.02)
+    process.send_signal(stop)
+    signalled = time.monotonic()
+    stdout, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - signalled < 5, "the sync did not stop promptly"
+    assert process.returncode == 128 + stop, stderr
+    assert "Traceback" not in stderr and "audience 'later' was not started" in stderr
+    [run] = json.loads(stdout)
+    assert (run["audience"], run["status"]) == (KEY, "interrupted") and "next run sends what is left" in run["error"]
+    first = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    acked = project.sql("SELECT count(*) FROM members WHERE audience = :a AND acked = 'true'", {"a": KEY})[0][0]
+    assert 2_000 <= run["sent"] == acked == len(first) < total
+
+    project.emulator.faults()
+    project.emulator.reset()
+    [resumed, later] = project.cli_json("sync")
+    second = [i["user_identifiers"]["userId"] for i in project.emulator.items() if KEY in i]
+    assert (resumed["status"], resumed["sent"]) == ("succeeded", total - len(first))
+    assert len(second) == len(set(second)) and set(second) == {f"u{i}" for i in range(total)} - first
+    assert later["status"] == "succeeded"
