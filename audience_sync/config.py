@@ -106,6 +106,15 @@ class OdpSettings(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     timeout_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=6, ge=1, le=100)
+    # The total time one run may wait (back-off and rate limits) before it stops sending.
+    max_wait: Duration = timedelta(minutes=30)
+
+    @field_validator("max_wait")
+    @classmethod
+    def _max_wait(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be more than 0s")
+        return value
 
     @field_validator("region", mode="before")
     @classmethod

@@ -207,13 +207,20 @@ class Syncer:
         if options.dry_run:
             return RunStatus.PLANNED, None, counts
         run_store.set_counts(self.engine, run_id, **counts)
-        sent, failed = self._send(audience, run_id, started, entered + exited - quarantined)
+        sent, failed, gave_up = self._send(audience, run_id, started, entered + exited - quarantined)
         if self.should_stop():
             note = "stopped before it finished (SIGTERM/SIGINT); the next run sends what is left"
             return RunStatus.INTERRUPTED, note, counts
+        if gave_up is not None:
+            note = (
+                f"{gave_up}. {failed:,} items were not acknowledged and the rest were not sent; the next run sends them"
+            )
+            return rules.final_status(sent=sent, failed=max(failed, 1)), note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 
-    def _send(self, audience: Audience, run_id: int, started: datetime, total: int) -> tuple[int, int]:
+    def _send(self, audience: Audience, run_id: int, started: datetime, total: int) -> tuple[int, int, str | None]:
+        """Send the run's pending changes; returns (items acknowledged, items not, why the client gave up
+        before the end: ``odp.max_wait`` was reached)."""
         key = audience.key
         batches = member_store.pending_batches(
             self.engine,
@@ -252,11 +259,11 @@ class Syncer:
         path = AUDIENCE_ENDPOINTS[audience.delivery]
         try:
             outbound = (_PendingBatch(*batch) for batch in batches)
-            self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)
+            totals = self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)
         finally:
             writer.close()  # every acknowledgement is written before the run is recorded
             member_store.settle_sent(self.engine, run_id, key, started)
-        return done["sent"], done["failed"]
+        return done["sent"], done["failed"], totals.gave_up
 
 
 class _PendingBatch(EncodedBatch):

@@ -434,3 +434,23 @@ def test_a_stop_signal_ends_sync_promptly_recording_what_was_acknowledged(projec
     assert (resumed["status"], resumed["sent"]) == ("succeeded", total - len(first))
     assert len(second) == len(set(second)) and set(second) == {f"u{i}" for i in range(total)} - first
     assert later["status"] == "succeeded"
+
+
+def test_a_rate_limit_storm_ends_the_run_at_odp_max_wait(project: Project) -> None:
+    """ODP answers 429 to everything: the run stops sending once it waited odp.max_wait, fails with
+    ODP's last answer, and the next run sends what is left."""
+    make_customers(project, range(300))
+    sql_audience(project)
+    project.odp.update(concurrency=2, max_wait="3s")
+    project.emulator.faults(status=429, retry_after=1)
+    started = time.monotonic()
+    [run] = project.cli_json("sync", expect=1)
+    assert time.monotonic() - started < 20
+    assert (run["status"], run["sent"]) == ("failed", 0)
+    assert run["error"].startswith("stopped sending after waiting ") and "(odp.max_wait 3s)" in run["error"]
+    assert "ODP's last answer: HTTP 429" in run["error"] and "the next run sends them" in run["error"]
+    assert 2 <= len(project.emulator.requests("batch_upsert_contact")) <= 10
+
+    project.emulator.reset()
+    [again] = project.cli_json("sync")
+    assert (again["status"], again["sent"]) == ("succeeded", 300)

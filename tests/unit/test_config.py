@@ -39,6 +39,7 @@ def test_defaults_and_derived_values(tmp_path: Path) -> None:
         4,
     )
     assert (s.schedule.interval, s.schedule.jitter) == (timedelta(hours=2), timedelta(hours=1))
+    assert (s.odp.max_wait, s.server.public_pages) == (timedelta(minutes=30), True)
     audience = s.audiences[0]
     assert audience.key == "order_completed_last_30days"
     assert audience.source.path == tmp_path / "members.csv"
@@ -86,6 +87,7 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "both use the trait key 'big_spenders'",
         ),
         ("[odp\n", "audience-sync.toml"),
+        ('[odp]\nmax_wait = "0s"\n', "odp.max_wait: must be more than 0s"),
         ('[database]\nurl = "postgresql+psycopg://app:pw@db:abc/x"\n', "database.url: has a port that is not a number"),
         ('[database]\nurl = "postgresql+psycopg://app:pw@db:70000/x"\n', "database.url: has the port 70000"),
         ('[database]\nurl = "not a url"\n', "database.url: is not a database URL (e.g. sqlite:///"),
