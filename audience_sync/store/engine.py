@@ -7,6 +7,7 @@ read-only transactions, so reading an audience never modifies the user's databas
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -45,6 +46,15 @@ def url_problem(url: str) -> str | None:
     except ImportError as exc:
         return f"needs the driver {exc.name or parsed.drivername!r}, which is not installed (pip install it)"
     return None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None: another database, or SQLite in memory)."""
+    parsed = make_url(_driver_url(url))
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database.removeprefix("file:").split("?", 1)[0])
 
 
 def make_engine(url: str) -> Engine:
