@@ -412,7 +412,7 @@ def _relative_sqlite(url: str, base: Path) -> str:
     if prefix is None:
         return url
     rest = url[len(prefix) :]
-    if not rest or rest.startswith("/") or rest.startswith(":memory:"):
+    if not rest or rest.startswith("/") or rest.startswith(":memory:") or rest.startswith("file:"):
         return url
     return prefix + str((base / rest).resolve())
 

@@ -88,8 +88,10 @@ def make_source_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
-            parsed = parsed.set(database="file:" + quote(database), query={**parsed.query, "mode": "ro", "uri": "true"})
+        if database and database != ":memory:":
+            # A path becomes a read-only URI; a URI the user wrote is made read-only, whatever mode it asked.
+            uri = database if database.startswith("file:") else "file:" + quote(database)
+            parsed = parsed.set(database=uri, query={**parsed.query, "mode": "ro", "uri": "true"})
         return create_engine(parsed, connect_args={"timeout": 30})
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
         return create_engine(parsed, connect_args={"options": "-c default_transaction_read_only=on"})

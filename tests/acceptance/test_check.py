@@ -1,8 +1,12 @@
 """`audience-sync check` through the real CLI: it reads the first rows of every audience's source and
-names every audience whose source fails, and changes nothing (no store, no file without a config)."""
+names every audience whose source fails, changes nothing (no store, no file without a config), and
+sources are read-only for it as for `sync`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -100,3 +104,41 @@ def test_check_does_not_create_the_store(project: Project) -> None:
         "detail": f"sqlite:///{project.dir / 'not_yet.db'}: not created yet (the first sync creates it)",
     }
     assert not (project.dir / "not_yet.db").exists()
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("form", ["path", "uri"])
+def test_a_sqlite_source_stays_byte_identical_and_out_of_wal_mode(project: Project, form: str) -> None:
+    """product.md 10: reading a source never changes it. `check` and `sync` read a SQLite source that
+    is in rollback-journal mode; afterwards it is the same file, byte for byte, still not in WAL mode,
+    and no -wal or -shm file appeared; a query that writes fails (a `file:` URI asking to write is
+    opened read-only too)."""
+    source = project.dir / "warehouse.db"
+    with sqlite3.connect(source) as db:
+        db.execute("CREATE TABLE customers (user_id TEXT, email TEXT)")
+        db.executemany("INSERT INTO customers VALUES (?, ?)", [(f"c{i}", f"c{i}@x") for i in range(300)])
+    db.close()
+    before = hashlib.sha256(source.read_bytes()).digest()
+    url = f"sqlite:///{source}" if form == "path" else f"sqlite:///file:{source}?mode=rwc&uri=true"
+    query = "SELECT user_id, email FROM customers"
+    writer = "DELETE FROM customers RETURNING user_id"  # a query that writes fails, not the source
+    project.audiences = [
+        {"name": "Warehouse", "source": {"type": "sql", "url": url, "query": query}},
+        {"name": "Writer", "source": {"type": "sql", "url": url, "query": writer}},
+    ]
+
+    results = project.cli_json("check", expect=1)
+    assert results[-2]["ok"] and results[-2]["rows"] == 100
+    assert not results[-1]["ok"] and "readonly database" in results[-1]["detail"]
+    [run, written] = project.cli_json("sync", expect=1)
+    assert (run["status"], run["sent"]) == ("succeeded", 300)
+    assert written["status"] == "failed" and "readonly database" in written["error"]
+
+    assert hashlib.sha256(source.read_bytes()).digest() == before
+    assert sorted(p.name for p in project.dir.iterdir() if p.name.startswith("warehouse.db")) == ["warehouse.db"]
+    db = sqlite3.connect(source)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        db.close()
+    assert json.loads(json.dumps(results))  # the JSON of check is plain JSON
