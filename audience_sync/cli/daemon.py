@@ -113,7 +113,7 @@ def _check_source(audience: Audience, databases: SourceDatabases) -> dict[str, A
     except SourceError as exc:
         return {**result, "ok": False, "detail": f"{audience.key}: {exc}"}
     read = f"the first {stats.rows} rows read" if stats.rows == PROBE_ROWS else _rows(stats.rows) + " read"
-    invalid = f", {stats.invalid} of them invalid (no user_id, email or anonymous_id)" if stats.invalid else ""
+    invalid = f", {stats.invalid} of them invalid (a run skips them)" if stats.invalid else ""
     detail = (
         f"{audience.key}: columns {', '.join(stats.columns) or 'none'}; "
         f"identifiers {', '.join(stats.identifiers) or 'none'}; {read}{invalid}"

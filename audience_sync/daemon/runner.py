@@ -119,7 +119,6 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise AudienceSyncError(f"cannot listen on {host}:{port}: {reason} (server.host, server.port)") from None
-    sock.set_inheritable(True)
     return sock
 
 

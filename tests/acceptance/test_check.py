@@ -68,7 +68,7 @@ def test_check_reads_each_source_and_names_every_failing_audience(project: Proje
     )
     assert lines[4] == (
         "ok   source    good_file: columns user_id, email; identifiers user_id, email; 2 rows read, "
-        "1 of them invalid (no user_id, email or anonymous_id)"
+        "1 of them invalid (a run skips them)"
     )
     assert [line.split()[2] for line in lines if line.startswith("FAIL")] == [
         "missing:",

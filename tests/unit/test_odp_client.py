@@ -497,7 +497,8 @@ def test_max_wait_bounds_retries_of_server_errors_too() -> None:
         return httpx.Response(503, text="upstream unavailable")
 
     time = FakeTime()
-    with timed_client(handler, time, max_wait_seconds=10, max_attempts=100, backoff_base_seconds=1) as client:
+    options = {"max_wait_seconds": 10, "max_attempts": 100, "backoff_base_seconds": 1, "concurrency": 1}
+    with timed_client(handler, time, **options) as client:
         reports: list[BatchReport] = []
         totals = client.send(PATH, [[item("a")], [item("b")]], reports.append)
     assert 0 < sum(time.waits) <= 10 and len(time.waits) < 10
