@@ -6,9 +6,11 @@ the TOML file. Nothing else in the project reads ``os.environ``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -24,15 +26,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from audience_sync.errors import ConfigError
+from audience_sync.masking import url_passwords
 from audience_sync.naming import trait_key
 from audience_sync.odp.regions import REGIONS
 from audience_sync.realtime.actions import resolve_action
 from audience_sync.realtime.mapping import MappingError, validate_mapping
 from audience_sync.realtime.presets import PRESETS, get_preset
 from audience_sync.realtime.triggers import TriggerError, parse_trigger
+from audience_sync.store.engine import url_problem
 
 ENV_PREFIX = "AUDIENCE_SYNC_"
 DEFAULT_CONFIG_PATH = Path("audience-sync.toml")
@@ -58,13 +62,43 @@ def parse_duration(value: object) -> timedelta:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
+_TOKEN = re.compile(r"[!-~]+")  # printable ASCII, no spaces
+
+
+def _secret_text(value: object) -> object:
+    """A key or token as written, without the whitespace around it (the newline of ``$(cat file)``, a
+    Kubernetes secret's line end). What is left must be printable ASCII without spaces: it goes in an
+    HTTP header, and a newline or a non-ASCII character there fails every request. The error never
+    shows the value."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value  # pydantic names the type
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("is empty")
+    if not _TOKEN.fullmatch(stripped):
+        raise ValueError("may only hold printable ASCII characters, without spaces (the value is not shown)")
+    return stripped
+
+
+SecretToken = Annotated[SecretStr, BeforeValidator(_secret_text)]
+"""A secret that goes in an HTTP header: stripped, printable ASCII without spaces."""
+
+
+def _database_url(value: str) -> str:
+    problem = url_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class OdpSettings(_Section):
-    api_key: SecretStr | None = None
+    api_key: SecretToken | None = None
     region: str = "US"
     endpoint: str | None = None
     batch_size: int = Field(default=100, ge=1, le=500)
@@ -72,6 +106,15 @@ class OdpSettings(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
     timeout_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=6, ge=1, le=100)
+    # The total time one run may wait (back-off and rate limits) before it stops sending.
+    max_wait: Duration = timedelta(minutes=30)
+
+    @field_validator("max_wait")
+    @classmethod
+    def _max_wait(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be more than 0s")
+        return value
 
     @field_validator("region", mode="before")
     @classmethod
@@ -92,6 +135,11 @@ class DatabaseSettings(_Section):
     url: str = "sqlite:///audience_sync.db"
     # The per-member change logs of runs finished longer ago are deleted (run records stay); 0 keeps them.
     change_log_retention: Duration = timedelta(days=30)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _database_url(value)
 
 
 class ScheduleSettings(_Section):
@@ -121,8 +169,10 @@ def _check_cron(value: str | None) -> str | None:
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
-    admin_token: SecretStr | None = None
-    write_keys: list[SecretStr] = Field(default_factory=list)
+    admin_token: SecretToken | None = None
+    write_keys: list[SecretToken] = Field(default_factory=list)
+    # Whether / (the status page) and /metrics answer without the admin token.
+    public_pages: bool = True
     # How long a stop (SIGTERM/SIGINT) waits for runs and deliveries in flight; then the process exits
     # at once. Below a supervisor's kill timeout (30 s is common).
     shutdown_timeout: Duration = timedelta(seconds=25)
@@ -140,6 +190,11 @@ class SourceSettings(_Section):
     url: str | None = None
     query: str | None = None
     path: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _database_url(value)
 
     @model_validator(mode="after")
     def _required(self) -> SourceSettings:
@@ -303,6 +358,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (env_settings, init_settings)
 
+    def secret_values(self) -> list[str]:
+        """Every secret of the configuration, masked by value wherever text leaves the process (see
+        :mod:`audience_sync.masking`): the ODP API key, the admin token, the write keys, and the
+        passwords of the database and source URLs. A new secret setting is added here."""
+        tokens = [self.odp.api_key, self.server.admin_token, *self.server.write_keys]
+        values = [token.get_secret_value() for token in tokens if token is not None]
+        urls = [self.database.url, *(a.source.url for a in self.audiences)]
+        return values + [password for url in urls for password in url_passwords(url)]
+
     @model_validator(mode="after")
     def _unique_keys(self) -> Settings:
         seen: dict[str, str] = {}
@@ -397,7 +461,7 @@ def _relative_sqlite(url: str, base: Path) -> str:
     if prefix is None:
         return url
     rest = url[len(prefix) :]
-    if not rest or rest.startswith("/") or rest.startswith(":memory:"):
+    if not rest or rest.startswith("/") or rest.startswith(":memory:") or rest.startswith("file:"):
         return url
     return prefix + str((base / rest).resolve())
 
@@ -420,6 +484,29 @@ def _format_error(exc: ValidationError) -> str:
             loc, msg = f"{loc}.{head.group(1)}", head.group(2)
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
+
+
+def _environment_error(environ: Mapping[str, str]) -> str | None:
+    """Name the ``AUDIENCE_SYNC_*`` variable whose value should be JSON (a list, an object) and is not,
+    with the form it takes. The value is not shown: it may be a secret."""
+    for name, value in environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == ENV_PREFIX + "CONFIG":
+            continue
+        annotation: Any = Settings
+        for part in name[len(ENV_PREFIX) :].lower().split("__"):
+            fields = getattr(annotation, "model_fields", {})
+            if part not in fields:
+                annotation = None
+                break
+            annotation = fields[part].annotation
+        origin = typing.get_origin(annotation)
+        if origin is list or origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            try:
+                json.loads(value)
+            except ValueError:
+                form = """a JSON list, e.g. '["a", "b"]'""" if origin is list else "a JSON object"
+                return f"{name}: must be {form} (the value is not shown)"
+    return None
 
 
 def resolve_config_path(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -449,6 +536,8 @@ def load_config(path: str | Path | None = None) -> Config:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+    except SettingsError as exc:  # an environment variable that should hold JSON does not
+        raise ConfigError(_environment_error(os.environ) or str(exc)) from None
     except ValueError as exc:  # raised by trait_key for a name without letters
         raise ConfigError(str(exc)) from None
     base = config_path.parent if config_path else Path.cwd()

@@ -1,9 +1,10 @@
 """Leases: who holds a run or claimed delivery items, whether that holder still lives, and the heartbeat
 that renews a lease while the work lasts. One scheme for runs and deliveries.
 
-A holder is written ``host:pid:token``. On this host it is alive while its process is; for this very
-process, while the holder is still in use here (its token is in :data:`THIS_PROCESS`). A holder on
-another host can only be judged by its lease's age, which the caller checks.
+A holder is written ``host:pid:token``. For this very process it is alive while the holder is still
+in use here (its token is in :data:`THIS_PROCESS`). Another process's holder on this host is dead once
+its pid is gone; while a process with that pid exists it may be another one that reused the pid, so
+only its lease's age can tell, as for a holder on another host. The caller checks the lease.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class Holders:
             self._tokens.discard(owner.token)
 
     def is_alive(self, owner: str | None) -> bool | None:
-        """True/False for a holder on this host; None for one elsewhere (only its lease can tell)."""
+        """True/False for a holder of this process, False for one whose process is gone; None when only
+        its lease can tell: a holder on another host, or of a process here whose pid exists (a killed
+        holder's pid may belong to another process now)."""
         if not owner:
             return False
         host, _, rest = owner.partition(":")
@@ -82,8 +85,8 @@ class Holders:
         except ProcessLookupError:
             return False
         except PermissionError:  # a process of another user: it exists
-            return True
-        return True
+            return None
+        return None
 
 
 THIS_PROCESS: Final = Holders()

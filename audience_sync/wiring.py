@@ -138,6 +138,7 @@ def client_options(odp: OdpSettings, base_url: str, api_key: str) -> ClientOptio
         max_requests_per_second=odp.max_requests_per_second,
         timeout_seconds=odp.timeout_seconds,
         max_attempts=odp.max_attempts,
+        max_wait_seconds=odp.max_wait.total_seconds(),
     )
 
 

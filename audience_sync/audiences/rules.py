@@ -26,6 +26,8 @@ TRUE = "true"
 FALSE = "false"
 NULL = "null"
 QUARANTINE_AFTER = 5  # runs in which ODP rejected a member before it is left alone
+MAX_IDENTIFIER_LENGTH = 512
+"""Longer identifiers make a row invalid: the store keeps identifiers in columns of this size."""
 
 
 @dataclass(frozen=True)
@@ -134,14 +136,32 @@ def member_row(
     """A snapshot row ``(key, user_id, email, anonymous_id, optimizely_vuid, value_json)``, or None.
 
     The member key is the first non-empty of user_id, email, anonymous_id; a row with none of them is
-    invalid. ``sync_audience`` delivery also needs a user_id or anonymous_id. Audiences store ``true``;
-    traits store the JSON text of their value.
+    invalid, and so is one with an identifier the store cannot hold (a NUL character, more than
+    :data:`MAX_IDENTIFIER_LENGTH` characters). ``sync_audience`` delivery also needs a user_id or
+    anonymous_id. Audiences store ``true``; traits store the JSON text of their value.
     """
-    uid, mail, anon = _text(user_id), _text(email), _text(anonymous_id)
+    uid, mail, anon, vid = _text(user_id), _text(email), _text(anonymous_id), _text(vuid)
     key = uid or mail or anon
     if key is None or (needs_user_or_anonymous and not (uid or anon)):
         return None
-    return (key, uid, mail, anon, _text(vuid), encode_value(value) if kind == "trait" else TRUE)
+    if any(i is not None and not _storable(i) for i in (uid, mail, anon, vid)):
+        return None
+    return (key, uid, mail, anon, vid, encode_value(value) if kind == "trait" else TRUE)
+
+
+def _storable(identifier: str) -> bool:
+    return "\x00" not in identifier and len(identifier) <= MAX_IDENTIFIER_LENGTH
+
+
+def _unstorable_rows(*columns: list[str | None]) -> set[int]:
+    """The rows with an identifier :func:`_storable` refuses: checked per column at C speed first, row by
+    row only in a column that has one (they are rare, and a chunk holds thousands of rows)."""
+    bad: set[int] = set()
+    for column in columns:
+        present = list(filter(None, column))
+        if present and ("\x00" in "".join(present) or max(map(len, present)) > MAX_IDENTIFIER_LENGTH):
+            bad |= {i for i, value in enumerate(column) if value is not None and not _storable(value)}
+    return bad
 
 
 def _column(values: Sequence[Any] | None, n: int) -> list[str | None]:
@@ -167,16 +187,19 @@ def member_rows(
     """
     n = len(next((c for c in (user_ids, emails, anonymous_ids, vuids, values) if c is not None), ()))
     uids, mails, anons, vids = _column(user_ids, n), _column(emails, n), _column(anonymous_ids, n), _column(vuids, n)
-    keys = [u or m or a for u, m, a in zip(uids, mails, anons, strict=True)]
+    keys: list[str | None] = [u or m or a for u, m, a in zip(uids, mails, anons, strict=True)]
     if needs_user_or_anonymous:
         keys = [k if (u or a) else None for k, u, a in zip(keys, uids, anons, strict=True)]
+    unstorable = _unstorable_rows(uids, mails, anons, vids)
+    if unstorable:
+        keys = [None if i in unstorable else k for i, k in enumerate(keys)]
     encoded: list[str | None]
     if kind == "trait":
         encoded = []
         for raw in values if values is not None else [None] * n:
             try:
                 encoded.append(encode_value(raw))
-            except ValueError:  # NaN or infinity: the row is invalid
+            except (ValueError, RecursionError):  # NaN, infinity, or nested too deep to encode: invalid
                 encoded.append(None)
         keys = [k if e is not None else None for k, e in zip(keys, encoded, strict=True)]
     else:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from audience_sync.audiences.rules import (
     SqlSource,
     member_rows,
 )
-from audience_sync.errors import SourceError
+from audience_sync.errors import SourceError, first_line
 from audience_sync.store.sources import SourceDatabases, stream_query
 
 CHUNK_ROWS = 10_000
@@ -33,10 +33,17 @@ CHUNK_ROWS = 10_000
 
 @dataclass
 class SourceStats:
-    """Counters kept while a source streams: rows read and rows skipped as invalid."""
+    """Kept while a source streams: its columns (a JSONL file's: the fields seen so far), rows read and
+    rows skipped as invalid."""
 
     rows: int = 0
     invalid: int = 0
+    columns: list[str] = field(default_factory=list)
+
+    @property
+    def identifiers(self) -> list[str]:
+        """The identifier columns among :attr:`columns`."""
+        return [c for c in self.columns if c.lower() in IDENTIFIER_FIELDS]
 
 
 class _Normaliser:
@@ -65,15 +72,41 @@ def stream_members(
     audience: Audience,
     stats: SourceStats,
     databases: SourceDatabases,
-) -> Iterator[list[MemberRow]]:
-    """Yield chunks of valid snapshot rows; count rows and invalid rows in ``stats``."""
+    chunk_rows: int = CHUNK_ROWS,
+) -> Generator[list[MemberRow], None, None]:
+    """Yield chunks of valid snapshot rows (of ``chunk_rows`` source rows); count rows and invalid rows
+    in ``stats``."""
     source = audience.source
     if isinstance(source, SqlSource):
-        yield from _sql(audience, source, stats, databases.engine(source.url))
+        try:
+            engine = databases.engine(source.url)
+        except Exception as exc:  # the URL passed the config's checks, and still the driver refuses it
+            raise SourceError(
+                f"source database of audience {audience.key!r} cannot be opened: {first_line(exc)}"
+            ) from None
+        yield from _sql(audience, source, stats, engine, chunk_rows)
     elif isinstance(source, FileSource) and source.path.suffix.lower() == ".csv":
-        yield from _csv(audience, source.path, stats)
+        yield from _csv(audience, source.path, stats, chunk_rows)
     else:
-        yield from _jsonl(audience, source.path, stats)
+        yield from _jsonl(audience, source.path, stats, chunk_rows)
+
+
+PROBE_ROWS = 100
+
+
+def probe(audience: Audience, databases: SourceDatabases, rows: int = PROBE_ROWS) -> SourceStats:
+    """Read the first ``rows`` rows of the audience's source as a run would (for ``check``): its columns,
+    identifier columns, rows read and invalid among them. Raises :class:`SourceError` when a run would
+    fail on them (an unreachable database, a bad query, a missing file, no identifier column)."""
+    stats = SourceStats()
+    chunks = stream_members(audience, stats, databases, chunk_rows=rows)
+    try:
+        next(chunks, None)
+    finally:
+        chunks.close()
+    if stats.rows and not stats.identifiers:  # a JSONL file's fields are only known from its lines
+        raise SourceError(f"its first rows have none of the identifier fields {', '.join(MEMBER_KEY_FIELDS)}")
+    return stats
 
 
 def _chunks(
@@ -87,22 +120,25 @@ def _chunks(
             yield members
 
 
-def _batched(rows: Iterator[Sequence[Any]]) -> Iterator[list[Sequence[Any]]]:
+def _batched(rows: Iterator[Sequence[Any]], size: int) -> Iterator[list[Sequence[Any]]]:
     batch: list[Sequence[Any]] = []
     for row in rows:
         batch.append(row)
-        if len(batch) >= CHUNK_ROWS:
+        if len(batch) >= size:
             yield batch
             batch = []
     if batch:
         yield batch
 
 
-def _sql(audience: Audience, source: SqlSource, stats: SourceStats, engine: Engine) -> Iterator[list[MemberRow]]:
-    with stream_query(engine, source.query, CHUNK_ROWS, what=f"source query of audience {audience.key!r}") as (
+def _sql(
+    audience: Audience, source: SqlSource, stats: SourceStats, engine: Engine, chunk_rows: int
+) -> Iterator[list[MemberRow]]:
+    with stream_query(engine, source.query, chunk_rows, what=f"source query of audience {audience.key!r}") as (
         columns,
         raw,
     ):
+        stats.columns = list(columns)
         normalise = _Normaliser(audience, columns, "the source query")
         yield from _chunks(raw, normalise, stats)
 
@@ -116,7 +152,7 @@ def _open(path: Path) -> Any:
         raise SourceError(f"source file {path} cannot be read: {exc.strerror}") from None
 
 
-def _csv(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
+def _csv(audience: Audience, path: Path, stats: SourceStats, chunk_rows: int) -> Iterator[list[MemberRow]]:
     with _open(path) as fh:
         reader = csv.reader(fh)
         try:
@@ -125,7 +161,8 @@ def _csv(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[Me
             raise SourceError(f"source file {path} is empty (a CSV source needs a header row)") from None
         except (csv.Error, UnicodeDecodeError) as exc:
             raise SourceError(f"source file {path}: {exc}") from None
-        normalise = _Normaliser(audience, [h.strip() for h in header], f"source file {path}")
+        stats.columns = [h.strip() for h in header]
+        normalise = _Normaliser(audience, stats.columns, f"source file {path}")
         width = len(header)
 
         def rows() -> Iterator[Sequence[Any]]:
@@ -137,10 +174,10 @@ def _csv(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[Me
             except (csv.Error, UnicodeDecodeError) as exc:
                 raise SourceError(f"source file {path} line {reader.line_num}: {exc}") from None
 
-        yield from _chunks(_batched(rows()), normalise, stats)
+        yield from _chunks(_batched(rows(), chunk_rows), normalise, stats)
 
 
-def _jsonl(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[MemberRow]]:
+def _jsonl(audience: Audience, path: Path, stats: SourceStats, chunk_rows: int) -> Iterator[list[MemberRow]]:
     fields = (*IDENTIFIER_FIELDS, "value")
     origin = f"source file {path}"
     seen_identifier = False
@@ -156,9 +193,13 @@ def _jsonl(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[
                         obj = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise SourceError(f"{origin} line {number}: invalid JSON ({exc.msg})") from None
+                    except RecursionError:
+                        raise SourceError(f"{origin} line {number}: objects or arrays nested too deeply") from None
                     if not isinstance(obj, dict):
                         raise SourceError(f"{origin} line {number}: expected a JSON object")
                     lowered = {str(k).lower(): v for k, v in obj.items()}
+                    if len(stats.columns) < 100:  # what ``check`` shows; more says nothing more
+                        stats.columns += [str(k) for k in obj if str(k) not in stats.columns]
                     seen_identifier = seen_identifier or any(k in lowered for k in MEMBER_KEY_FIELDS)
                     yield [lowered.get(f) for f in fields]
             except UnicodeDecodeError as exc:
@@ -166,6 +207,6 @@ def _jsonl(audience: Audience, path: Path, stats: SourceStats) -> Iterator[list[
 
         # JSONL has no header: the normaliser sees every field and validation of rows does the rest.
         normalise = _Normaliser(audience, list(fields), origin)
-        yield from _chunks(_batched(rows()), normalise, stats)
+        yield from _chunks(_batched(rows(), chunk_rows), normalise, stats)
     if stats.rows and not seen_identifier:
         raise SourceError(f"{origin} has none of the identifier fields {', '.join(MEMBER_KEY_FIELDS)}")

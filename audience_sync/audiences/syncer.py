@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from audience_sync.audiences import rules
 from audience_sync.audiences.rules import Audience, Mode
 from audience_sync.audiences.sources import SourceStats, stream_members
-from audience_sync.errors import SourceError
+from audience_sync.errors import SourceError, first_line
 from audience_sync.group_writer import GroupWriter
 from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
@@ -78,7 +78,7 @@ class Syncer:
         """``engine``: the store; ``sources``: the SQL sources' engines (closed by :meth:`close`);
         ``batch_size``: items per request (``odp.batch_size``); ``change_log_retention``: change logs of
         runs finished longer ago are deleted after each run (0: kept); ``progress`` gets status lines;
-        ``should_stop`` tells a run to stop reading and sending (the daemon's shutdown). Its runs are
+        ``should_stop`` tells a run to stop reading and sending (SIGTERM or SIGINT). Its runs are
         held by one lease holder of ``holders``, released by :meth:`close`."""
         self.engine = engine
         self.client = client
@@ -121,6 +121,11 @@ class Syncer:
                     self.engine, key=audience.key, name=audience.name, kind=audience.kind, delivery=audience.delivery
                 )
                 status, error, counts = self._run(prepared)
+        except Exception as exc:
+            # Unforeseen (a driver's error while staging, say): this run fails with the cause; the caller
+            # goes on with its other audiences. What was acknowledged is recorded (at-least-once).
+            log.error("run %s of %s failed", run_id, audience.key, exc_info=True)
+            status, error, counts = RunStatus.FAILED, f"{type(exc).__name__}: {first_line(exc)}", {}
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             detail = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
@@ -183,7 +188,7 @@ class Syncer:
             except SourceError as exc:
                 return RunStatus.FAILED, str(exc), {"members": 0, "invalid": stats.invalid}
             except _Stopped:
-                note = "stopped while reading the source (shutdown); nothing was sent, the next run starts over"
+                note = "stopped while reading the source (SIGTERM/SIGINT); nothing was sent, the next run starts over"
                 return RunStatus.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
             plan = planning.plan(
                 run_id=run_id, audience=audience.key, mode=mode, exit_value=exit_value, dry_run=options.dry_run
@@ -202,13 +207,20 @@ class Syncer:
         if options.dry_run:
             return RunStatus.PLANNED, None, counts
         run_store.set_counts(self.engine, run_id, **counts)
-        sent, failed = self._send(audience, run_id, started, entered + exited - quarantined)
+        sent, failed, gave_up = self._send(audience, run_id, started, entered + exited - quarantined)
         if self.should_stop():
-            note = "stopped before it finished (shutdown); the next run sends what is left"
+            note = "stopped before it finished (SIGTERM/SIGINT); the next run sends what is left"
             return RunStatus.INTERRUPTED, note, counts
+        if gave_up is not None:
+            note = (
+                f"{gave_up}. {failed:,} items were not acknowledged and the rest were not sent; the next run sends them"
+            )
+            return rules.final_status(sent=sent, failed=max(failed, 1)), note, counts
         return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
 
-    def _send(self, audience: Audience, run_id: int, started: datetime, total: int) -> tuple[int, int]:
+    def _send(self, audience: Audience, run_id: int, started: datetime, total: int) -> tuple[int, int, str | None]:
+        """Send the run's pending changes; returns (items acknowledged, items not, why the client gave up
+        before the end: ``odp.max_wait`` was reached)."""
         key = audience.key
         batches = member_store.pending_batches(
             self.engine,
@@ -247,11 +259,11 @@ class Syncer:
         path = AUDIENCE_ENDPOINTS[audience.delivery]
         try:
             outbound = (_PendingBatch(*batch) for batch in batches)
-            self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)
+            totals = self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)
         finally:
             writer.close()  # every acknowledgement is written before the run is recorded
             member_store.settle_sent(self.engine, run_id, key, started)
-        return done["sent"], done["failed"]
+        return done["sent"], done["failed"], totals.gave_up
 
 
 class _PendingBatch(EncodedBatch):

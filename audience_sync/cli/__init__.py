@@ -18,11 +18,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from audience_sync import __version__
-from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, SHOW_LIMIT, UsageError, setup_logging
+from audience_sync.cli.output import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    SHOW_LIMIT,
+    UsageError,
+    masked_output,
+    setup_logging,
+)
 from audience_sync.config import load_config
-from audience_sync.errors import AudienceSyncError, ConfigError, UnknownAudience
+from audience_sync.errors import AudienceSyncError, ConfigError, UnknownAudience, first_line
+from audience_sync.masking import SECRETS
 
 __all__ = ["build_parser", "main"]
+
+log = logging.getLogger("audience_sync.cli")
 
 
 def _command(family: str, name: str) -> dict[str, Any]:
@@ -239,11 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args, getattr(args, "log_default", logging.WARNING))
+    with masked_output():
+        setup_logging(args, getattr(args, "log_default", logging.WARNING))
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         family = importlib.import_module(f"audience_sync.cli.{args.command_family}")
         func: Callable[[argparse.Namespace, Any], int] = getattr(family, args.command_function)
         config = None if getattr(args, "no_config", False) else load_config(args.config)
+        if config is not None:
+            SECRETS.add(config.settings.secret_values())
         return func(args, config)
     except (ConfigError, UsageError, UnknownAudience) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -257,3 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:  # a failure nothing above foresaw: one line (the traceback with -v)
+        log.debug("the command failed", exc_info=True)
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        print(f"error: {type(exc).__name__}: {first_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILED

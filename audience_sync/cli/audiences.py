@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,7 +18,7 @@ from audience_sync.audiences.rules import Mode, audience_named, exit_code
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, SHOW_LIMIT, Progress, UsageError, emit_json, table
 from audience_sync.config import Config
-from audience_sync.errors import RunInProgress
+from audience_sync.errors import RunInProgress, first_line
 from audience_sync.statuses import RUN_STATUSES, Outcome
 from audience_sync.store.reports import audience_views
 from audience_sync.store.runs import COUNTERS, RunRecord, change_counts, changes, get_run, list_runs
@@ -42,15 +47,20 @@ def sync(args: argparse.Namespace, config: Config) -> int:
     records: list[RunRecord] = []
     failures: list[str] = []
     try:
-        with wiring.open_client(settings.odp) as client:
-            syncer = wiring.syncer(settings, engine, client, progress=progress)
+        with wiring.open_client(settings.odp) as client, _stop_signals() as stop:
+            syncer = wiring.syncer(settings, engine, client, progress=progress, should_stop=stop.is_set)
             try:
                 for audience in selected:
+                    if stop.is_set():
+                        failures.append(f"audience {audience.key!r} was not started: the sync was stopped")
+                        continue
                     options = SyncOptions(mode=mode, dry_run=args.dry_run, force=args.force)
                     try:
                         records.append(syncer.sync(audience, options))
                     except RunInProgress as exc:
                         failures.append(str(exc))
+                    except Exception as exc:  # this audience could not even start: go on with the others
+                        failures.append(f"audience {audience.key!r}: {type(exc).__name__}: {first_line(exc)}")
                     finally:
                         progress.done()
             finally:
@@ -67,8 +77,40 @@ def sync(args: argparse.Namespace, config: Config) -> int:
                 print(f"run {record.id} ({record.audience}): {record.error}", file=sys.stderr)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
+    if stop.signal is not None:
+        return 128 + stop.signal  # the shell's convention for "ended by this signal"
     code = exit_code([r.status for r in records])
     return EXIT_FAILED if failures else code
+
+
+class _Stop(threading.Event):
+    """Set by the first SIGTERM or SIGINT (``signal``: which)."""
+
+    signal: int | None = None
+
+
+@contextmanager
+def _stop_signals() -> Iterator[_Stop]:
+    """SIGTERM (a supervisor's stop) and SIGINT (Ctrl-C) stop ``sync`` the same way: the running run
+    takes no new batch, the batches in flight finish and what ODP acknowledged is recorded, the run is
+    marked ``interrupted`` (the next run sends what is left) and the audiences not started yet are
+    skipped. A second signal stops at once."""
+    stop = _Stop()
+
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.signal = signum
+        stop.set()
+        name = signal.Signals(signum).name
+        os.write(2, f"{name}: stopping after the requests in flight (again to stop at once)\n".encode())
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def history(args: argparse.Namespace, config: Config) -> int:

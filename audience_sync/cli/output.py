@@ -12,10 +12,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from audience_sync.errors import AudienceSyncError
+from audience_sync.masking import MaskedStream
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
 
@@ -25,6 +27,18 @@ SHOW_LIMIT = 100
 
 class UsageError(AudienceSyncError):
     """The command was used wrongly."""
+
+
+@contextmanager
+def masked_output() -> Iterator[None]:
+    """While a command runs, what it writes to stdout and stderr (its output, errors and log lines)
+    has every secret of :data:`~audience_sync.masking.SECRETS` masked."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = MaskedStream(sys.stdout), MaskedStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def emit_json(payload: Any) -> None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +38,9 @@ from audience_sync.daemon.metrics import RunDurations, register_sync_metrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
 from audience_sync.daemon.slots import Schedule
-from audience_sync.errors import ConfigError
+from audience_sync.errors import AudienceSyncError, ConfigError
 from audience_sync.group_writer import GroupWriter
+from audience_sync.masking import SECRETS
 from audience_sync.odp.client import OdpClient
 from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
 from audience_sync.realtime.ingest import IngestLoad, MessageRows, WriteKeys, ingest_routes, message_writer
@@ -86,19 +90,62 @@ class _Deadline:
 
 def run_daemon(config: Config, engine: Engine, load: Callable[[], Config] | None = None) -> int:
     """Serve until a stop signal; returns the process exit code. ``load`` reads the configuration again
-    for a reload (SIGHUP, ``POST /api/reload``); without it the daemon cannot reload."""
+    for a reload (SIGHUP, ``POST /api/reload``); without it the daemon cannot reload. Raises
+    :class:`~audience_sync.errors.AudienceSyncError` when the address cannot be listened on."""
     settings = config.settings
     stop = threading.Event()
     deadline = _Deadline(settings.server.shutdown_timeout.total_seconds())
+    listener = listen(settings.server.host, settings.server.port)
     try:
+        _warn_if_exposed(settings.server.host, settings.server.public_pages)
         with wiring.open_client(settings.odp) as client:
             daemon = Daemon.build(settings, engine, client, stop, load=load)
             try:
-                return asyncio.run(_serve(settings, daemon, stop, deadline))
+                return asyncio.run(_serve(settings, daemon, stop, deadline, listener))
             finally:
                 daemon.close()
     finally:
         deadline.cancel()
+        listener.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The daemon's listening socket, bound before anything starts, so that a port already in use (or
+    an address this host does not have) is one error line and exit code 1, not uvicorn's traceback and
+    its exit code 3 (which means "held" here)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise AudienceSyncError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise AudienceSyncError(f"cannot listen on {host}:{port}: {reason} (server.host, server.port)") from None
+    return sock
+
+
+def _warn_if_exposed(host: str, public_pages: bool) -> None:
+    if public_pages and not _loopback(host):
+        log.warning(
+            "listening on %s with server.public_pages = true: the status page and /metrics answer anyone "
+            "who can reach this address; set server.public_pages = false to put them behind "
+            "server.admin_token",
+            host,
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -221,6 +268,7 @@ class Daemon:
             admin_token=configured.admin_token,
             delivery_counts=functools.partial(outbox.counts, engine),
             mappings=[m.to_json(base_url) for m in configured.mappings],
+            public_pages=settings.server.public_pages,
         )
         keys = WriteKeys(configured.write_keys)
         app = create_app(state, ingest_routes(writer, keys, counters, ingest_load))
@@ -250,6 +298,7 @@ class Daemon:
             audiences=configured.audiences,
             mappings=[m.to_json(self.base_url) for m in configured.mappings],
             admin_token=configured.admin_token,
+            public_pages=configured.settings.server.public_pages,
         )
         self.configured = configured
 
@@ -270,6 +319,7 @@ class Daemon:
                 config = await asyncio.to_thread(self.load)
                 settings, waiting = keep_restart_only(self.configured.settings, config.settings)
                 configured = Configured.of(settings)
+                SECRETS.add(settings.secret_values())  # a new key or token is masked from now on
             except Exception as exc:
                 message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
                 log.error("reload (%s) refused, the running configuration stays in force: %s", origin, message)
@@ -302,7 +352,9 @@ class Daemon:
             self.syncer.close()
 
 
-async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, deadline: _Deadline) -> int:
+async def _serve(
+    settings: Settings, daemon: Daemon, stop: threading.Event, deadline: _Deadline, listener: socket.socket
+) -> int:
     loop = asyncio.get_running_loop()
     shutdown = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -316,13 +368,13 @@ async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, dead
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
-    host, port = settings.server.host, settings.server.port
+    host, port = settings.server.host, int(listener.getsockname()[1])
     server = uvicorn.Server(
         uvicorn.Config(daemon.app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
     )
     # The daemon owns the signals: uvicorn must neither install handlers nor re-raise them at exit.
     setattr(server, "capture_signals", contextlib.nullcontext)  # noqa: B010
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if serving.done():
             exc = serving.exception() if not serving.cancelled() else None

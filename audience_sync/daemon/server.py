@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audience_sync import __version__
 from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
@@ -26,6 +26,7 @@ from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.web import render_status_page
 from audience_sync.errors import ConfigError, RunInProgress, UnknownAudience
+from audience_sync.masking import SECRETS, Secrets
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus, Outcome
 from audience_sync.store import outbox
 from audience_sync.store import runs as run_store
@@ -40,16 +41,25 @@ def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-class AdminAuth:
-    """Bearer ``server.admin_token`` on every ``/api/*`` request (401 JSON otherwise); ``token`` is read
-    per request, so a reload of the configuration changes it."""
+PUBLIC_PAGES = ("/", "/metrics")
+"""What ``server.public_pages = false`` puts behind the admin token (``/healthz`` never is)."""
 
-    def __init__(self, app: ASGIApp, token: Callable[[], str | None]) -> None:
+
+class AdminAuth:
+    """Bearer ``server.admin_token`` on every ``/api/*`` request, and on the status page and the
+    metrics unless ``public_pages`` (401 JSON otherwise). Both are read per request, so a reload of
+    the configuration changes them."""
+
+    def __init__(self, app: ASGIApp, token: Callable[[], str | None], public_pages: Callable[[], bool]) -> None:
         self.app = app
         self.token = token
+        self.public_pages = public_pages
+
+    def _protected(self, path: str) -> bool:
+        return path.startswith("/api/") or (not self.public_pages() and path in PUBLIC_PAGES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+        if scope["type"] == "http" and self._protected(scope["path"]):
             header = dict(scope["headers"]).get(b"authorization", b"")
             token = self.token()
             expected = f"Bearer {token}".encode() if token else None
@@ -64,6 +74,42 @@ class AdminAuth:
         await self.app(scope, receive, send)
 
 
+class MaskSecrets:
+    """Every response body with the secrets of :data:`~audience_sync.masking.SECRETS` masked (the
+    admin API's JSON, the status page, the metrics): an error that quotes a password or a key, from a
+    database driver or a proxy, never leaves the process."""
+
+    def __init__(self, app: ASGIApp, secrets: Secrets = SECRETS) -> None:
+        self.app = app
+        self.secrets = secrets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.secrets:
+            await self.app(scope, receive, send)
+            return
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def masked(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            text = b"".join(chunks).decode("utf-8", "surrogateescape")
+            body = self.secrets.mask(text).encode("utf-8", "surrogateescape")
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, masked)
+
+
 @dataclass
 class DaemonState:
     """What the HTTP server reads and starts: built whole by the runner before it serves.
@@ -73,7 +119,8 @@ class DaemonState:
     ``delivery_counts``: the real-time backlog by status for the page (None: no real-time path);
     ``mappings``: what ``GET /api/mappings`` lists; ``reload``: what ``POST /api/reload`` calls (it
     answers the new configuration's summary, or raises :class:`ConfigError` and changes nothing).
-    A reload replaces ``audiences``, ``mappings`` and ``admin_token`` (:meth:`configure`).
+    A reload replaces ``audiences``, ``mappings`` and ``admin_token`` and ``public_pages`` (:meth:`configure`).
+    ``public_pages``: whether ``/`` and ``/metrics`` answer without the token (``server.public_pages``).
     """
 
     engine: Engine
@@ -83,16 +130,23 @@ class DaemonState:
     registry: CollectorRegistry
     admin_token: str | None = None
     delivery_counts: Callable[[], dict[str, int]] | None = None
+    public_pages: bool = True
     mappings: Sequence[Mapping[str, Any]] = ()
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     def configure(
-        self, *, audiences: Sequence[Audience], mappings: Sequence[Mapping[str, Any]], admin_token: str | None
+        self,
+        *,
+        audiences: Sequence[Audience],
+        mappings: Sequence[Mapping[str, Any]],
+        admin_token: str | None,
+        public_pages: bool,
     ) -> None:
         """A reload's new values; each is replaced in one assignment (requests read each once)."""
         self.audiences = audiences
         self.mappings = mappings
         self.admin_token = admin_token
+        self.public_pages = public_pages
 
 
 def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
@@ -296,7 +350,7 @@ def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
 
 def create_app(state: DaemonState, extra_routes: list[BaseRoute] | None = None) -> ASGIApp:
     """The daemon's ASGI app: its routes (and the deliveries' when ``state`` has a real-time path) plus
-    any extra (ingestion), behind admin auth."""
+    any extra (ingestion), behind admin auth, with secrets masked in every answer."""
     deliveries = delivery_routes(state.engine) if state.delivery_counts is not None else []
     app = Starlette(routes=[*(extra_routes or []), *build_routes(state), *deliveries])
-    return AdminAuth(app, lambda: state.admin_token)
+    return MaskSecrets(AdminAuth(app, lambda: state.admin_token, lambda: state.public_pages))

@@ -12,6 +12,10 @@ Payload builders only build items; this client owns everything about sending the
   exponential backoff and full jitter in ``[d/2, d]``, honouring ``Retry-After`` (seconds or HTTP date);
 - a 429 pauses the whole client (every thread's next request waits for the pause to end) and does not
   count as an attempt; the number of such waits per request is bounded by ``max_rate_limit_waits``;
+- the total time one :meth:`OdpClient.send` spends waiting (back-off and rate limits, waits of its
+  threads that overlap counted once) is bounded by ``max_wait_seconds`` (``odp.max_wait``): a wait
+  that would go past it is not made; the send stops taking batches, what is in flight is not retried,
+  and :attr:`SendTotals.gave_up` says why, with ODP's last answer;
 - a permanent rejection (any other non-2xx) of a request holding more than one item is split into
   halves, recursively, so only the bad items end up ``rejected``. 401/403/407 are the exception: they
   say the credentials are wrong, not the items, so the batch is ``failed`` without splitting (otherwise
@@ -33,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, timedelta
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, overload
@@ -42,7 +46,7 @@ import httpx
 
 from audience_sync import __version__
 from audience_sync.odp.regions import AUTH
-from audience_sync.timestamps import utcnow
+from audience_sync.timestamps import format_duration, utcnow
 
 __all__ = [
     "USER_AGENT",
@@ -78,6 +82,7 @@ class ClientOptions:
     backoff_max_seconds: float = 30.0
     max_rate_limit_waits: int = 100  # 429 waits do NOT count as attempts, but are bounded by this
     max_retry_after_seconds: float = 300.0  # a longer Retry-After fails the request instead of waiting
+    max_wait_seconds: float = 1800.0  # the total waiting of one send (odp.max_wait): then it gives up
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -88,6 +93,8 @@ class ClientOptions:
             raise ValueError("max_requests_per_second must be >= 0")
         if self.timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be > 0")
+        if self.max_wait_seconds <= 0:
+            raise ValueError("max_wait_seconds must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +154,7 @@ class SendTotals:
     acknowledged: int = 0
     rejected: int = 0
     failed: int = 0
+    gave_up: str | None = None  # why the send stopped early: its waiting reached max_wait_seconds
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -251,6 +259,41 @@ class _Pacer:
                 # a pause began while we waited for our slot: wait for it, then take a new slot
 
 
+class _WaitBudget:
+    """The time one send may still spend waiting, shared by its threads. A wait counts from now to its
+    end; the part that overlaps waits already counted (threads paused by the same 429) counts once."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self.spent = 0.0
+        self.gave_up: str | None = None
+        self._clock = clock
+        self._covered = -math.inf  # waiting is counted up to this clock time
+        self._lock = threading.Lock()
+
+    def take(self, seconds: float) -> bool:
+        """Count a wait of ``seconds`` starting now; False (nothing counted) if it would go past the budget."""
+        with self._lock:
+            now = self._clock()
+            added = max(0.0, now + seconds - max(now, self._covered))
+            if self.spent + added > self.seconds:
+                return False
+            self.spent += added
+            self._covered = max(self._covered, now + seconds)
+            return True
+
+    def give_up(self, answer: str) -> str:
+        """Why the send stops (the first reason stays): the budget and ODP's last ``answer``."""
+        with self._lock:
+            if self.gave_up is None:
+                limit = format_duration(timedelta(seconds=self.seconds))
+                self.gave_up = (
+                    f"stopped sending after waiting {format_duration(timedelta(seconds=self.spent))} on ODP "
+                    f"(odp.max_wait {limit}); ODP's last answer: {answer}"
+                )
+            return self.gave_up
+
+
 @dataclass
 class _Outcome:
     kind: str  # "ok" | "rejected" | "failed"
@@ -279,6 +322,7 @@ class OdpClient:
         # With the real sleep, waits are done on the send's stop event so that a stop cuts them short.
         self._interruptible = sleep is time.sleep
         self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
         self._pacer = _Pacer(options.max_requests_per_second, clock)
         self._http = httpx.Client(
             transport=transport,
@@ -350,6 +394,7 @@ class OdpClient:
             raise RuntimeError("the ODP client is closed")
         url = self._base_url + (path if path.startswith("/") else "/" + path)
         stop = threading.Event()
+        budget = _WaitBudget(self.options.max_wait_seconds, self._clock)
         totals = SendTotals()
         limit = self.options.concurrency
         poll = _STOP_POLL_SECONDS if should_stop is not None else None
@@ -379,7 +424,7 @@ class OdpClient:
                         source_error = exc
                         exhausted = True
                         break
-                    future = self._executor.submit(self._send_batch, url, batch, stop)
+                    future = self._executor.submit(self._send_batch, url, batch, stop, budget)
                     pending.add(future)
                     future.add_done_callback(settled.put)
                 if not pending:
@@ -404,14 +449,17 @@ class OdpClient:
             raise
         if source_error is not None:
             raise source_error
+        totals.gave_up = budget.gave_up
         return totals
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _send_batch(self, url: str, batch: Sequence[OutboundItem], stop: threading.Event) -> BatchReport:
+    def _send_batch(
+        self, url: str, batch: Sequence[OutboundItem], stop: threading.Event, budget: _WaitBudget
+    ) -> BatchReport:
         report = BatchReport(batch=batch)
         if len(batch):
-            self._deliver(url, batch if isinstance(batch, EncodedBatch) else list(batch), report, stop)
+            self._deliver(url, batch if isinstance(batch, EncodedBatch) else list(batch), report, stop, budget)
         return report
 
     def _deliver(
@@ -420,6 +468,7 @@ class OdpClient:
         items: Sequence[OutboundItem],
         report: BatchReport,
         stop: threading.Event,
+        budget: _WaitBudget,
         split_from: str | None = None,
     ) -> None:
         """Send ``items``; on a permanent rejection, split in halves until single items are rejected.
@@ -430,7 +479,7 @@ class OdpClient:
             message = f"stopped before isolating the rejected items ({split_from})"
             report.failed.extend((item, message) for item in items)
             return
-        outcome = self._request(url, items, report, stop)
+        outcome = self._request(url, items, report, stop, budget)
         if outcome.kind == "ok":
             # Usually the whole batch: reported as it is, without copying (or unpacking) its items.
             report.acknowledged = [*report.acknowledged, *items] if report.acknowledged else items
@@ -441,11 +490,19 @@ class OdpClient:
         else:
             half = len(items) // 2
             log.debug("ODP rejected %d items (%s); splitting in halves", len(items), outcome.message)
-            self._deliver(url, items[:half], report, stop, outcome.message)
-            self._deliver(url, items[half:], report, stop, outcome.message)
+            self._deliver(url, items[:half], report, stop, budget, outcome.message)
+            self._deliver(url, items[half:], report, stop, budget, outcome.message)
 
-    def _request(self, url: str, items: Sequence[OutboundItem], report: BatchReport, stop: threading.Event) -> _Outcome:
-        """One logical request with its retries; counts every HTTP request made in ``report``."""
+    def _request(
+        self,
+        url: str,
+        items: Sequence[OutboundItem],
+        report: BatchReport,
+        stop: threading.Event,
+        budget: _WaitBudget,
+    ) -> _Outcome:
+        """One logical request with its retries; counts every HTTP request made in ``report``. A wait
+        that ``budget`` cannot cover ends it, and the whole send (``stop``)."""
         opts = self.options
         content = _encode(items)
         shown = self._redact(url)
@@ -468,6 +525,7 @@ class OdpClient:
             first = False
             report.requests += 1
             retry_after: float | None = None
+            counted = False  # whether the coming wait was already taken from the budget
             try:
                 response = self._http.post(url, content=content)
             except httpx.TransportError as exc:
@@ -478,6 +536,7 @@ class OdpClient:
                 if attempts >= opts.max_attempts:
                     return _Outcome("failed", self._redact(f"{kind} after {_plural(attempts, 'attempt')}: {detail}"))
                 delay = self._backoff(attempts)
+                answer = self._redact(f"{kind}: {detail}")
                 log.debug(
                     "ODP %s: %s (%s); attempt %d of %d, retrying in %.2fs",
                     shown,
@@ -497,6 +556,7 @@ class OdpClient:
                         log.warning("ODP %s: %s (credentials rejected)", shown, message)
                         return _Outcome("failed", message)
                     return _Outcome("rejected", message)
+                answer = self._status_message(response)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if retry_after is not None and retry_after > opts.max_retry_after_seconds:
                     message = (
@@ -514,6 +574,9 @@ class OdpClient:
                             f"HTTP 429 after {_plural(opts.max_rate_limit_waits, 'rate-limit wait')}",
                         )
                     delay = retry_after if retry_after else self._backoff(rate_limit_waits)
+                    if not budget.take(delay):
+                        return self._give_up(budget, answer, stop)
+                    counted = True
                     # A rate limit is client-wide: every thread's next request waits for the pause.
                     waited_pause = self._pacer.pause(delay)
                     log.info(
@@ -548,8 +611,18 @@ class OdpClient:
                     )
             if stop.is_set():
                 return _Outcome("failed", f"stopped after {last}")
+            if not counted and delay > 0 and not budget.take(delay):
+                return self._give_up(budget, answer, stop)
             if delay > 0 and not waiter(delay):
                 return _Outcome("failed", f"stopped after {last}")
+
+    @staticmethod
+    def _give_up(budget: _WaitBudget, answer: str, stop: threading.Event) -> _Outcome:
+        """The send's waiting is used up: this request fails with why, and the send stops."""
+        message = budget.give_up(answer)
+        stop.set()
+        log.warning("%s", message)
+        return _Outcome("failed", message)
 
     def _backoff(self, attempt: int) -> float:
         opts = self.options

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import copy
 import dataclasses
 import hmac
@@ -536,7 +537,11 @@ def serve(
     faults: Faults | None = None,
     log_level: str = "warning",
 ) -> None:
-    """Run the emulator with uvicorn until interrupted (blocking)."""
+    """Run the emulator with uvicorn until SIGTERM or SIGINT (blocking; from the main thread). Either
+    signal is a normal stop: the server shuts down and this returns (uvicorn would re-raise the signal
+    after its shutdown, and a supervisor's or a test's ``terminate()`` would end it with 143)."""
+    import signal
+
     import uvicorn
 
     config = uvicorn.Config(
@@ -548,4 +553,15 @@ def serve(
         lifespan="off",
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+
+    def stop(_signum: int, _frame: object) -> None:
+        server.should_exit = True
+
+    setattr(server, "capture_signals", contextlib.nullcontext)  # noqa: B010  (the handlers below instead)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

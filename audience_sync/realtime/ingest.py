@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from audience_sync.group_writer import GroupWriter
-from audience_sync.realtime.messages import MAX_REQUEST_BYTES, RequestError, prepare
+from audience_sync.realtime.messages import MAX_NESTING, MAX_REQUEST_BYTES, RequestError, prepare
 from audience_sync.realtime.metrics import IngestCounters
 from audience_sync.store import outbox
 from audience_sync.timestamps import utcnow
@@ -182,11 +182,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: Python reads infinity, which no JSON can carry on to ODP
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _parse(raw: bytes) -> Any:
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
     except (ValueError, UnicodeDecodeError):
         raise RequestError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise RequestError(
+            400, "invalid_json", f"the body nests objects and arrays too deeply (at most {MAX_NESTING} levels)"
+        ) from None
 
 
 class WriteKeys:

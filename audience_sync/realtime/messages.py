@@ -22,6 +22,7 @@ __all__ = [
     "MAX_BATCH_MESSAGES",
     "MAX_MESSAGE_BYTES",
     "MAX_MESSAGE_ID_LENGTH",
+    "MAX_NESTING",
     "MAX_REQUEST_BYTES",
     "MESSAGE_TYPES",
     "AcceptedMessage",
@@ -34,6 +35,9 @@ MAX_MESSAGE_BYTES: Final = 32 * 1024
 MAX_REQUEST_BYTES: Final = 500 * 1024
 MAX_BATCH_MESSAGES: Final = 2500
 MAX_MESSAGE_ID_LENGTH: Final = 255
+MAX_NESTING: Final = 100
+"""Objects and arrays nested deeper than this in one message reject it: whatever handles the message
+later (storing, routing, building ODP's request) may then walk it without running out of stack."""
 MESSAGE_TYPES: Final = ("identify", "track", "page", "screen", "group", "alias")
 
 _OBJECT_KEYS: Final = ("context", "integrations", "properties", "traits")
@@ -83,7 +87,11 @@ def _absent(value: Any) -> bool:
 
 
 def _size(message: Any) -> int:
-    return len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace"))
+    try:
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:  # too deep to measure: refused for its nesting instead
+        return 0
+    return len(text.encode("utf-8", "replace"))
 
 
 class _Invalid(ValueError):
@@ -111,9 +119,11 @@ _TYPE_SET: Final = frozenset(MESSAGE_TYPES)
 
 def _check(message: dict[str, Any]) -> None:
     kind = message.get("type")
-    if kind not in _TYPE_SET:
+    if type(kind) is not str or kind not in _TYPE_SET:
         if _absent(kind):
             raise _Invalid("missing 'type'")
+        if not isinstance(kind, str):
+            raise _Invalid("'type' must be a string")
         raise _Invalid(f"unknown type {kind!r}: must be one of {', '.join(MESSAGE_TYPES)}")
     has_user = _string_id(message, "userId")
     if not _string_id(message, "anonymousId") and not has_user:
@@ -144,7 +154,31 @@ def _message_id(message: dict[str, Any]) -> str:
         raise _Invalid("'messageId' must be a string")
     if len(value) > MAX_MESSAGE_ID_LENGTH:
         raise _Invalid(f"'messageId' is longer than {MAX_MESSAGE_ID_LENGTH} characters")
+    if "\x00" in value or not _encodable(value):
+        # Stored as a column of its own, where neither a NUL (PostgreSQL) nor a lone surrogate (any
+        # database) can go: refused here rather than failing the whole request's write.
+        raise _Invalid("'messageId' must be text without NUL characters or unpaired surrogates")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels deep in ``value`` (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = current.values() if type(current) is dict else current
+        stack.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return False
 
 
 def _timestamps(message: dict[str, Any], request: _Request) -> None:
@@ -172,10 +206,11 @@ def _timestamps(message: dict[str, Any], request: _Request) -> None:
     message["receivedAt"] = request.received_iso
     if original is None:
         message["timestamp"] = request.received_iso
-    elif sent is None:
-        message["timestamp"] = iso(original)
-    else:
-        message["timestamp"] = iso(request.received_at - (sent - original))
+        return
+    try:
+        message["timestamp"] = iso(original if sent is None else request.received_at - (sent - original))
+    except OverflowError:  # e.g. 0001-01-01 sent at 9999-12-31: the corrected time is before year 1
+        raise _Invalid("'timestamp' (corrected by 'sentAt') is out of range: years 1 to 9999 only") from None
 
 
 def _merge_envelope(message: dict[str, Any], envelope: Mapping[str, Any]) -> None:
@@ -225,10 +260,26 @@ class _Request:
         except _Invalid:
             self.check_size(original, what)
             raise
-        payload = _COMPACT.encode(message)
+        try:
+            payload = _COMPACT.encode(message)
+        except RecursionError:
+            payload = None
+        if payload is None or (
+            payload.count("{") + payload.count("[") > MAX_NESTING and _nested_deeper(message, MAX_NESTING)
+        ):
+            raise _Invalid(f"objects and arrays may nest at most {MAX_NESTING} levels deep")
         if len(payload) > MAX_MESSAGE_BYTES - _SIZE_SLACK:
             self.check_size(original, what)
         return AcceptedMessage(message_id, self.received_at, payload)
+
+
+_UNFORESEEN: Final = (ArithmeticError, LookupError, RecursionError, TypeError, ValueError)
+"""What a message this validation did not foresee may raise: that message alone is refused, as a client
+error (a 5xx makes the Segment libraries retry, then drop the whole batch, valid messages included)."""
+
+
+def _unreadable(exc: BaseException) -> str:
+    return f"the message could not be read ({type(exc).__name__})"
 
 
 def _too_large(what: str, size: int) -> RequestError:
@@ -255,6 +306,8 @@ def prepare(body: Any, kind: str | None, received_at: datetime, body_bytes: int 
             result.accepted.append(request.prepare_one({**body, "type": kind}, "the message"))
         except _Invalid as exc:
             raise RequestError(400, "invalid_message", str(exc)) from None
+        except _UNFORESEEN as exc:
+            raise RequestError(400, "invalid_message", _unreadable(exc)) from None
         return result
     batch = body.get("batch")
     if not isinstance(batch, list):
@@ -275,4 +328,6 @@ def prepare(body: Any, kind: str | None, received_at: datetime, body_bytes: int 
             result.accepted.append(request.prepare_one(message, f"the message at index {index}"))
         except _Invalid as exc:
             result.rejected.append({"index": index, "message": str(exc)})
+        except _UNFORESEEN as exc:
+            result.rejected.append({"index": index, "message": _unreadable(exc)})
     return result

@@ -7,11 +7,15 @@ read-only transactions, so reading an audience never modifies the user's databas
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+URL_EXAMPLES = "e.g. sqlite:///audience_sync.db or postgresql+psycopg://user:password@host:5432/dbname"
 
 
 def _driver_url(url: str) -> str:
@@ -19,6 +23,38 @@ def _driver_url(url: str) -> str:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable before anything connects (unparseable, a port that is not a number,
+    an unknown or uninstalled driver), or None. The message never repeats the URL: it may hold a
+    password."""
+    try:
+        parsed = make_url(_driver_url(url))
+    except ArgumentError:
+        return f"is not a database URL ({URL_EXAMPLES})"
+    except ValueError:
+        return "has a port that is not a number"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return f"has the port {parsed.port}, outside 1..65535"
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        return f"names an unknown database {parsed.drivername!r} ({URL_EXAMPLES})"
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        return f"needs the driver {exc.name or parsed.drivername!r}, which is not installed (pip install it)"
+    return None
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None: another database, or SQLite in memory)."""
+    parsed = make_url(_driver_url(url))
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return Path(database.removeprefix("file:").split("?", 1)[0])
 
 
 def make_engine(url: str) -> Engine:
@@ -52,8 +88,10 @@ def make_source_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
-            parsed = parsed.set(database="file:" + quote(database), query={**parsed.query, "mode": "ro", "uri": "true"})
+        if database and database != ":memory:":
+            # A path becomes a read-only URI; a URI the user wrote is made read-only, whatever mode it asked.
+            uri = database if database.startswith("file:") else "file:" + quote(database)
+            parsed = parsed.set(database=uri, query={**parsed.query, "mode": "ro", "uri": "true"})
         return create_engine(parsed, connect_args={"timeout": 30})
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg":
         return create_engine(parsed, connect_args={"options": "-c default_transaction_read_only=on"})

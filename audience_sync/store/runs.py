@@ -187,7 +187,9 @@ def finish_run(engine: Engine, run_id: int, status: str, *, error: str | None = 
 def mark_interrupted(engine: Engine, *, lease: timedelta, holders: Holders = THIS_PROCESS) -> list[int]:
     """Mark ``running`` runs whose process is gone as ``interrupted``; returns their ids.
 
-    A run on this host is dead when its pid is; a run elsewhere when its heartbeat is older than the lease.
+    A run of this process is dead once its holder is released; a run of another process on this host as
+    soon as its pid is gone; otherwise (another host, or a pid that exists but may have been reused by
+    another process since) when its heartbeat is older than the lease.
     The check reads without locking; each update applies only if the run has not moved on (still running,
     same heartbeat), so a replica that renews its lease in between keeps its run.
     """

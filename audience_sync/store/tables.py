@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
-from audience_sync.audiences.rules import IDENTIFIER_FIELDS
+from audience_sync.audiences.rules import IDENTIFIER_FIELDS, MAX_IDENTIFIER_LENGTH
 from audience_sync.timestamps import as_utc
 
 metadata = MetaData()
@@ -54,7 +54,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def _identifiers() -> list[Column[Any]]:
-    return [Column(name, String(512), nullable=True) for name in IDENTIFIER_COLUMNS]
+    return [Column(name, String(MAX_IDENTIFIER_LENGTH), nullable=True) for name in IDENTIFIER_COLUMNS]
 
 
 audiences = Table(
@@ -75,7 +75,7 @@ members = Table(
     "members",
     metadata,
     Column("audience", String(200), nullable=False),
-    Column("member", String(512), nullable=False),
+    Column("member", String(MAX_IDENTIFIER_LENGTH), nullable=False),
     *_identifiers(),
     Column("acked", Text, nullable=True),
     Column("acked_at", UTCDateTime(), nullable=True),
@@ -123,7 +123,7 @@ run_changes = Table(
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
     Column("run_id", BigId, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
-    Column("member", String(512), nullable=False),
+    Column("member", String(MAX_IDENTIFIER_LENGTH), nullable=False),
     Column("value", Text, nullable=True),
     *_identifiers(),
     Column("outcome", String(20), nullable=False),

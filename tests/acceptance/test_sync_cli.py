@@ -403,3 +403,117 @@ def test_the_cli_judges_runs_of_other_hosts_by_schedule_lease(project: Project) 
     assert [r["status"] for r in json.loads(result.stdout)] == ["running"]  # 90 s old beat, 5 min lease: alive
     [run] = project.cli_json("history")  # the default lease (60s): that replica is gone
     assert (run["status"], run["error"]) == ("interrupted", "the process running this sync stopped before it finished")
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # the table, not the store
+def test_the_changes_table_shows_values_as_json(project: Project) -> None:
+    """`show --changes` prints each value as `--json` does (true, 10, "gold", null), not Python's
+    True/None: a trait's text "10" and number 10 differ in ODP, and so they do here."""
+    path = project.dir / "ltv.jsonl"
+    rows = [{"user_id": "u1", "value": 10}, {"user_id": "u2", "value": "10"}, {"user_id": "u3", "value": True}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    project.audiences = [{"name": "LTV", "kind": "trait", "source": {"type": "file", "path": "ltv.jsonl"}}]
+    [first] = project.cli_json("sync")
+    path.write_text(json.dumps(rows[0]) + "\n")
+    [second] = project.cli_json("sync", "--force")
+    lines = project.cli("show", str(first["id"]), "--changes").stdout.splitlines()
+    expected = [["u1", "10", "sent"], ["u2", '"10"', "sent"], ["u3", "true", "sent"]]
+    assert [line.split()[:3] for line in lines[-3:]] == expected
+    lines = project.cli("show", str(second["id"]), "--changes").stdout.splitlines()
+    assert [line.split()[:3] for line in lines[-2:]] == [["u2", "null", "sent"], ["u3", "null", "sent"]]
+
+
+def test_one_bad_audience_never_stops_the_others(project: Project) -> None:
+    """Each audience's failure is its own run's: the later audiences still run, `--json` prints every
+    record, and identifiers no store can hold (a NUL, over 512 characters) are invalid rows."""
+    (project.dir / "deep.jsonl").write_text('{"user_id": "d1"}\n{"user_id": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    odd = [
+        {"user_id": "u\u0000x"},
+        {"user_id": "x" * 600},
+        {"user_id": "ok1", "email": "e\u0000@x"},
+        {"user_id": "ok2"},
+    ]
+    (project.dir / "odd.jsonl").write_text("".join(json.dumps(row) + "\n" for row in odd))
+    (project.dir / "good.csv").write_text("user_id\ng1\ng2\n")
+    unreachable = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
+    project.audiences = [
+        {"name": "Deep", "source": {"type": "file", "path": "deep.jsonl"}},
+        {"name": "Unreachable", "source": {"type": "sql", "url": unreachable, "query": "SELECT user_id FROM t"}},
+        {"name": "Odd Ids", "source": {"type": "file", "path": "odd.jsonl"}},
+        {"name": "Good", "source": {"type": "file", "path": "good.csv"}},
+    ]
+    result = project.cli("sync", "--json")
+    assert result.returncode == 1, result.stderr
+    runs = {r["audience"]: r for r in json.loads(result.stdout)}
+    assert list(runs) == ["deep", "unreachable", "odd_ids", "good"]
+    assert runs["deep"]["status"] == "failed" and "line 2: objects or arrays nested too deeply" in runs["deep"]["error"]
+    assert runs["unreachable"]["status"] == "failed" and "failed" in runs["unreachable"]["error"]
+    assert (runs["odd_ids"]["status"], runs["odd_ids"]["invalid"], runs["odd_ids"]["sent"]) == ("succeeded", 3, 1)
+    assert (runs["good"]["status"], runs["good"]["sent"]) == ("succeeded", 2)
+    assert "Traceback" not in result.stderr
+    sent = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    assert sent == {"ok2", "g1", "g2"}
+
+
+@pytest.mark.parametrize(
+    ("database", "stop"),
+    [("sqlite", signal.SIGTERM), ("postgresql", signal.SIGTERM), ("sqlite", signal.SIGINT)],
+    indirect=["database"],
+)
+@pytest.mark.timeout(300)
+def test_a_stop_signal_ends_sync_promptly_recording_what_was_acknowledged(project: Project, stop: int) -> None:
+    """A supervisor's SIGTERM acts like Ctrl-C, not like SIGKILL: no new batch is taken, what ODP
+    acknowledged is recorded, the run is `interrupted`, every record is printed, and the next run sends
+    exactly what is left (nothing twice)."""
+    total = 20_000
+    make_customers(project, range(total))
+    sql_audience(project)
+    project.audiences.append({"name": "Later", "source": {"type": "sql", "query": "SELECT user_id FROM customers"}})
+    project.odp.update(concurrency=1)
+    project.emulator.faults(latency_ms=20)
+    process = project.popen("sync", "--json")
+    deadline = time.monotonic() + 120
+    while project.emulator.stats()["items"] < 2_000:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the sync did not get going"
+        time.sleep(0.02)
+    process.send_signal(stop)
+    signalled = time.monotonic()
+    stdout, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - signalled < 10, "the sync did not stop promptly"
+    assert process.returncode == 128 + stop, stderr
+    assert "Traceback" not in stderr and "audience 'later' was not started" in stderr
+    [run] = json.loads(stdout)
+    assert (run["audience"], run["status"]) == (KEY, "interrupted") and "next run sends what is left" in run["error"]
+    first = {i["user_identifiers"]["userId"] for i in project.emulator.items()}
+    acked = project.sql("SELECT count(*) FROM members WHERE audience = :a AND acked = 'true'", {"a": KEY})[0][0]
+    assert 2_000 <= run["sent"] == acked == len(first) < total
+
+    project.emulator.faults()
+    project.emulator.reset()
+    [resumed, later] = project.cli_json("sync")
+    second = [i["user_identifiers"]["userId"] for i in project.emulator.items() if KEY in i]
+    assert (resumed["status"], resumed["sent"]) == ("succeeded", total - len(first))
+    assert len(second) == len(set(second)) and set(second) == {f"u{i}" for i in range(total)} - first
+    assert later["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)  # the client's budget, not the store
+def test_a_rate_limit_storm_ends_the_run_at_odp_max_wait(project: Project) -> None:
+    """ODP answers 429 to everything: the run stops sending once it waited odp.max_wait, fails with
+    ODP's last answer, and the next run sends what is left."""
+    make_customers(project, range(300))
+    sql_audience(project)
+    project.odp.update(concurrency=2, max_wait="3s")
+    project.emulator.faults(status=429, retry_after=1)
+    started = time.monotonic()
+    [run] = project.cli_json("sync", expect=1)
+    assert time.monotonic() - started < 20
+    assert (run["status"], run["sent"]) == ("failed", 0)
+    assert run["error"].startswith("stopped sending after waiting ") and "(odp.max_wait 3s)" in run["error"]
+    assert "ODP's last answer: HTTP 429" in run["error"] and "the next run sends them" in run["error"]
+    assert 2 <= len(project.emulator.requests("batch_upsert_contact")) <= 10
+
+    project.emulator.reset()
+    [again] = project.cli_json("sync")
+    assert (again["status"], again["sent"]) == ("succeeded", 300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import pytest
 
 from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.emulator import Faults, create_app
+from tests.conftest import start_emulator
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}", "User-Agent": "audience-sync-tests/1"}
@@ -350,3 +352,16 @@ def test_stats(emu: httpx.Client) -> None:
     }
     emu.delete("/_emulator/requests")
     assert emu.get("/_emulator/stats").json() == {"requests": 0, "items": 0, "by_status": {}}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_the_emulator_process_stops_cleanly_on_sigterm_and_sigint(stop: signal.Signals) -> None:
+    """A supervisor stops the emulator with SIGTERM (a test with ``terminate()``): a normal stop, exit 0."""
+    emulator = start_emulator()
+    try:
+        emulator.process.send_signal(stop)
+        assert emulator.process.wait(timeout=10) == 0
+    finally:
+        if emulator.process.poll() is None:
+            emulator.process.kill()
+        emulator.http.close()

@@ -3,17 +3,18 @@ modes, duplicates, traits, sync_audience delivery, quarantine, the per-audience 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from audience_sync import wiring
 from audience_sync.audiences.rules import Mode, audience_named
-from audience_sync.audiences.syncer import SyncOptions
+from audience_sync.audiences.syncer import Syncer, SyncOptions
 from audience_sync.config import Config, load_config
 from audience_sync.errors import RunInProgress
 from audience_sync.leases import HOST, THIS_PROCESS, Owner
@@ -21,6 +22,7 @@ from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.store import migrate
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import make_engine
+from audience_sync.store.sources import SourceDatabases
 from audience_sync.timestamps import iso, utcnow
 from tests.conftest import Database, Emulator, render_toml
 
@@ -197,6 +199,22 @@ def test_runs_of_dead_processes_are_marked_interrupted(h: Harness) -> None:
             {"t": utcnow().replace(tzinfo=None) - LEASE * 2, "i": live_id},
         )
     assert run_store.mark_interrupted(h.engine, lease=LEASE) == [live_id]
+
+
+def test_a_killed_run_whose_pid_was_reused_is_judged_by_its_lease(h: Harness) -> None:
+    """A run killed on this host whose pid now belongs to another process (here: pytest's parent) must
+    not hold its audience forever: past the lease it is interrupted; within it, it still runs."""
+    reused = Owner(HOST, os.getppid(), "killed")
+    run_id, _ = run_store.start_run(h.engine, audience="a", mode="delta", trigger="manual", owner=reused)
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == []  # a fresh heartbeat: it may be alive
+    with h.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE runs SET heartbeat_at = :t WHERE id = :i"),
+            {"t": utcnow().replace(tzinfo=None) - LEASE * 2, "i": run_id},
+        )
+    assert run_store.mark_interrupted(h.engine, lease=LEASE) == [run_id]
+    config = h.config(file_audience("A", h.csv("a.csv", ["u1,a@x"])))
+    assert h.sync(config)["status"] == "succeeded"
 
 
 def test_jsonl_source_and_bad_line(h: Harness) -> None:
@@ -454,3 +472,26 @@ def test_change_log_retention_is_per_audience_and_zero_keeps_everything(h: Harne
     else:
         assert kept == {first_a["id"]: 0, first_b["id"]: 1}  # B's own next run will tidy B
     assert getattr(run_store.get_run(h.engine, first_a["id"]), "sent", None) == 2
+
+
+def test_an_unforeseen_failure_fails_its_run_with_the_cause_and_returns_its_record(h: Harness) -> None:
+    """A failure nothing foresaw (here a database driver that raises its own error, not SQLAlchemy's)
+    fails that run with the cause; the caller gets the record and goes on with its other audiences."""
+
+    class BrokenDriver(SourceDatabases):
+        def engine(self, url: str | None) -> Engine:
+            def connect() -> Any:
+                raise RuntimeError("the driver crashed")
+
+            return create_engine("sqlite://", creator=connect)
+
+    config = h.config({"name": "Broken", "source": {"type": "sql", "query": "SELECT 1 AS user_id"}})
+    [audience] = wiring.audiences(config.settings)
+    syncer = Syncer(h.engine, h.client, BrokenDriver(h.database.url), batch_size=100, change_log_retention=timedelta(0))
+    try:
+        record = syncer.sync(audience)
+    finally:
+        syncer.close()
+    assert (record.status, record.error) == ("failed", "RuntimeError: the driver crashed")
+    assert getattr(run_store.get_run(h.engine, record.id), "status", None) == "failed"
+    assert h.emulator.requests() == []

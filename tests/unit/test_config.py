@@ -39,6 +39,7 @@ def test_defaults_and_derived_values(tmp_path: Path) -> None:
         4,
     )
     assert (s.schedule.interval, s.schedule.jitter) == (timedelta(hours=2), timedelta(hours=1))
+    assert (s.odp.max_wait, s.server.public_pages) == (timedelta(minutes=30), True)
     audience = s.audiences[0]
     assert audience.key == "order_completed_last_30days"
     assert audience.source.path == tmp_path / "members.csv"
@@ -86,6 +87,25 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             "both use the trait key 'big_spenders'",
         ),
         ("[odp\n", "audience-sync.toml"),
+        ('[odp]\nmax_wait = "0s"\n', "odp.max_wait: must be more than 0s"),
+        ('[database]\nurl = "postgresql+psycopg://app:pw@db:abc/x"\n', "database.url: has a port that is not a number"),
+        ('[database]\nurl = "postgresql+psycopg://app:pw@db:70000/x"\n', "database.url: has the port 70000"),
+        ('[database]\nurl = "not a url"\n', "database.url: is not a database URL (e.g. sqlite:///"),
+        ('[database]\nurl = "oracel://app:pw@db/x"\n', "database.url: names an unknown database 'oracel'"),
+        (
+            '[database]\nurl = "mysql://app:pw@db/x"\n',
+            "database.url: needs the driver 'MySQLdb', which is not installed",
+        ),
+        (
+            '[[audiences]]\nname = "A"\n[audiences.source]\ntype = "sql"\nquery = "SELECT 1"\n'
+            'url = "postgresql://app:pw@warehouse:5432x/db"\n',
+            "audiences[0].source.url: has a port that is not a number",
+        ),
+        ('[odp]\napi_key = "odp key"\n', "odp.api_key: may only hold printable ASCII characters, without spaces"),
+        ('[odp]\napi_key = "k\u00e9y-0123"\n', "odp.api_key: may only hold printable ASCII characters"),
+        ('[odp]\napi_key = " \\n"\n', "odp.api_key: is empty"),
+        ('[server]\nadmin_token = "tab\\tinside"\n', "server.admin_token: may only hold printable ASCII"),
+        ('[server]\nwrite_keys = ["wk-good", "wk bad"]\n', "server.write_keys[1]: may only hold printable ASCII"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -100,6 +120,53 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
     assert "s3cret" not in str(info.value)
     config = load_config(write(tmp_path, MINIMAL))
     assert "s3cret" not in repr(config.settings)
+    for text in ('[odp]\napi_key = "s3cret key"\n', '[database]\nurl = "postgresql://app:s3cret@db:x/y"\n'):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text))
+        assert "s3cret" not in str(info.value)
+
+
+def test_whitespace_around_keys_is_stripped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trailing newline (``$(cat key.txt)``, a Kubernetes secret) would be sent in the Authorization
+    header and fail every request, its escaped form leaking into every error."""
+    monkeypatch.setenv("AUDIENCE_SYNC_ODP__API_KEY", "odp-key-0123\n")
+    monkeypatch.setenv("AUDIENCE_SYNC_SERVER__WRITE_KEYS", '[" wk-1\\t", "wk-2"]')
+    s = load_config(write(tmp_path, '[server]\nadmin_token = "  admin-token\\r\\n"\n')).settings
+    assert s.odp.api_key is not None and s.odp.api_key.get_secret_value() == "odp-key-0123"
+    assert s.server.admin_token is not None and s.server.admin_token.get_secret_value() == "admin-token"
+    assert [k.get_secret_value() for k in s.server.write_keys] == ["wk-1", "wk-2"]
+
+
+def test_a_list_in_an_environment_variable_that_is_not_json_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUDIENCE_SYNC_SERVER__WRITE_KEYS", "wk-secret-1,wk-secret-2")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, MINIMAL))
+    assert str(info.value) == (
+        """AUDIENCE_SYNC_SERVER__WRITE_KEYS: must be a JSON list, e.g. '["a", "b"]' (the value is not shown)"""
+    )
+
+
+def test_every_secret_is_listed_for_masking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDIENCE_SYNC_DATABASE__URL", "postgresql+psycopg://:db-pass%21@db/x?password=db-query-pw")
+    text = (
+        MINIMAL
+        + 'url = "postgresql://reader:src-pass@wh/db"\n'
+        + ('[server]\nadmin_token = "admin-token"\nwrite_keys = ["wk-1", "wk-2"]\n')
+    )
+    text = text.replace('type = "file"\npath = "members.csv"', 'type = "sql"\nquery = "SELECT 1"')
+    settings = load_config(write(tmp_path, text)).settings
+    assert set(settings.secret_values()) == {
+        "s3cret-key",
+        "admin-token",
+        "wk-1",
+        "wk-2",
+        "db-pass%21",
+        "db-pass!",
+        "db-query-pw",
+        "src-pass",
+    }
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -112,6 +179,10 @@ def test_durations_and_url_redaction() -> None:
     assert parse_duration("500ms") == timedelta(milliseconds=500)
     assert parse_duration(2) == timedelta(seconds=2)
     assert redact_url("postgresql+psycopg://app:pw@db/x") == "postgresql+psycopg://app:***@db/x"
+    assert redact_url("postgresql+psycopg://:pw@db/x") == "postgresql+psycopg://:***@db/x"
+    assert redact_url("postgresql://db/x?sslmode=require&password=pw&a=b") == (
+        "postgresql://db/x?sslmode=require&password=***&a=b"
+    )
     assert redact_url("sqlite:///a.db") == "sqlite:///a.db"
 
 

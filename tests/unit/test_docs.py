@@ -42,8 +42,6 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 
 PENDING_KEYS: dict[str, str] = {
-    "odp.max_wait": "issue 10 (a run's total wait)",
-    "server.public_pages": "issue 10",
     "alerts": "issue 9 (webhook alerts)",
     "alerts[].url": "issue 9",
     "alerts[].format": "issue 9",

@@ -3,6 +3,7 @@ commits, and the lease heartbeat (audience_sync.leases)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -112,6 +113,8 @@ def test_holders_of_this_process_live_until_released() -> None:
     assert holders.is_alive(str(owner)) is False
     assert holders.is_alive(f"{HOST}:{2**22 + 12345}:gone") is False  # no such process here
     assert holders.is_alive("elsewhere:1:x") is None  # only its lease can tell
+    # A live process here that is not this one may have reused a dead holder's pid: the lease tells.
+    assert holders.is_alive(f"{HOST}:{os.getppid()}:reused") is None
     assert holders.is_alive(None) is False
 
 

@@ -35,9 +35,11 @@ from audience_sync.odp.client import (
     OutboundItem,
     SendTotals,
     _Pacer,
+    _WaitBudget,
     parse_retry_after,
 )
 from audience_sync.odp.regions import REGIONS
+from audience_sync.timestamps import format_duration
 
 API_KEY = "sk-SECRET-token-0123456789abcdef"
 BASE = "https://odp.test/twilio_segment"
@@ -435,6 +437,107 @@ def test_429_pauses_the_whole_client(harness: Harness) -> None:
     assert len(long_waits) == 2  # both threads waited for the pause, not just the one that got the 429
     # B's own backoff (<= 0.1 s) does not explain its long wait: that was the client-wide pause
     assert all(s <= 0.1 for s in sleeps.waits if s < 0.9)
+
+
+class FakeTime:
+    """A clock that only the fake sleep moves: waits are summed exactly, nothing sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
+def timed_client(handler: Handler, time: FakeTime, **options: Any) -> OdpClient:
+    options.setdefault("max_requests_per_second", 0)
+    return OdpClient(
+        ClientOptions(base_url=BASE, api_key=API_KEY, **options),
+        transport=httpx.MockTransport(handler),
+        sleep=time.sleep,
+        clock=time.clock,
+        rng=random.Random(1234),
+    )
+
+
+def test_a_429_storm_is_bounded_by_max_wait_and_fails_with_odps_last_answer() -> None:
+    """The issue's storm: 429 forever, with Retry-After 0 or none. Each wait is a bounded back-off that
+    does not count as an attempt, so without max_wait one request could wait about 50 minutes."""
+    answers = itertools.cycle(
+        [httpx.Response(429, headers={"Retry-After": "0"}, json={"message": "Too many requests, slow down"})]
+    )
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return next(answers)
+
+    time = FakeTime()
+    with timed_client(handler, time, max_wait_seconds=120, concurrency=1) as client:
+        reports: list[BatchReport] = []
+        totals = client.send(PATH, [[item(f"b{b}")] for b in range(10)], reports.append)
+    assert sum(time.waits) <= 120 < sum(time.waits) + 30  # it used the budget, and stopped at its end
+    waited = format_duration(timedelta(seconds=sum(time.waits)))
+    assert totals.gave_up == (
+        f"stopped sending after waiting {waited} on ODP (odp.max_wait 2m); "
+        "ODP's last answer: HTTP 429: Too many requests, slow down"
+    )
+    [report] = reports  # the other nine batches were never taken
+    assert report.failed == [(item("b0"), totals.gave_up)] and totals.failed == 1
+    assert len(seen) == report.requests == totals.requests
+
+
+def test_max_wait_bounds_retries_of_server_errors_too() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, text="upstream unavailable")
+
+    time = FakeTime()
+    options = {"max_wait_seconds": 10, "max_attempts": 100, "backoff_base_seconds": 1, "concurrency": 1}
+    with timed_client(handler, time, **options) as client:
+        reports: list[BatchReport] = []
+        totals = client.send(PATH, [[item("a")], [item("b")]], reports.append)
+    assert 0 < sum(time.waits) <= 10 and len(time.waits) < 10
+    assert totals.gave_up is not None and totals.gave_up.endswith("ODP's last answer: HTTP 503: upstream unavailable")
+    assert [r.failed[0][1] for r in reports] == [totals.gave_up]
+
+
+def test_a_retry_after_past_the_budget_is_not_waited_for() -> None:
+    handler, seen = scripted(httpx.Response(429, headers={"Retry-After": "90"}))
+    time = FakeTime()
+    with timed_client(handler, time, max_wait_seconds=60) as client:
+        totals = client.send(PATH, [[item("a")]], lambda report: None)
+    assert time.waits == [] and len(seen) == 1
+    assert (
+        totals.gave_up
+        == "stopped sending after waiting 0s on ODP (odp.max_wait 1m); ODP's last answer: HTTP 429: Too Many Requests"
+    )
+
+
+def test_waits_within_the_budget_change_nothing() -> None:
+    handler, _ = scripted(httpx.Response(429, headers={"Retry-After": "30"}), httpx.Response(500))
+    time = FakeTime()
+    with timed_client(handler, time, max_wait_seconds=60, backoff_base_seconds=10) as client:
+        totals = client.send(PATH, [[item("a")]], lambda report: None)
+    assert totals.gave_up is None and totals.acknowledged == 1 and 35 <= sum(time.waits) <= 40
+
+
+def test_overlapping_waits_of_one_send_count_once() -> None:
+    """Threads paused by the same 429 wait together: the run waited once, not once per thread."""
+    now = [0.0]
+    budget = _WaitBudget(10, lambda: now[0])
+    assert budget.take(6) and budget.take(6) and budget.take(4)  # three threads at t=0: 6 s of waiting
+    assert budget.spent == 6
+    now[0] = 3.0
+    assert budget.take(2) and budget.spent == 6  # inside a wait already counted
+    now[0] = 6.0
+    assert budget.take(4) and budget.spent == 10
+    now[0] = 10.0
+    assert not budget.take(0.5) and budget.spent == 10
 
 
 def test_pacer_spacing_and_overlapping_pauses() -> None:

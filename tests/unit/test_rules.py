@@ -100,6 +100,7 @@ def test_member_rows_is_member_row_column_by_column(kind: str, needs: bool) -> N
 
     rng = random.Random(7)
     pool: list[object] = [None, "", "  ", "u1", " u2 ", 42, 7.0, 1.5, "a@x", Decimal("3"), float("nan"), True]
+    pool += ["u\x00nul", "x" * rules.MAX_IDENTIFIER_LENGTH, "y" * (rules.MAX_IDENTIFIER_LENGTH + 1)]
     rows = [[rng.choice(pool) for _ in range(5)] for _ in range(400)]
     expected = [
         rules.member_row(*r, kind=kind, needs_user_or_anonymous=needs) if not _raises(r, kind) else None for r in rows
@@ -118,6 +119,15 @@ def test_member_rows_is_member_row_column_by_column(kind: str, needs: bool) -> N
         )
         if m
     ]
+
+
+def test_identifiers_the_store_cannot_hold_make_a_row_invalid() -> None:
+    """PostgreSQL refuses a NUL in text, and identifiers are kept in columns of 512 characters: such a
+    row is skipped and counted invalid, on every store alike, instead of failing the run."""
+    long = "u" * (rules.MAX_IDENTIFIER_LENGTH + 1)
+    columns = (["u1", "u\x00", "u3", long, "u5"], ["a@x", None, None, None, "e\x00@x"], None, None, None)
+    valid, invalid = rules.member_rows(*columns, kind="audience", needs_user_or_anonymous=False)
+    assert [row[0] for row in valid] == ["u1", "u3"] and invalid == 3
 
 
 def _raises(row: list[object], kind: str) -> bool:
