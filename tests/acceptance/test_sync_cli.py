@@ -416,11 +416,14 @@ def test_the_changes_table_shows_values_as_json(project: Project) -> None:
     [first] = project.cli_json("sync")
     path.write_text(json.dumps(rows[0]) + "\n")
     [second] = project.cli_json("sync", "--force")
-    lines = project.cli("show", str(first["id"]), "--changes").stdout.splitlines()
+
+    def rows_of(run_id: int) -> list[list[str]]:
+        lines = project.cli("show", str(run_id), "--changes").stdout.splitlines()
+        return [line.split()[:3] for line in lines if line.split()[:1] in (["u1"], ["u2"], ["u3"])]
+
     expected = [["u1", "10", "sent"], ["u2", '"10"', "sent"], ["u3", "true", "sent"]]
-    assert [line.split()[:3] for line in lines[-3:]] == expected
-    lines = project.cli("show", str(second["id"]), "--changes").stdout.splitlines()
-    assert [line.split()[:3] for line in lines[-2:]] == [["u2", "null", "sent"], ["u3", "null", "sent"]]
+    assert rows_of(first["id"]) == expected
+    assert rows_of(second["id"]) == [["u2", "null", "sent"], ["u3", "null", "sent"]]
 
 
 def test_one_bad_audience_never_stops_the_others(project: Project) -> None:
