@@ -303,7 +303,10 @@ def test_analytics_js_in_a_browser_is_accepted_without_a_cors_error(
         to_daemon = [r for r in requests.values() if r["url"].startswith(daemon.url) and r not in canary]
         assert {urlsplit(r["url"]).path for r in to_daemon} == paths
         assert events_sent(requests) == EVENTS_PER_PAGE
-        failed = [r for r in to_daemon if r["outcome"] != "finished" or r["status"] != ANSWERED.get(r["method"])]
+        # analytics.js posts its usage counters every flushTimer: one may have just left when the canary
+        # came back. A counters post still on its way is no failure; every answered request is checked.
+        answered = [r for r in to_daemon if not (r["outcome"] is None and urlsplit(r["url"]).path == "/v1/m")]
+        failed = [r for r in answered if r["outcome"] != "finished" or r["status"] != ANSWERED.get(r["method"])]
         assert failed == [], failed
         assert any(r["method"] == "OPTIONS" for r in to_daemon), "analytics.js's Basic auth needs a preflight"
         errors = [message for message in console if CANARY_PATH not in message]
