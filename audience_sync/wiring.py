@@ -117,6 +117,7 @@ def syncer(
         change_log_retention=settings.database.change_log_retention,
         progress=progress,
         should_stop=should_stop,
+        destination=odp_target(settings.odp).destination(),
     )
 
 
