@@ -300,7 +300,10 @@ class Syncer:
                 "quarantined": quarantined,
             }
             verdict = rules.circuit_breaker(
-                members=members, exits=exited, acknowledged=plan.acknowledged, max_exit_ratio=audience.max_exit_ratio
+                members=members,
+                exits=plan.removals,
+                acknowledged=plan.acknowledged,
+                max_exit_ratio=audience.max_exit_ratio,
             )
             if verdict.hold and not options.force:
                 planning.hold()

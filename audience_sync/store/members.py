@@ -214,6 +214,7 @@ class Plan:
     exited: int
     quarantined: int
     acknowledged: int
+    removals: int = 0  # exits of members ODP holds as in the audience (what the circuit breaker weighs)
 
 
 class Planning:
@@ -257,7 +258,18 @@ class Planning:
         entered, exited, quarantined = write_plan(
             self._conn, run_id=run_id, audience=audience, mode=mode, exit_value=exit_value, dry_run=dry_run
         )
-        return Plan(entered, exited, quarantined, acknowledged)
+        removals = exited
+        if mode == Mode.RECONCILE and exited:  # re-sending the exit to known non-members removes no one
+            removals = int(
+                self._conn.execute(
+                    text(
+                        "SELECT count(*) FROM run_changes c JOIN members m ON m.audience = :a AND m.member = c.member "
+                        "WHERE c.run_id = :r AND c.value = :x AND m.acked IS NOT NULL AND m.acked <> :x"
+                    ),
+                    {"a": audience, "r": run_id, "x": exit_value},
+                ).scalar_one()
+            )
+        return Plan(entered, exited, quarantined, acknowledged, removals)
 
     def hold(self) -> None:
         """Discard the plan (the run is held): nothing of it is written."""
