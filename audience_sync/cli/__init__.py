@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, metavar="N")
     p.set_defaults(**_command("realtime", "deliveries"))
 
+    p = sub.add_parser("alerts", parents=[common, json_flag], help="webhook alerts: send a test event")
+    p.add_argument("action", choices=("test",), help="test: send one test event to every [[alerts]] webhook")
+    p.set_defaults(**_command("alerts", "test"))
+
     p = sub.add_parser("replay", parents=[common, json_flag], help="queue dead deliveries again")
     p.add_argument("--dead", action="store_true", help="replay dead deliveries (the default)")
     p.set_defaults(**_command("realtime", "replay"))

@@ -17,6 +17,9 @@ from audience_sync.store.runs import COUNTERS, RunRecord, changes, get_run, list
 from audience_sync.timestamps import format_duration, utcnow
 
 SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNTERS)
+ALERT_DRAIN_SECONDS = 5.0
+"""How long ``sync`` spends sending its alerts at the end; what is left is sent by the daemon or the
+next ``sync``."""
 HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", *COUNTERS)
 
 
@@ -36,9 +39,10 @@ def sync(args: argparse.Namespace, config: Config) -> int:
     progress = Progress(not args.json)
     records: list[RunRecord] = []
     failures: list[str] = []
+    alerts = wiring.alerts(settings, engine)
     try:
         with wiring.open_client(settings.odp) as client:
-            syncer = wiring.syncer(settings, engine, client, progress=progress)
+            syncer = wiring.syncer(settings, engine, client, progress=progress, alerts=alerts)
             try:
                 for audience in selected:
                     options = SyncOptions(mode=mode, dry_run=args.dry_run, force=args.force)
@@ -50,7 +54,11 @@ def sync(args: argparse.Namespace, config: Config) -> int:
                         progress.done()
             finally:
                 syncer.close()
+        if alerts is not None:  # what the runs raised (and anything left pending), within a few seconds
+            alerts.drain(ALERT_DRAIN_SECONDS)
     finally:
+        if alerts is not None:
+            alerts.close()
         engine.dispose()
     if args.json:
         emit_json([r.to_json() for r in records])
@@ -58,6 +66,8 @@ def sync(args: argparse.Namespace, config: Config) -> int:
         if records:
             print(table([r.to_json() for r in records], SYNC_COLUMNS))
         for record in records:
+            if record.reason:
+                print(f"run {record.id} ({record.audience}): {record.reason}", file=sys.stderr)
             if record.error:
                 print(f"run {record.id} ({record.audience}): {record.error}", file=sys.stderr)
     for failure in failures:

@@ -21,14 +21,15 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
 from audience_sync import wiring
+from audience_sync.alerts import Alerts, AlertSender
 from audience_sync.audiences.syncer import Syncer
 from audience_sync.config import Config, Settings
-from audience_sync.daemon.metrics import RunDurations, register_sync_metrics
+from audience_sync.daemon.metrics import ProcessCounters, RunDurations, register_sync_metrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
 from audience_sync.group_writer import GroupWriter
@@ -36,7 +37,9 @@ from audience_sync.odp.client import OdpClient
 from audience_sync.realtime.delivery import DeliveryWorker
 from audience_sync.realtime.ingest import IngestLoad, MessageRows, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
-from audience_sync.store import outbox
+from audience_sync.store import migrate, outbox
+from audience_sync.store import runs as run_store
+from audience_sync.store.engine import ping
 
 log = logging.getLogger("audience_sync.daemon")
 
@@ -83,9 +86,12 @@ def run_daemon(config: Config, engine: Engine) -> int:
     settings = config.settings
     stop = threading.Event()
     deadline = _Deadline(settings.server.shutdown_timeout.total_seconds())
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
+    registry = CollectorRegistry()
+    counters = ProcessCounters(registry)
     try:
-        with wiring.open_client(settings.odp) as client:
-            daemon = Daemon.build(settings, engine, client, stop)
+        with wiring.open_client(settings.odp, on_response=counters.odp_response) as client:
+            daemon = Daemon.build(settings, engine, client, stop, registry=registry, counters=counters)
             try:
                 return asyncio.run(_serve(settings, daemon, stop, deadline))
             finally:
@@ -106,22 +112,60 @@ class Daemon:
     writer: GroupWriter[MessageRows]
     worker: DeliveryWorker
     app: ASGIApp
+    alerts: Alerts | None = None
+    sender: AlertSender | None = None
+    delivery: list[threading.Thread] | None = None  # the worker's thread, once started
 
     @classmethod
-    def build(cls, settings: Settings, engine: Engine, client: OdpClient, stop: threading.Event) -> Daemon:
+    def build(
+        cls,
+        settings: Settings,
+        engine: Engine,
+        client: OdpClient,
+        stop: threading.Event,
+        *,
+        registry: CollectorRegistry | None = None,
+        counters: ProcessCounters | None = None,
+    ) -> Daemon:
         """The daemon of ``settings`` on the store ``engine``, sending with ``client``; ``stop`` is set
-        when it stops (runs and deliveries in flight wind down)."""
-        registry = CollectorRegistry()
-        syncer = wiring.syncer(settings, engine, client, should_stop=stop.is_set)
+        when it stops (runs and deliveries in flight wind down). ``registry`` holds the metrics, with
+        this process's ``counters`` (ODP's answers) already in it."""
+        registry = registry or CollectorRegistry()
+        counters = counters or ProcessCounters(registry)
+        alerts = wiring.alerts(settings, engine, on_outcome=counters.alert)
+        syncer = wiring.syncer(settings, engine, client, should_stop=stop.is_set, alerts=alerts)
         tracker = RunTracker(syncer, on_finished=RunDurations(registry).observe)
         schedules = wiring.schedules(settings)
         scheduler = AudienceScheduler(engine, tracker, schedules, lease=settings.schedule.lease, stop=stop)
-        register_sync_metrics(registry, engine, scheduler.next_run_times)
-        counters = register_realtime_metrics(registry, engine)
+        register_sync_metrics(registry, engine, scheduler.next_run_times, scheduler.stalled)
+        realtime = register_realtime_metrics(registry, engine)
         load = IngestLoad()
         writer = message_writer(engine)
-        worker = wiring.delivery_worker(settings, engine, client, metrics=counters, ingest_rate=load.rate)
+        worker = wiring.delivery_worker(
+            settings, engine, client, metrics=realtime, ingest_rate=load.rate, alerts=alerts
+        )
+        sender = AlertSender(alerts, check=functools.partial(_fire_stalled, scheduler, alerts)) if alerts else None
+        delivery: list[threading.Thread] = []
         token = settings.server.admin_token
+        head = migrate.head_revision()
+
+        def readiness() -> dict[str, str]:
+            checks = {"database": "ok", "migrations": "ok", "scheduler": "ok", "delivery": "ok"}
+            try:
+                ping(engine)
+                current = migrate.current_revision(engine)
+                if current != head:
+                    checks["migrations"] = f"the store is at revision {current}, this version needs {head}"
+            except Exception as exc:
+                checks["database"] = checks["migrations"] = f"unreachable: {type(exc).__name__}"
+            if not scheduler.running:
+                checks["scheduler"] = "not running"
+            if not (delivery and delivery[0].is_alive()):
+                checks["delivery"] = "the delivery worker is not running"
+            if sender is not None:
+                checks["alerts"] = "ok" if sender.alive() else "the alert sender is not running"
+            return checks
+
         state = DaemonState(
             engine,
             wiring.audiences(settings),
@@ -130,9 +174,10 @@ class Daemon:
             registry,
             admin_token=token.get_secret_value() if token else None,
             delivery_counts=functools.partial(outbox.counts, engine),
+            readiness=readiness,
         )
-        routes = ingest_routes(writer, wiring.write_keys(settings), counters, load)
-        return cls(syncer, tracker, scheduler, writer, worker, create_app(state, routes))
+        routes = ingest_routes(writer, wiring.write_keys(settings), realtime, load)
+        return cls(syncer, tracker, scheduler, writer, worker, create_app(state, routes), alerts, sender, delivery)
 
     def close(self) -> None:
         """Once the server has stopped: commit the messages still queued, give up the leases' holders
@@ -142,6 +187,16 @@ class Daemon:
         finally:
             self.worker.close()
             self.syncer.close()
+            if self.alerts is not None:
+                self.alerts.close()
+
+
+def _fire_stalled(scheduler: AudienceScheduler, alerts: Alerts) -> None:
+    """Raise the ``stalled`` alert of every stalled audience (once per stall: keyed by when it last moved)."""
+    latest = run_store.latest_runs(scheduler.engine, list(scheduler.audiences))
+    for key, (since, gap) in scheduler.stalled().items():
+        last = latest.get(key)
+        alerts.stalled(key, since, gap, last.id if last else None)
 
 
 async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, deadline: _Deadline) -> int:
@@ -167,6 +222,10 @@ async def _serve(settings: Settings, daemon: Daemon, stop: threading.Event, dead
     daemon.scheduler.start()
     delivery = threading.Thread(target=daemon.worker.run, args=(stop,), name="delivery-worker", daemon=True)
     delivery.start()
+    if daemon.delivery is not None:
+        daemon.delivery.append(delivery)
+    if daemon.sender is not None:
+        daemon.sender.start(stop)
 
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)

@@ -75,6 +75,8 @@ class DaemonState:
     registry: CollectorRegistry
     admin_token: str | None = None
     delivery_counts: Callable[[], dict[str, int]] | None = None
+    readiness: Callable[[], dict[str, str]] | None = None
+    """Each part of the daemon ``/readyz`` checks: "ok", or what fails (blocking)."""
 
 
 def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
@@ -99,6 +101,13 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        checks = await _db(state.readiness) if state.readiness else {"database": "ok"}
+        failing = sorted(part for part, result in checks.items() if result != "ok")
+        if failing:
+            return JSONResponse({"status": "unavailable", "failing": failing, "checks": checks}, status_code=503)
+        return JSONResponse({"status": "ready", "checks": checks})
 
     async def metrics(request: Request) -> Response:
         body = await _db(generate_latest, state.registry)
@@ -189,6 +198,7 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
 
     return [
         Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/", status_page),
         Route("/api/audiences", audiences),

@@ -518,7 +518,7 @@ class OdpClient:
                 if status not in _RETRYABLE_STATUSES and not (500 <= status < 600 and status != 501):
                     message = self._status_message(response)
                     if status in _CREDENTIAL_STATUSES:
-                        log.warning("ODP %s: %s (credentials rejected)", shown, message)
+                        log.warning("ODP %s: %s (credentials rejected)", shown, message, extra={"http_status": status})
                         return _Outcome("failed", doubt=doubt, message=message)
                     return _Outcome("rejected", message)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -558,6 +558,7 @@ class OdpClient:
                             status,
                             _plural(attempts, "attempt"),
                             self._response_detail(response),
+                            extra={"http_status": status},
                         )
                         return _Outcome(
                             "failed", doubt=doubt, message=f"HTTP {status} after {_plural(attempts, 'attempt')}"

@@ -17,7 +17,7 @@ from audience_sync.leases import THIS_PROCESS, Holders, Owner
 from audience_sync.statuses import Outcome, RunStatus
 from audience_sync.store.members import settle_in
 from audience_sync.store.tables import run_changes, runs
-from audience_sync.timestamps import iso, utcnow
+from audience_sync.timestamps import as_utc, iso, utcnow
 
 COUNTERS: Final = ("members", "entered", "exited", "invalid", "sent", "failed", "quarantined", "requests")
 """A run's counts: distinct members in the snapshot, items planned with the member value (entered) and
@@ -264,10 +264,14 @@ def list_runs(
 
 
 def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, RunRecord]:
-    """The newest run of each audience."""
+    """The newest real run of each audience (dry runs left out: they change nothing)."""
     if not audiences:
         return {}
-    newest = select(func.max(runs.c.id)).where(runs.c.audience.in_(list(audiences))).group_by(runs.c.audience)
+    newest = (
+        select(func.max(runs.c.id))
+        .where(runs.c.audience.in_(list(audiences)), runs.c.status != RunStatus.PLANNED)
+        .group_by(runs.c.audience)
+    )
     with engine.connect() as conn:
         rows = conn.execute(select(runs).where(runs.c.id.in_(newest))).all()
     return {r.audience: RunRecord.from_row(r) for r in rows}
@@ -288,3 +292,27 @@ def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: in
             Change(r.member, json.loads(r.value) if r.value is not None else None, Outcome(r.outcome), r.error)
             for r in conn.execute(query)
         ]
+
+
+def progress_marks(engine: Engine, audiences: Sequence[str]) -> dict[str, tuple[datetime | None, datetime | None]]:
+    """Per audience, (when its last run that sent anything, succeeded or partial, finished; when its
+    first real run started): what tells a stalled audience."""
+    if not audiences:
+        return {}
+    keys = list(audiences)
+    moved = (
+        select(runs.c.audience, func.max(runs.c.finished_at))
+        .where(runs.c.audience.in_(keys), runs.c.status.in_([RunStatus.SUCCEEDED, RunStatus.PARTIAL]))
+        .group_by(runs.c.audience)
+    )
+    first = (
+        select(runs.c.audience, func.min(runs.c.started_at))
+        .where(runs.c.audience.in_(keys), runs.c.status != RunStatus.PLANNED)
+        .group_by(runs.c.audience)
+    )
+    out: dict[str, tuple[datetime | None, datetime | None]] = {}
+    with engine.connect() as conn:
+        last = {a: as_utc(t) for a, t in conn.execute(moved) if t is not None}
+        for audience, started in conn.execute(first):
+            out[audience] = (last.get(audience), as_utc(started) if started is not None else None)
+    return out

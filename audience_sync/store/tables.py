@@ -97,6 +97,12 @@ members = Table(
         sqlite_where=text("sent IS NOT NULL"),
         postgresql_where=text("sent IS NOT NULL"),
     ),
+    Index(
+        "ix_members_rejected",
+        "audience",
+        sqlite_where=text("rejections > 0"),
+        postgresql_where=text("rejections > 0"),
+    ),
 )
 
 runs = Table(

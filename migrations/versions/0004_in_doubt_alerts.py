@@ -36,6 +36,13 @@ def upgrade() -> None:
         sqlite_where=sa.text("sent IS NOT NULL"),
         postgresql_where=sa.text("sent IS NOT NULL"),
     )
+    op.create_index(
+        "ix_members_rejected",
+        "members",
+        ["audience"],
+        sqlite_where=sa.text("rejections > 0"),
+        postgresql_where=sa.text("rejections > 0"),
+    )
     op.create_table(
         "alerts",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
@@ -58,6 +65,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("alerts")
+    op.drop_index("ix_members_rejected", "members")
     op.drop_index("ix_members_in_doubt", "members")
     with op.batch_alter_table("runs") as batch:
         batch.drop_column("reason")

@@ -44,10 +44,6 @@ PAGES = sorted(DOCS.glob("*.md"))
 PENDING_KEYS: dict[str, str] = {
     "odp.max_wait": "issue 10 (a run's total wait)",
     "server.public_pages": "issue 10",
-    "alerts": "issue 9 (webhook alerts)",
-    "alerts[].url": "issue 9",
-    "alerts[].format": "issue 9",
-    "alerts[].on": "issue 9",
 }
 """Keys the documentation describes (from product.md) before they are built. Once a key exists, its
 entry here must go (the test says so), and so must the ``pending`` tag of the blocks that use it."""
