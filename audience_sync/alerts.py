@@ -30,7 +30,7 @@ from audience_sync import __version__
 from audience_sync.audiences.syncer import RunReport
 from audience_sync.statuses import ALERT_EVENTS, AlertEvent, RunStatus
 from audience_sync.store import alerts as alert_store
-from audience_sync.timestamps import Now, iso, utcnow
+from audience_sync.timestamps import Now, format_duration, iso, utcnow
 
 __all__ = ["Alert", "AlertSender", "Alerts", "Webhook", "alerts_for_run", "post", "test_webhooks"]
 
@@ -55,8 +55,9 @@ class Webhook:
 
     @property
     def target(self) -> str:
-        """A fingerprint of the URL: what the store keeps of the webhook."""
-        return hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        """A fingerprint of the URL and format: what the store keeps of the webhook (one URL listed twice
+        in one format is one webhook)."""
+        return hashlib.sha256(f"{self.format} {self.url}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -196,10 +197,10 @@ class Alerts:
 
     def stalled(self, audience: str, since: datetime | None, expected: timedelta, last_run: int | None) -> None:
         """``audience`` had no successful run since ``since`` (None: ever), three times its interval."""
-        when = f"since {iso(since)}" if since else "ever"
+        when = f"since {iso(since)}" if since else "yet"
         text = (
-            f"no successful run {when}: more than three intervals ({expected * 3}); "
-            "see `audience-sync history --audience " + audience + "` and the daemon's log"
+            f"no run sent anything {when}, more than three intervals ({format_duration(expected * 3)}); "
+            f"see `audience-sync history --audience {audience}` and the daemon's log"
         )
         alert = Alert(AlertEvent.STALLED, text, audience=audience, run_id=last_run, status="stalled", at=self.now())
         self.fire(f"stalled:{audience}:{iso(since) if since else 'never'}", alert)
