@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from audience_sync import __version__
 from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
-from audience_sync.daemon.web import render_status_page
+from audience_sync.daemon.web import render_run_page, render_status_page
 from audience_sync.errors import RunInProgress, UnknownAudience
-from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus
+from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus, Outcome
 from audience_sync.store import outbox
 from audience_sync.store import runs as run_store
 from audience_sync.store.reports import audience_views, size_history
@@ -196,11 +197,34 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         page = await _db(lambda: render_page(state, next_runs()))
         return HTMLResponse(page)
 
+    async def run_page(request: Request) -> Response:
+        try:
+            run_id = int(request.path_params["run_id"])
+            limit = _int_param(request, "limit", RUN_PAGE_LIMIT, 1, 100_000)
+        except ValueError as exc:
+            return HTMLResponse(f"<!DOCTYPE html><title>400</title><p>{html.escape(str(exc))}</p>", status_code=400)
+        outcome = request.query_params.get("outcome") or None
+        if outcome is not None and outcome not in tuple(Outcome):
+            return HTMLResponse("<!DOCTYPE html><title>400</title><p>unknown outcome</p>", status_code=400)
+        record = await _db(run_store.get_run, engine, run_id)
+        if record is None:
+            return HTMLResponse(f"<!DOCTYPE html><title>404</title><p>no run with id {run_id}</p>", status_code=404)
+        listed = await _db(run_store.changes, engine, run_id, limit=limit, outcome=outcome)
+        page = render_run_page(
+            run=record.to_json(),
+            changes=[c.to_json() for c in listed],
+            limit=limit,
+            outcome=outcome,
+            version=__version__,
+        )
+        return HTMLResponse(page)
+
     return [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/", status_page),
+        Route("/runs/{run_id}", run_page),
         Route("/api/audiences", audiences),
         Route("/api/audiences/{key}/sync", trigger_sync, methods=["POST"]),
         Route("/api/runs", list_runs),
@@ -209,6 +233,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     ]
 
 
+RUN_PAGE_LIMIT = 1000
+"""Changes a run's page lists by default (``?limit=`` for more, ``?outcome=`` to filter)."""
 DELIVERIES_DEFAULT_LIMIT = 50
 DELIVERIES_MAX_LIMIT = 1000
 
@@ -252,7 +278,7 @@ def delivery_routes(engine: Engine) -> list[BaseRoute]:
 
 def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
     """The status page, from the same JSON objects the admin API serves."""
-    views = audience_views(state.engine, state.audiences, next_runs)
+    views = audience_views(state.engine, state.audiences, next_runs)  # last run: the latest real one
     audiences = [view.to_json() for view in views]
     return render_status_page(
         audiences=audiences,
@@ -264,6 +290,7 @@ def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
         deliveries=state.delivery_counts() if state.delivery_counts else None,
         generated_at=iso(utcnow()),
         version=__version__,
+        stalled={key: iso(since) for key, (since, _gap) in state.scheduler.stalled().items()},
     )
 
 

@@ -277,14 +277,19 @@ def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, RunRecord]:
     return {r.audience: RunRecord.from_row(r) for r in rows}
 
 
-def changes(engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[Change]:
-    """A run's per-member changes in plan order: member key, value sent, outcome, error."""
+def changes(
+    engine: Engine, run_id: int, *, limit: int | None = None, offset: int = 0, outcome: str | None = None
+) -> list[Change]:
+    """A run's per-member changes in plan order (of ``outcome`` only, when given): member key, value
+    sent, outcome, error."""
     query = (
         select(run_changes.c.member, run_changes.c.value, run_changes.c.outcome, run_changes.c.error)
         .where(run_changes.c.run_id == run_id)
         .order_by(run_changes.c.id)
         .offset(offset)
     )
+    if outcome is not None:
+        query = query.where(run_changes.c.outcome == outcome)
     if limit is not None:
         query = query.limit(limit)
     with engine.connect() as conn:
