@@ -150,6 +150,12 @@ def test_the_daemon_alerts_once_per_occurrence_across_a_restart(
     ):
         assert series in metrics, series
     assert "_created" not in metrics and 'status="running"' not in metrics
+    failed_run = receiver.of("failed")[0]["run_id"]
+    page = daemon.http.get("/")
+    assert f'href="runs/{failed_run}"' in page.text or 'href="runs/' in page.text
+    assert 'data-testid="attention-run-broken"' in page.text and 'data-testid="attention-stalled-broken"' in page.text
+    run_page = daemon.http.get(f"/runs/{failed_run}")
+    assert run_page.status_code == 200 and "nowhere" in run_page.text  # the run's error, on its own page
     assert daemon.stop()[0] == 0
 
     again = start_daemon(project, interval="1h")  # no run due for an hour: nothing new happens

@@ -104,3 +104,20 @@ def test_a_quarantine_is_never_silent(project: Project) -> None:
     assert (full["status"], full["quarantined"]) == ("succeeded", 0)
     [delta] = project.cli_json("sync")
     assert (delta["status"], delta["quarantined"], delta["error"]) == ("succeeded", 0, None)
+
+
+def test_a_refused_key_and_an_outage_read_differently(project: Project) -> None:
+    """The run's error gives ODP's own answer and what happens next: a 401 says to check the key, a
+    503 does not."""
+    make_customers(project, range(50))
+    sql_audience(project)
+    project.odp.update(api_key="a-wrong-key")
+    [refused] = project.cli_json("sync", expect=1)
+    assert refused["status"] == "failed" and "(HTTP 401: Unauthorized: ODP refused the API key" in refused["error"]
+    assert "a-wrong-key" not in json.dumps(refused)
+
+    project.odp.update(api_key="test-key")
+    project.emulator.faults(status=503)
+    [down] = project.cli_json("sync", expect=1)
+    assert "(HTTP 503 after 3 attempts)" in down["error"] and "api_key" not in down["error"]
+    assert down["error"].endswith("the next run sends them again")
