@@ -238,6 +238,7 @@ def failure_note(
     rejected: int,
     rejected_message: str | None,
     quarantined: int,
+    in_doubt: int = 0,
 ) -> str | None:
     """A run's ``error`` when ODP did not take everything: what went wrong in ODP's own words (its last
     answer) and what really happens next. None when nothing is left out."""
@@ -245,9 +246,11 @@ def failure_note(
     if failed:
         cause = failed_message or "no answer"
         hint = ": ODP refused the API key, check odp.api_key and odp.region" if cause.startswith(_CREDENTIALS) else ""
+        doubt = (
+            f"; {in_doubt:,} of them may have been applied (no answer came back): they are in doubt" if in_doubt else ""
+        )
         parts.append(
-            f"{failed:,} items were not acknowledged by ODP ({cause}{hint}); they are in doubt and the next "
-            "run sends them again"
+            f"{failed:,} items were not acknowledged by ODP ({cause}{hint}){doubt}; the next run sends them again"
         )
     if rejected:
         parts.append(

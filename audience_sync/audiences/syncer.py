@@ -334,6 +334,7 @@ class Syncer:
             rejected=outcome.rejected,
             rejected_message=outcome.rejected_message,
             quarantined=quarantined,
+            in_doubt=outcome.in_doubt,
         )
         return status, note, counts, settled
 
@@ -375,6 +376,7 @@ class Syncer:
             if report.failed:
                 done.failed += len(report.failed)
                 done.failed_message = report.failed[-1][1]
+                done.in_doubt += len(report.doubtful)
             if report.rejected:
                 done.rejected += len(report.rejected)
                 done.rejected_message = report.rejected[-1][1]
@@ -399,6 +401,7 @@ class _SendOutcome:
 
     sent: int = 0
     failed: int = 0
+    in_doubt: int = 0  # of the failed: the request may have been applied
     rejected: int = 0
     failed_message: str | None = None
     rejected_message: str | None = None

@@ -140,5 +140,6 @@ def audiences(args: argparse.Namespace, config: Config) -> int:
         }
         for o in objects
     ]
-    print(table(rows, ("key", "name", "kind", "delivery", "enabled", "source", "members", "last_run", "next_run")))
+    columns = ("key", "name", "kind", "delivery", "enabled", "source", "members", "in_doubt", "quarantined")
+    print(table(rows, (*columns, "last_run", "next_run")))
     return EXIT_OK

@@ -74,7 +74,8 @@ class _Deadline:
     def _expire(self) -> None:
         log.error(
             "could not stop within server.shutdown_timeout (%gs): exiting now; a run cut short is marked "
-            "interrupted at the next start and what it had not recorded is sent again",
+            "interrupted at the next start and what it had not recorded is sent again (a full or reconcile "
+            "run is resumed as such)",
             self.seconds,
         )
         logging.shutdown()

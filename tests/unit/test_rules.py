@@ -212,7 +212,15 @@ def test_the_failure_note_gives_odps_words_and_what_happens_next() -> None:
     )  # fmt: skip
     assert unauthorized == (
         "752 items were not acknowledged by ODP (HTTP 401: Unauthorized: ODP refused the API key, check "
-        "odp.api_key and odp.region); they are in doubt and the next run sends them again"
+        "odp.api_key and odp.region); the next run sends them again"
+    )
+    timeouts = failure_note(
+        audience="a", run_id=4, failed=3, failed_message="timeout after 2 attempts: ReadTimeout", rejected=0,
+        rejected_message=None, quarantined=0, in_doubt=3,
+    )  # fmt: skip
+    assert timeouts == (
+        "3 items were not acknowledged by ODP (timeout after 2 attempts: ReadTimeout); 3 of them may have been "
+        "applied (no answer came back): they are in doubt; the next run sends them again"
     )
     assert unavailable is not None and "HTTP 503 after 6 attempts" in unavailable and "api_key" not in unavailable
     both = failure_note(
