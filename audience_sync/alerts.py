@@ -291,7 +291,7 @@ class AlertSender:
     """The daemon's thread that sends alerts (every second) and runs ``check`` (every
     ``check_seconds``: the stalled audiences) until ``stop`` is set."""
 
-    def __init__(self, alerts: Alerts, *, check: Callable[[], None] | None = None, check_seconds: float = 30.0) -> None:
+    def __init__(self, alerts: Alerts, *, check: Callable[[], None] | None = None, check_seconds: float = 10.0) -> None:
         self.alerts = alerts
         self.check = check
         self.check_seconds = check_seconds

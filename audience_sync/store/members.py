@@ -265,7 +265,7 @@ class Planning:
             self._conn, run_id=run_id, audience=audience, mode=mode, exit_value=exit_value, dry_run=dry_run
         )
         removals = exited
-        if mode == Mode.RECONCILE and exited:  # re-sending the exit to known non-members removes no one
+        if exited:  # only exits of members ODP holds as in: re-sending an exit, or one in doubt, removes no one
             removals = int(
                 self._conn.execute(
                     text(

@@ -137,7 +137,7 @@ def test_the_daemon_alerts_once_per_occurrence_across_a_restart(
     with_alerts(project, {"url": receiver.url, "format": "json"})
     daemon = start_daemon(project, interval="1s")
     daemons.append(daemon)
-    wait_for(lambda: receiver.of("stalled"), 40, "the stalled alert")
+    wait_for(lambda: receiver.of("stalled"), 60, "the stalled alert")
     ready = daemon.http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
     metrics = daemon.http.get("/metrics").text

@@ -25,7 +25,7 @@ SEED = int(os.environ.get("AUDIENCE_SYNC_KILL_SEED", "20261130"))
 UNIVERSE = 1500  # member ids a trial's source draws from
 LATENCIES_MS = (20, 150, 700)  # the emulator's answer time; 700 ms outlasts the 0.4 s timeout: applied, no answer
 TIMEOUT_SECONDS = 0.4
-SETTLE_SECONDS = 0.9  # longer than the slowest answer: requests of a killed or timed-out sync have landed
+SETTLE_SECONDS = 1.2  # longer than the slowest answer: requests of a killed or timed-out sync have landed
 
 
 def odp_values(project: Project, key: str) -> dict[str, Any]:
@@ -99,7 +99,11 @@ def test_random_kills_never_leave_odp_out_of_step(project: Project) -> None:
     rng = random.Random(SEED + (1 if project.database.kind == "postgresql" else 0))
     project.odp.update(timeout_seconds=TIMEOUT_SECONDS, max_attempts=2, batch_size=50, concurrency=4)
     project.audiences = [
-        {"name": f"Trial {t}", "source": {"type": "sql", "query": f"SELECT user_id, email FROM trial_{t}"}}
+        {
+            "name": f"Trial {t}",
+            "max_exit_ratio": 1.0,  # the churn may remove most of what a killed first run got acknowledged
+            "source": {"type": "sql", "query": f"SELECT user_id, email FROM trial_{t}"},
+        }
         for t in range(TRIALS)
     ]
     kills = 0
