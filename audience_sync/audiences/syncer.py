@@ -192,7 +192,7 @@ class Syncer:
             detail = (
                 run_store.interrupted_note(prepared.mode)
                 if interrupted
-                else f"{type(exc).__name__}: {exc}; the next run sends what was not acknowledged"
+                else f"{type(exc).__name__}: {exc}; {_next_run(prepared.mode)}"
             )
             with contextlib.suppress(Exception):  # what was in flight is in doubt
                 member_store.settle(self.engine, run_id, audience.key, prepared.started, unanswered_in_doubt=True)
@@ -430,6 +430,13 @@ def _acknowledged_ids(report: BatchReport) -> str:
     if isinstance(report.acknowledged, _PendingBatch):
         return report.acknowledged.ids
     return ",".join(str(item.key) for item in report.acknowledged)
+
+
+def _next_run(mode: Mode) -> str:
+    """What the run after one that did not finish does (see :func:`rules.choose_mode`)."""
+    if mode in (Mode.FULL, Mode.RECONCILE):
+        return f"the next run resumes it as a {mode} run"
+    return "the next run sends what was not acknowledged"
 
 
 class _Stopped(Exception):
