@@ -319,16 +319,23 @@ def _acknowledge_sql(conn: Connection) -> str:
     )
 
 
+def _in_doubt(audience: str, where: str) -> str:
+    """SQL leaving the members of the ``run_changes`` rows ``where`` selects in doubt: the value sent and
+    the identifiers it was sent with (so that an exit reaches the same profile). ``audience``: its
+    parameter marker."""
+    return (
+        f"INSERT INTO members (audience, member, {_IDS}, sent) "
+        f"SELECT {audience}, member, {_IDS}, value FROM run_changes WHERE {where} "
+        "ON CONFLICT (audience, member) DO UPDATE SET sent = excluded.sent, "
+        + ", ".join(f"{c} = excluded.{c}" for c in IDENTIFIER_COLUMNS)
+    )
+
+
 def _doubt_sql(conn: Connection) -> str:
     """Members left in doubt by the ``run_changes`` rows of the ids (one parameter, see
     :func:`in_id_list`): the value sent, and the identifiers it was sent with (so an exit reaches the
     same profile). Parameters: audience, the ids."""
-    return (
-        f"INSERT INTO members (audience, member, {_IDS}, sent) "
-        f"SELECT ?, member, {_IDS}, value FROM run_changes WHERE {in_id_list(conn, 'id')} "
-        "ON CONFLICT (audience, member) DO UPDATE SET sent = excluded.sent, "
-        + ", ".join(f"{c} = excluded.{c}" for c in IDENTIFIER_COLUMNS)
-    )
+    return _in_doubt("?", in_id_list(conn, "id"))
 
 
 _COUNT_RUN = (
@@ -490,12 +497,7 @@ _SETTLE = text(
 # identifiers, so that the next run sends the member's current truth (and an exit can reach it).
 # (Failed items that may have been applied are put in doubt as their batch is recorded; an HTTP error
 # answer or a rejection is a known outcome and leaves the member's doubt as it was.)
-_IN_DOUBT = text(
-    f"INSERT INTO members (audience, member, {_IDS}, sent) "
-    f"SELECT :a, member, {_IDS}, value FROM run_changes WHERE run_id = :r AND outcome = '{Outcome.PENDING}' "
-    "ON CONFLICT (audience, member) DO UPDATE SET sent = excluded.sent, "
-    + ", ".join(f"{c} = excluded.{c}" for c in IDENTIFIER_COLUMNS)
-)
+_IN_DOUBT = text(_in_doubt(":a", f"run_id = :r AND outcome = '{Outcome.PENDING}'"))
 
 _NEWLY_QUARANTINED = text(
     "SELECT count(*), max(m.last_error) FROM run_changes c JOIN members m ON m.audience = :a "
