@@ -36,6 +36,7 @@ from audience_sync.realtime.actions import resolve_action
 from audience_sync.realtime.mapping import MappingError, validate_mapping
 from audience_sync.realtime.presets import PRESETS, get_preset
 from audience_sync.realtime.triggers import TriggerError, parse_trigger
+from audience_sync.statuses import ALERT_EVENTS
 from audience_sync.store.engine import url_problem
 
 ENV_PREFIX = "AUDIENCE_SYNC_"
@@ -327,6 +328,33 @@ class RealtimeSettings(_Section):
         return self
 
 
+_LOOPBACK = re.compile(r"^http://(localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::\d+)?(?:/|$)", re.I)
+
+
+class AlertSettings(_Section):
+    """A webhook called when something needs a person (product.md 10). ``url`` is a secret."""
+
+    url: SecretStr
+    format: Literal["slack", "json"] = "slack"
+    on: list[str] = Field(default_factory=lambda: [str(e) for e in ALERT_EVENTS])
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not (url.lower().startswith("https://") or _LOOPBACK.match(url)):
+            raise ValueError("must be an https:// URL, or http:// on a loopback address (the URL is not shown)")
+        return value
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, value: list[str]) -> list[str]:
+        for event in value:
+            if event not in ALERT_EVENTS:
+                raise ValueError(f"{event!r} is not an event (events: {', '.join(ALERT_EVENTS)})")
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with :func:`load_config`."""
 
@@ -346,6 +374,7 @@ class Settings(BaseSettings):
     mappings: list[MappingSettings] = Field(default_factory=list)
     presets: PresetSettings = PresetSettings()
     realtime: RealtimeSettings = RealtimeSettings()
+    alerts: list[AlertSettings] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -360,9 +389,10 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every secret of the configuration, masked by value wherever text leaves the process (see
-        :mod:`audience_sync.masking`): the ODP API key, the admin token, the write keys, and the
-        passwords of the database and source URLs. A new secret setting is added here."""
-        tokens = [self.odp.api_key, self.server.admin_token, *self.server.write_keys]
+        :mod:`audience_sync.masking`): the ODP API key, the admin token, the write keys, the alerts'
+        webhook URLs, and the passwords of the database and source URLs. A new secret setting is added
+        here."""
+        tokens = [self.odp.api_key, self.server.admin_token, *self.server.write_keys, *(a.url for a in self.alerts)]
         values = [token.get_secret_value() for token in tokens if token is not None]
         urls = [self.database.url, *(a.source.url for a in self.audiences)]
         return values + [password for url in urls for password in url_passwords(url)]

@@ -9,7 +9,18 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Final
 
-__all__ = ["ATTENTION", "DELIVERY_STATUSES", "REPLAYABLE", "RUN_STATUSES", "DeliveryStatus", "Outcome", "RunStatus"]
+__all__ = [
+    "ALERT_EVENTS",
+    "ATTENTION",
+    "DELIVERY_STATUSES",
+    "REPLAYABLE",
+    "RUN_STATUSES",
+    "AlertEvent",
+    "AlertStatus",
+    "DeliveryStatus",
+    "Outcome",
+    "RunStatus",
+]
 
 
 class RunStatus(StrEnum):
@@ -57,3 +68,29 @@ DELIVERY_STATUSES: Final = tuple(DeliveryStatus)
 
 REPLAYABLE: Final = (DeliveryStatus.DEAD,)
 """Delivery statuses ``replay`` may queue again."""
+
+
+class AlertEvent(StrEnum):
+    """What an alert is about (``[[alerts]] on``): product.md 10."""
+
+    FAILED = "failed"  # a run failed
+    HELD = "held"  # the circuit breaker held a run
+    PARTIAL = "partial"  # a run ended with items ODP did not acknowledge
+    QUARANTINED = "quarantined"  # members newly quarantined
+    DESTINATION_CHANGED = "destination_changed"  # the destination changed: the next run is full
+    DEAD_DELIVERIES = "dead_deliveries"  # real-time items newly dead
+    STALLED = "stalled"  # no successful run of an audience for three intervals
+    TEST = "test"  # `audience-sync alerts test`
+
+
+ALERT_EVENTS: Final = tuple(e for e in AlertEvent if e != AlertEvent.TEST)
+"""The events an ``[[alerts]]`` entry may subscribe to, in this order (its default: all of them)."""
+
+
+class AlertStatus(StrEnum):
+    """Where an alert stands (``alerts.status``)."""
+
+    PENDING = "pending"  # to be sent, not before its available_at
+    SENDING = "sending"  # claimed by a process until its available_at
+    SENT = "sent"  # the webhook answered 2xx
+    FAILED = "failed"  # given up after its attempts

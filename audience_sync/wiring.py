@@ -15,6 +15,7 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import Engine
 
+from audience_sync.alerts import Alerts, Webhook
 from audience_sync.audiences.rules import Audience, FileSource, Source, SqlSource
 from audience_sync.audiences.syncer import Progress, Syncer
 from audience_sync.config import AudienceSettings, OdpSettings, Settings
@@ -107,8 +108,10 @@ def syncer(
     *,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    alerts: Alerts | None = None,
 ) -> Syncer:
-    """A syncer on the store ``engine`` sending with ``client``; :meth:`Syncer.close` closes the sources."""
+    """A syncer on the store ``engine`` sending with ``client``; :meth:`Syncer.close` closes the sources.
+    Its runs raise ``alerts`` (see :func:`alerts`)."""
     return Syncer(
         engine,
         client,
@@ -117,7 +120,29 @@ def syncer(
         change_log_retention=settings.database.change_log_retention,
         progress=progress,
         should_stop=should_stop,
+        destination=odp_target(settings.odp).destination(),
+        on_started=alerts.run_started if alerts else None,
+        on_finished=alerts.run_finished if alerts else None,
     )
+
+
+# --- alerts -------------------------------------------------------------------------------------------------
+
+
+def webhooks(settings: Settings) -> list[Webhook]:
+    """The ``[[alerts]]`` webhooks, named ``alerts[i]`` (their URL is a secret)."""
+    return [
+        Webhook(f"alerts[{i}]", a.url.get_secret_value(), a.format, frozenset(a.on))
+        for i, a in enumerate(settings.alerts)
+    ]
+
+
+def alerts(
+    settings: Settings, engine: Engine, *, on_outcome: Callable[[str, str], None] | None = None
+) -> Alerts | None:
+    """The alerts of the configuration on the store ``engine`` (None without ``[[alerts]]``)."""
+    hooks = webhooks(settings)
+    return Alerts(engine, hooks, on_outcome=on_outcome) if hooks else None
 
 
 # --- ODP ----------------------------------------------------------------------------------------------------
@@ -143,12 +168,18 @@ def client_options(odp: OdpSettings, base_url: str, api_key: str) -> ClientOptio
 
 
 @contextmanager
-def open_client(odp: OdpSettings, *, transport: httpx.BaseTransport | None = None) -> Iterator[OdpClient]:
+def open_client(
+    odp: OdpSettings,
+    *,
+    transport: httpx.BaseTransport | None = None,
+    on_response: Callable[[str, str], None] | None = None,
+) -> Iterator[OdpClient]:
     """The ODP client of the configuration (its base URL: ``client.options.base_url``), open while the
-    context lasts, with the bundled emulator behind it when no key and no endpoint are set."""
+    context lasts, with the bundled emulator behind it when no key and no endpoint are set.
+    ``on_response(endpoint, code)`` hears of every HTTP request (the metrics)."""
     with (
         reach(odp_target(odp)) as (base_url, token),
-        OdpClient(client_options(odp, base_url, token), transport=transport) as client,
+        OdpClient(client_options(odp, base_url, token), transport=transport, on_response=on_response) as client,
     ):
         yield client
 
@@ -186,10 +217,18 @@ def delivery_worker(
     metrics: RealtimeMetrics | None = None,
     ingest_rate: Callable[[], float] = lambda: 0.0,
     now: Now = utcnow,
+    alerts: Alerts | None = None,
 ) -> DeliveryWorker:
     """The delivery worker of the configuration: the enabled mappings (presets minus
     ``presets.disabled``, then ``[[mappings]]``), batching and retries of ``[odp]`` and ``[realtime]``."""
     router = Router(mappings(settings))
     return DeliveryWorker(
-        engine, client, router, delivery_options(settings), metrics=metrics, ingest_rate=ingest_rate, now=now
+        engine,
+        client,
+        router,
+        delivery_options(settings),
+        metrics=metrics,
+        ingest_rate=ingest_rate,
+        now=now,
+        on_dead=alerts.dead_deliveries if alerts else None,
     )

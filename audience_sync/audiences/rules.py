@@ -241,11 +241,112 @@ def circuit_breaker(
     return BreakerVerdict(False)
 
 
-def final_status(*, sent: int, failed: int) -> RunStatus:
-    """succeeded: nothing left unacknowledged; partial: some sent, some not; failed: none sent."""
+def final_status(*, sent: int, failed: int, quarantined: int = 0) -> RunStatus:
+    """succeeded: every due member acknowledged; partial: some sent, some not, or quarantined members
+    skipped (ODP is out of step for them: never a plain success); failed: items failed, none sent."""
     if failed == 0:
-        return RunStatus.SUCCEEDED
+        return RunStatus.PARTIAL if quarantined else RunStatus.SUCCEEDED
     return RunStatus.PARTIAL if sent > 0 else RunStatus.FAILED
+
+
+_CREDENTIALS = ("HTTP 401", "HTTP 403", "HTTP 407")
+
+
+def failure_note(
+    *,
+    audience: str,
+    run_id: int,
+    failed: int,
+    failed_message: str | None,
+    rejected: int,
+    rejected_message: str | None,
+    quarantined: int,
+    in_doubt: int = 0,
+) -> str | None:
+    """A run's ``error`` when ODP did not take everything: what went wrong in ODP's own words (its last
+    answer) and what really happens next. None when nothing is left out."""
+    parts = []
+    if failed:
+        cause = failed_message or "no answer"
+        hint = ": ODP refused the API key, check odp.api_key and odp.region" if cause.startswith(_CREDENTIALS) else ""
+        doubt = (
+            f"; {in_doubt:,} of them may have been applied (no answer came back): they are in doubt" if in_doubt else ""
+        )
+        parts.append(
+            f"{failed:,} items were not acknowledged by ODP ({cause}{hint}){doubt}; the next run sends them again"
+        )
+    if rejected:
+        parts.append(
+            f"{rejected:,} items were rejected by ODP ({rejected_message or 'no message'}); the next runs send "
+            f"them again and a member rejected in {QUARANTINE_AFTER} runs in a row is quarantined"
+        )
+    if quarantined:
+        parts.append(
+            f"{quarantined:,} quarantined members were not sent (ODP rejected them in {QUARANTINE_AFTER} runs in "
+            f"a row; `show {run_id} --changes` has ODP's message): fix them in the source, then "
+            f"`sync {audience} --full` sends them again"
+        )
+    return "; ".join(parts) or None
+
+
+# --- which mode a run has --------------------------------------------------------------------------------
+
+EMULATOR_DESTINATION = "emulator"
+"""The destination of the bundled emulator (whatever port it runs on)."""
+
+_MODE_RANK = {Mode.INITIAL: 0, Mode.DELTA: 0, Mode.FULL: 1, Mode.RECONCILE: 2}
+
+
+def describe_destination(destination: str | None, other: str | None = None) -> str:
+    """A destination as messages show it: ``emulator`` or its base URL; with the key's fingerprint when
+    ``other`` has the same URL (only the key differs). Never the key itself: it is not in there."""
+    if destination is None:
+        return "not recorded"
+    url, _, key = destination.partition(" key:")
+    if other is not None and other.partition(" key:")[0] == url and key:
+        return f"{url} (key {key})"
+    return url
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """A run's mode, and why when nobody asked for it (None otherwise)."""
+
+    mode: Mode
+    reason: str | None = None
+    destination_changed: bool = False
+
+
+def choose_mode(
+    requested: Mode | None,
+    *,
+    acknowledged: bool,
+    has_state: bool,
+    destination: str | None,
+    recorded_destination: str | None,
+    resume_mode: str | None = None,
+    resume_run: int | None = None,
+) -> ModeChoice:
+    """The mode of a run asked for ``requested`` (None: the default, initial or delta).
+
+    A full or reconcile run that did not finish (``resume_mode``) is resumed in its mode; when the
+    configured ``destination`` differs from the one the audience's state belongs to (and ODP may hold
+    anything of it), the run is at least ``full``, whatever triggered it (product.md 5.5). The larger of
+    the modes wins: reconcile > full > delta.
+    """
+    mode = requested or (Mode.DELTA if acknowledged else Mode.INITIAL)
+    reasons = []
+    if resume_mode in (Mode.FULL, Mode.RECONCILE) and _MODE_RANK[Mode(resume_mode)] > _MODE_RANK[mode]:
+        mode = Mode(resume_mode)
+        reasons.append(f"resumes the interrupted {mode} run {resume_run}")
+    changed = destination is not None and has_state and recorded_destination != destination
+    if changed:
+        if _MODE_RANK[mode] < _MODE_RANK[Mode.FULL]:
+            mode = Mode.FULL
+        old = describe_destination(recorded_destination, destination)
+        new = describe_destination(destination, recorded_destination)
+        reasons.insert(0, f"destination changed ({old} -> {new}): {mode} run")
+    return ModeChoice(mode, "; ".join(reasons) or None, changed)
 
 
 def exit_code(statuses: list[str]) -> int:

@@ -6,6 +6,7 @@ batch right after ODP's 2xx, so a crash at any point loses at most the batches i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -33,6 +34,8 @@ from audience_sync.timestamps import format_duration, iso, utcnow
 
 log = logging.getLogger("audience_sync.sync")
 
+_STOP = "a stop signal"
+"""What stops a run before its end, as its record says."""
 HEARTBEAT_SECONDS = 10.0
 T = TypeVar("T")
 Progress = Callable[[str], None]
@@ -58,6 +61,22 @@ class PreparedRun:
     started: datetime
     mode: Mode
     options: SyncOptions
+    reason: str | None = None
+    destination_changed: bool = False
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """A run as its observers (alerts) see it: its record, whether it began because the destination
+    changed, and the members it quarantined (rejected for the 5th run in a row) with ODP's last message."""
+
+    record: RunRecord
+    destination_changed: bool = False
+    newly_quarantined: int = 0
+    quarantine_error: str | None = None
+
+
+RunObserver = Callable[[RunReport], None]
 
 
 class Syncer:
@@ -74,12 +93,18 @@ class Syncer:
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
         holders: Holders = THIS_PROCESS,
+        destination: str | None = None,
+        on_started: RunObserver | None = None,
+        on_finished: RunObserver | None = None,
     ) -> None:
         """``engine``: the store; ``sources``: the SQL sources' engines (closed by :meth:`close`);
         ``batch_size``: items per request (``odp.batch_size``); ``change_log_retention``: change logs of
         runs finished longer ago are deleted after each run (0: kept); ``progress`` gets status lines;
-        ``should_stop`` tells a run to stop reading and sending (SIGTERM or SIGINT). Its runs are
-        held by one lease holder of ``holders``, released by :meth:`close`."""
+        ``should_stop`` tells a run to stop reading and sending (SIGTERM or SIGINT, the daemon's stop). Its
+        runs are held by one lease holder of ``holders``, released by :meth:`close`. ``destination``: where
+        ``client`` sends (:meth:`Target.destination`); the audiences' state is bound to it, and a change
+        makes the next run full (None: not checked). ``on_started`` / ``on_finished`` see every real
+        run (not dry runs) begin and end; they must not raise."""
         self.engine = engine
         self.client = client
         self.sources = sources
@@ -89,6 +114,9 @@ class Syncer:
         self.should_stop = should_stop or (lambda: False)
         self.owner = holders.new()
         self.holders = holders
+        self.destination = destination
+        self.on_started = on_started
+        self.on_finished = on_finished
 
     def close(self) -> None:
         """Dispose of the sources' engines and give up the lease holder (call it when no run is left)."""
@@ -100,14 +128,56 @@ class Syncer:
         return self.complete(self.begin(audience, options))
 
     def begin(self, audience: Audience, options: SyncOptions = SyncOptions()) -> PreparedRun:
-        """Claim the run (the per-audience lock; the slot of a scheduled run) and record it ``running``."""
-        has_state = member_store.has_acknowledged(self.engine, audience.key)
-        mode = options.mode or (Mode.DELTA if has_state else Mode.INITIAL)
-        run_id, started = run_store.start_run(
-            self.engine, audience=audience.key, mode=mode, trigger=options.trigger, owner=self.owner, slot=options.slot
+        """Claim the run (the per-audience lock; the slot of a scheduled run) and record it ``running``,
+        in the mode it must have (:func:`rules.choose_mode`: a changed destination or an interrupted
+        full run make it full whatever asked for it)."""
+        key = audience.key
+        member_store.register_audience(
+            self.engine, key=key, name=audience.name, kind=audience.kind, delivery=audience.delivery
         )
-        log.info("run %s of %s started (%s, %s)", run_id, audience.key, mode, options.trigger)
-        return PreparedRun(audience, run_id, started, mode, options)
+        state = member_store.audience_state(self.engine, key)
+        choice = rules.choose_mode(
+            options.mode,
+            acknowledged=state.acknowledged,
+            has_state=state.has_state,
+            destination=self.destination,
+            recorded_destination=state.destination,
+            resume_mode=state.resume_mode,
+            resume_run=state.resume_run,
+        )
+        mode = choice.mode
+        run_id, started = run_store.start_run(
+            self.engine,
+            audience=key,
+            mode=mode,
+            trigger=options.trigger,
+            owner=self.owner,
+            slot=options.slot,
+            reason=choice.reason,
+        )
+        if mode in (Mode.FULL, Mode.RECONCILE) and not options.dry_run:
+            member_store.set_resume(self.engine, key, mode, run_id)  # resumed as such if it does not finish
+        fields = {"audience": key, "run_id": run_id, "mode": str(mode), "trigger": str(options.trigger)}
+        log.info("run %s of %s started (%s, %s)", run_id, key, mode, options.trigger, extra=fields)
+        prepared = PreparedRun(audience, run_id, started, mode, options, choice.reason, choice.destination_changed)
+        if choice.reason:
+            log.warning("run %s of %s: %s", run_id, key, choice.reason, extra=fields)
+            if not options.dry_run:
+                self._notify(self.on_started, RunReport(self._record(run_id), choice.destination_changed))
+        return prepared
+
+    def _record(self, run_id: int) -> RunRecord:
+        record = run_store.get_run(self.engine, run_id)
+        assert record is not None
+        return record
+
+    def _notify(self, observer: RunObserver | None, report: RunReport) -> None:
+        if observer is None:
+            return
+        try:
+            observer(report)
+        except Exception:  # an observer (alerts) never fails a run
+            log.exception("run %s of %s: could not notify its observer", report.record.id, report.record.audience)
 
     def complete(self, prepared: PreparedRun) -> RunRecord:
         """Stage, plan, send and record a claimed run; returns its run record."""
@@ -115,30 +185,48 @@ class Syncer:
         beat = Heartbeat(
             lambda: run_store.heartbeat(self.engine, run_id), HEARTBEAT_SECONDS, what=f"the lease of run {run_id}"
         )
+        settled: member_store.Settled | None = None
         try:
             with beat:
-                member_store.register_audience(
-                    self.engine, key=audience.key, name=audience.name, kind=audience.kind, delivery=audience.delivery
-                )
-                status, error, counts = self._run(prepared)
+                status, error, counts, settled = self._run(prepared)
         except Exception as exc:
             # Unforeseen (a driver's error while staging, say): this run fails with the cause; the caller
-            # goes on with its other audiences. What was acknowledged is recorded (at-least-once).
+            # goes on with its other audiences. What was acknowledged is recorded (at-least-once), and
+            # what was in flight is in doubt.
             log.error("run %s of %s failed", run_id, audience.key, exc_info=True)
-            status, error, counts = RunStatus.FAILED, f"{type(exc).__name__}: {first_line(exc)}", {}
+            with contextlib.suppress(Exception):
+                member_store.settle(self.engine, run_id, audience.key, prepared.started, unanswered_in_doubt=True)
+            status = RunStatus.FAILED
+            error, counts = f"{type(exc).__name__}: {first_line(exc)}; {_next_run(prepared.mode)}", {}
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
-            detail = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
+            detail = (
+                run_store.interrupted_note(prepared.mode)
+                if interrupted
+                else f"{type(exc).__name__}: {exc}; {_next_run(prepared.mode)}"
+            )
+            with contextlib.suppress(Exception):  # what was in flight is in doubt
+                member_store.settle(self.engine, run_id, audience.key, prepared.started, unanswered_in_doubt=True)
             run_store.finish_run(
                 self.engine, run_id, RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED, error=detail
             )
             raise
         run_store.finish_run(self.engine, run_id, status, error=error, **counts)
-        record = run_store.get_run(self.engine, run_id)
-        assert record is not None
+        if status != RunStatus.INTERRUPTED and not prepared.options.dry_run:
+            member_store.set_resume(self.engine, audience.key, None, run_id)  # done: nothing to resume
+        record = self._record(run_id)
         self._purge_change_logs(audience.key)
-        log.info(
-            "run %s of %s %s: members=%s entered=%s exited=%s invalid=%s sent=%s failed=%s requests=%s%s",
+        fields = {
+            "audience": audience.key,
+            "run_id": run_id,
+            "mode": str(record.mode),
+            "status": str(record.status),
+            **{name: getattr(record, name) for name in run_store.COUNTERS},
+        }
+        log.log(
+            logging.INFO if record.status in (RunStatus.SUCCEEDED, RunStatus.PLANNED) else logging.WARNING,
+            "run %s of %s %s: members=%s entered=%s exited=%s invalid=%s sent=%s failed=%s quarantined=%s "
+            "requests=%s%s",
             run_id,
             audience.key,
             record.status,
@@ -148,9 +236,29 @@ class Syncer:
             record.invalid,
             record.sent,
             record.failed,
+            record.quarantined,
             record.requests,
             f" error={error}" if error else "",
+            extra=fields,
         )
+        if settled is not None and settled.newly_quarantined:
+            log.warning(
+                "run %s of %s: %s members are now quarantined (rejected by ODP in 5 runs in a row; last: %s); "
+                "delta runs skip them until a full run",
+                run_id,
+                audience.key,
+                settled.newly_quarantined,
+                settled.quarantine_error,
+                extra=fields,
+            )
+        if not prepared.options.dry_run:
+            report = RunReport(
+                record,
+                prepared.destination_changed,
+                settled.newly_quarantined if settled else 0,
+                settled.quarantine_error if settled else None,
+            )
+            self._notify(self.on_finished, report)
         return record
 
     def _purge_change_logs(self, key: str) -> None:
@@ -172,7 +280,7 @@ class Syncer:
                 format_duration(retention),
             )
 
-    def _run(self, prepared: PreparedRun) -> tuple[str, str | None, dict[str, int]]:
+    def _run(self, prepared: PreparedRun) -> tuple[str, str | None, dict[str, int], member_store.Settled | None]:
         audience, run_id, started = prepared.audience, prepared.run_id, prepared.started
         mode, options = prepared.mode, prepared.options
         stats = SourceStats()
@@ -186,41 +294,73 @@ class Syncer:
                 chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
                 members = planning.stage(chunks, staged)
             except SourceError as exc:
-                return RunStatus.FAILED, str(exc), {"members": 0, "invalid": stats.invalid}
+                return RunStatus.FAILED, f"{exc}; nothing was sent", {"members": 0, "invalid": stats.invalid}, None
             except _Stopped:
-                note = "stopped while reading the source (SIGTERM/SIGINT); nothing was sent, the next run starts over"
-                return RunStatus.INTERRUPTED, note, {"members": 0, "invalid": stats.invalid}
+                again = f"as a {mode} run" if mode in (Mode.FULL, Mode.RECONCILE) else "from the start"
+                stopped = f"stopped while reading the source ({_STOP}); nothing was sent, the next run starts {again}"
+                return RunStatus.INTERRUPTED, stopped, {"members": 0, "invalid": stats.invalid}, None
             plan = planning.plan(
                 run_id=run_id, audience=audience.key, mode=mode, exit_value=exit_value, dry_run=options.dry_run
             )
             entered, exited, quarantined = plan.entered, plan.exited, plan.quarantined
-            counts = {"members": members, "entered": entered, "exited": exited, "invalid": stats.invalid}
+            counts = {
+                "members": members,
+                "entered": entered,
+                "exited": exited,
+                "invalid": stats.invalid,
+                "quarantined": quarantined,
+            }
             verdict = rules.circuit_breaker(
-                members=members, exits=exited, acknowledged=plan.acknowledged, max_exit_ratio=audience.max_exit_ratio
+                members=members,
+                exits=plan.removals,
+                acknowledged=plan.acknowledged,
+                max_exit_ratio=audience.max_exit_ratio,
             )
             if verdict.hold and not options.force:
                 planning.hold()
-                return RunStatus.HELD, f"held: {verdict.reason}; run with --force to send", counts
-            planning.commit()
+                held = f"held: {verdict.reason}; nothing was sent, run with --force to send"
+                return RunStatus.HELD, held, counts, None
+            planning.commit(audience=audience.key, destination=None if options.dry_run else self.destination)
         if quarantined:
-            log.warning("%s: %s members are quarantined after repeated rejections", audience.key, quarantined)
-        if options.dry_run:
-            return RunStatus.PLANNED, None, counts
-        run_store.set_counts(self.engine, run_id, **counts)
-        sent, failed, gave_up = self._send(audience, run_id, started, entered + exited - quarantined)
-        if self.should_stop():
-            note = "stopped before it finished (SIGTERM/SIGINT); the next run sends what is left"
-            return RunStatus.INTERRUPTED, note, counts
-        if gave_up is not None:
-            note = (
-                f"{gave_up}. {failed:,} items were not acknowledged and the rest were not sent; the next run sends them"
+            log.warning(
+                "%s: %s due members are quarantined (rejected by ODP in 5 runs in a row) and not sent",
+                audience.key,
+                quarantined,
+                extra={"audience": audience.key, "run_id": run_id, "quarantined": quarantined},
             )
-            return rules.final_status(sent=sent, failed=max(failed, 1)), note, counts
-        return rules.final_status(sent=sent, failed=failed), _failure_note(failed), counts
+        if options.dry_run:
+            return RunStatus.PLANNED, None, counts, None
+        run_store.set_counts(self.engine, run_id, **counts)
+        outcome, settled = self._send(audience, run_id, started, entered + exited - quarantined)
+        if self.should_stop():
+            again = f"resumes it as a {mode} run" if mode in (Mode.FULL, Mode.RECONCILE) else "sends what is left"
+            stopped = f"stopped before it finished ({_STOP}); the next run {again}"
+            return RunStatus.INTERRUPTED, stopped, counts, settled
+        if outcome.gave_up is not None:
+            # odp.max_wait was reached: the rest of the plan was never sent.
+            note = (
+                f"{outcome.gave_up}. {outcome.not_sent:,} items were not acknowledged and the rest were not sent; "
+                "the next run sends them"
+            )
+            return rules.final_status(sent=outcome.sent, failed=max(outcome.not_sent, 1)), note, counts, settled
+        status = rules.final_status(sent=outcome.sent, failed=outcome.not_sent, quarantined=quarantined)
+        failure = rules.failure_note(
+            audience=audience.key,
+            run_id=run_id,
+            failed=outcome.failed,
+            failed_message=outcome.failed_message,
+            rejected=outcome.rejected,
+            rejected_message=outcome.rejected_message,
+            quarantined=quarantined,
+            in_doubt=outcome.in_doubt,
+        )
+        return status, failure, counts, settled
 
-    def _send(self, audience: Audience, run_id: int, started: datetime, total: int) -> tuple[int, int, str | None]:
-        """Send the run's pending changes; returns (items acknowledged, items not, why the client gave up
-        before the end: ``odp.max_wait`` was reached)."""
+    def _send(
+        self, audience: Audience, run_id: int, started: datetime, total: int
+    ) -> tuple[_SendOutcome, member_store.Settled]:
+        """Send the run's pending changes; returns what ODP answered (and why the client gave up before
+        the end, when ``odp.max_wait`` was reached) and what the store settled."""
         key = audience.key
         batches = member_store.pending_batches(
             self.engine,
@@ -231,7 +371,7 @@ class Syncer:
             batch_size=self.batch_size,
         )
 
-        done = {"sent": 0, "failed": 0}
+        done = _SendOutcome()
 
         def record(reports: list[BatchReport]) -> None:
             member_store.record_batch(
@@ -243,6 +383,7 @@ class Syncer:
                 failed=[(i.key, msg) for r in reports for i, msg in r.failed],
                 requests=sum(r.requests for r in reports),
                 now=utcnow(),
+                doubtful=",".join(str(i.key) for r in reports for i in r.doubtful),
             )
 
         # Recording overlaps reading and sending the next batches; the queue is short, so a crash loses at
@@ -251,10 +392,16 @@ class Syncer:
 
         def on_report(report: BatchReport) -> None:
             writer.submit(report)
-            done["sent"] += len(report.acknowledged)
-            done["failed"] += len(report.rejected) + len(report.failed)
-            failed = f", {done['failed']:,} failed" if done["failed"] else ""
-            self.progress(f"{key}: sent {done['sent']:,}/{total:,}{failed}")
+            done.sent += len(report.acknowledged)
+            if report.failed:
+                done.failed += len(report.failed)
+                done.failed_message = report.failed[-1][1]
+                done.in_doubt += len(report.doubtful)
+            if report.rejected:
+                done.rejected += len(report.rejected)
+                done.rejected_message = report.rejected[-1][1]
+            failed = f", {done.not_sent:,} failed" if done.not_sent else ""
+            self.progress(f"{key}: sent {done.sent:,}/{total:,}{failed}")
 
         path = AUDIENCE_ENDPOINTS[audience.delivery]
         try:
@@ -262,8 +409,29 @@ class Syncer:
             totals = self.client.send(path, _prefetched(outbound, depth=4), on_report, should_stop=self.should_stop)
         finally:
             writer.close()  # every acknowledgement is written before the run is recorded
-            member_store.settle_sent(self.engine, run_id, key, started)
-        return done["sent"], done["failed"], totals.gave_up
+        # Not in a finally: if sending raised, complete() settles (best effort) and records the failure.
+        settled = member_store.settle(self.engine, run_id, key, started)
+        done.gave_up = totals.gave_up
+        return done, settled
+
+
+@dataclass
+class _SendOutcome:
+    """What a run's send phase got: items acknowledged, failed (no answer, retries outlasted) and
+    rejected (a 4xx for the item), with ODP's last message of each kind; ``gave_up``: why the client
+    stopped before the end (its waiting reached ``odp.max_wait``)."""
+
+    sent: int = 0
+    failed: int = 0
+    in_doubt: int = 0  # of the failed: the request may have been applied
+    rejected: int = 0
+    failed_message: str | None = None
+    rejected_message: str | None = None
+    gave_up: str | None = None
+
+    @property
+    def not_sent(self) -> int:
+        return self.failed + self.rejected
 
 
 class _PendingBatch(EncodedBatch):
@@ -287,6 +455,13 @@ def _acknowledged_ids(report: BatchReport) -> str:
     return ",".join(str(item.key) for item in report.acknowledged)
 
 
+def _next_run(mode: Mode) -> str:
+    """What the run after one that did not finish does (see :func:`rules.choose_mode`)."""
+    if mode in (Mode.FULL, Mode.RECONCILE):
+        return f"the next run resumes it as a {mode} run"
+    return "the next run sends what was not acknowledged"
+
+
 class _Stopped(Exception):
     """The process is stopping: the source is read no further."""
 
@@ -303,12 +478,6 @@ def _until_stopped(chunks: Iterator[T], should_stop: Callable[[], bool]) -> Iter
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-
-
-def _failure_note(failed: int) -> str | None:
-    if not failed:
-        return None
-    return f"{failed} items were not acknowledged by ODP; the next run sends them again (see show --changes)"
 
 
 def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:

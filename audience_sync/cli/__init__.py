@@ -237,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(**_command("realtime", "deliveries"))
 
     p = sub.add_parser(
+        "alerts",
+        parents=[common, json_flag],
+        help="webhook alerts: send a test event",
+        **_examples("audience-sync alerts test", "audience-sync alerts test --json"),
+    )
+    p.add_argument("action", choices=("test",), help="test: send one test event to every [[alerts]] webhook")
+    p.set_defaults(**_command("alerts", "test"))
+
+    p = sub.add_parser(
         "replay",
         parents=[common, json_flag],
         help="queue dead deliveries again",

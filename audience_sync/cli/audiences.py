@@ -25,6 +25,9 @@ from audience_sync.store.runs import COUNTERS, RunRecord, change_counts, changes
 from audience_sync.timestamps import format_duration, utcnow
 
 SYNC_COLUMNS = ("id", "audience", "mode", "status", *COUNTERS)
+ALERT_DRAIN_SECONDS = 5.0
+"""How long ``sync`` spends sending its alerts at the end; what is left is sent by the daemon or the
+next ``sync``."""
 OUTCOMES = tuple(Outcome)
 HISTORY_COLUMNS = ("id", "audience", "mode", "trigger", "status", "started_at", "duration", *COUNTERS, "error")
 ERROR_WIDTH = 60
@@ -46,9 +49,10 @@ def sync(args: argparse.Namespace, config: Config) -> int:
     progress = Progress(not args.json)
     records: list[RunRecord] = []
     failures: list[str] = []
+    alerts = wiring.alerts(settings, engine)
     try:
         with wiring.open_client(settings.odp) as client, _stop_signals() as stop:
-            syncer = wiring.syncer(settings, engine, client, progress=progress, should_stop=stop.is_set)
+            syncer = wiring.syncer(settings, engine, client, progress=progress, should_stop=stop.is_set, alerts=alerts)
             try:
                 for audience in selected:
                     if stop.is_set():
@@ -65,7 +69,11 @@ def sync(args: argparse.Namespace, config: Config) -> int:
                         progress.done()
             finally:
                 syncer.close()
+        if alerts is not None:  # what the runs raised (and anything left pending), within a few seconds
+            alerts.drain(ALERT_DRAIN_SECONDS)
     finally:
+        if alerts is not None:
+            alerts.close()
         engine.dispose()
     if args.json:
         emit_json([r.to_json() for r in records])
@@ -73,6 +81,8 @@ def sync(args: argparse.Namespace, config: Config) -> int:
         if records:
             print(table([r.to_json() for r in records], SYNC_COLUMNS))
         for record in records:
+            if record.reason:
+                print(f"run {record.id} ({record.audience}): {record.reason}", file=sys.stderr)
             if record.error:
                 print(f"run {record.id} ({record.audience}): {record.error}", file=sys.stderr)
     for failure in failures:
@@ -223,5 +233,6 @@ def audiences(args: argparse.Namespace, config: Config) -> int:
         }
         for o in objects
     ]
-    print(table(rows, ("key", "name", "kind", "delivery", "enabled", "source", "members", "last_run", "next_run")))
+    columns = ("key", "name", "kind", "delivery", "enabled", "source", "members", "in_doubt", "quarantined")
+    print(table(rows, (*columns, "last_run", "next_run")))
     return EXIT_OK

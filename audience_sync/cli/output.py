@@ -14,10 +14,14 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
 
 from audience_sync.errors import AudienceSyncError
 from audience_sync.masking import MaskedStream
+from audience_sync.timestamps import iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
 
@@ -98,13 +102,18 @@ def setup_logging(args: argparse.Namespace, default: int = logging.WARNING) -> N
     logging.getLogger("apscheduler").setLevel(max(level, logging.ERROR))
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
+class _JsonFormatter(JsonFormatter):
+    """One JSON object per line (python-json-logger): ``time`` (ISO 8601 UTC), ``level``, ``logger``,
+    ``message``, then the record's structured fields (``audience``, ``run_id``, ``mode``, ``status``,
+    counts, ``http_status``...), and ``traceback`` for an exception."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger", "exc_info": "traceback"},
+            json_default=str,
         )
+
+    def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_record["time"] = iso(datetime.fromtimestamp(record.created, UTC))
+        super().add_fields(log_record, record, message_dict)

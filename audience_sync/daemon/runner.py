@@ -26,15 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
 from audience_sync import wiring
+from audience_sync.alerts import Alerts, AlertSender, Webhook
 from audience_sync.audiences.rules import Audience
 from audience_sync.audiences.syncer import Syncer
 from audience_sync.config import Config, Settings, keep_restart_only
-from audience_sync.daemon.metrics import RunDurations, register_sync_metrics
+from audience_sync.daemon.metrics import ProcessCounters, RunDurations, register_sync_metrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
 from audience_sync.daemon.slots import Schedule
@@ -46,7 +47,9 @@ from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
 from audience_sync.realtime.ingest import IngestLoad, MessageRows, WriteKeys, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
 from audience_sync.realtime.routing import ResolvedMapping, Router
-from audience_sync.store import outbox
+from audience_sync.store import migrate, outbox
+from audience_sync.store import runs as run_store
+from audience_sync.store.engine import ping
 
 log = logging.getLogger("audience_sync.daemon")
 
@@ -81,7 +84,8 @@ class _Deadline:
     def _expire(self) -> None:
         log.error(
             "could not stop within server.shutdown_timeout (%gs): exiting now; a run cut short is marked "
-            "interrupted at the next start and what it had not recorded is sent again",
+            "interrupted at the next start and what it had not recorded is sent again (a full or reconcile "
+            "run is resumed as such)",
             self.seconds,
         )
         logging.shutdown()
@@ -96,10 +100,13 @@ def run_daemon(config: Config, engine: Engine, load: Callable[[], Config] | None
     stop = threading.Event()
     deadline = _Deadline(settings.server.shutdown_timeout.total_seconds())
     listener = listen(settings.server.host, settings.server.port)
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
+    registry = CollectorRegistry()
+    counters = ProcessCounters(registry)
     try:
         _warn_if_exposed(settings.server.host, settings.server.public_pages)
-        with wiring.open_client(settings.odp) as client:
-            daemon = Daemon.build(settings, engine, client, stop, load=load)
+        with wiring.open_client(settings.odp, on_response=counters.odp_response) as client:
+            daemon = Daemon.build(settings, engine, client, stop, load=load, registry=registry, counters=counters)
             try:
                 return asyncio.run(_serve(settings, daemon, stop, deadline, listener))
             finally:
@@ -166,6 +173,7 @@ class Configured:
     delivery: DeliveryOptions
     write_keys: list[str]
     admin_token: str | None
+    webhooks: list[Webhook]
 
     @classmethod
     def of(cls, settings: Settings) -> Configured:
@@ -180,6 +188,7 @@ class Configured:
             delivery=wiring.delivery_options(settings),
             write_keys=wiring.write_keys(settings),
             admin_token=token.get_secret_value() if token else None,
+            webhooks=wiring.webhooks(settings),
         )
 
     def summary(self) -> str:
@@ -216,6 +225,9 @@ class Daemon:
         base_url: str,
         stop: threading.Event,
         load: Callable[[], Config] | None,
+        alerts: Alerts,
+        sender: AlertSender,
+        delivery: list[threading.Thread],
     ) -> None:
         self.configured = configured
         self.syncer = syncer
@@ -229,6 +241,9 @@ class Daemon:
         self.base_url = base_url
         self.stop = stop
         self.load = load
+        self.alerts = alerts
+        self.sender = sender
+        self.delivery = delivery  # the worker's thread, once started
         self._reloading = asyncio.Lock()
         if load is not None:
             state.reload = self.reload
@@ -242,22 +257,54 @@ class Daemon:
         stop: threading.Event,
         *,
         load: Callable[[], Config] | None = None,
+        registry: CollectorRegistry | None = None,
+        counters: ProcessCounters | None = None,
     ) -> Daemon:
         """The daemon of ``settings`` on the store ``engine``, sending with ``client``; ``stop`` is set
         when it stops (runs and deliveries in flight wind down); ``load`` reads the configuration again
-        (None: no reload)."""
+        (None: no reload). ``registry`` holds the metrics, with this process's ``counters`` (ODP's
+        answers) already in it."""
         configured = Configured.of(settings)
-        registry = CollectorRegistry()
-        syncer = wiring.syncer(settings, engine, client, should_stop=stop.is_set)
+        registry = registry or CollectorRegistry()
+        counters = counters or ProcessCounters(registry)
+        # Always there, with no webhook when [[alerts]] is empty: a reload may add some.
+        alerts = Alerts(engine, configured.webhooks, on_outcome=counters.alert)
+        syncer = wiring.syncer(settings, engine, client, should_stop=stop.is_set, alerts=alerts)
         tracker = RunTracker(syncer, on_finished=RunDurations(registry).observe)
         scheduler = AudienceScheduler(engine, tracker, configured.schedules, lease=settings.schedule.lease, stop=stop)
-        register_sync_metrics(registry, engine, scheduler.next_run_times)
-        counters = register_realtime_metrics(registry, engine)
+        register_sync_metrics(registry, engine, scheduler.next_run_times, scheduler.stalled)
+        realtime = register_realtime_metrics(registry, engine)
         ingest_load = IngestLoad()
         writer = message_writer(engine)
         worker = DeliveryWorker(
-            engine, client, configured.router, configured.delivery, metrics=counters, ingest_rate=ingest_load.rate
+            engine,
+            client,
+            configured.router,
+            configured.delivery,
+            metrics=realtime,
+            ingest_rate=ingest_load.rate,
+            on_dead=alerts.dead_deliveries,
         )
+        sender = AlertSender(alerts, check=functools.partial(_fire_stalled, scheduler, alerts))
+        delivery: list[threading.Thread] = []
+        head = migrate.head_revision()
+
+        def readiness() -> dict[str, str]:
+            checks = {"database": "ok", "migrations": "ok", "scheduler": "ok", "delivery": "ok"}
+            try:
+                ping(engine)
+                current = migrate.current_revision(engine)
+                if current != head:
+                    checks["migrations"] = f"the store is at revision {current}, this version needs {head}"
+            except Exception as exc:
+                checks["database"] = checks["migrations"] = f"unreachable: {type(exc).__name__}"
+            if not scheduler.running:
+                checks["scheduler"] = "not running"
+            if not (delivery and delivery[0].is_alive()):
+                checks["delivery"] = "the delivery worker is not running"
+            checks["alerts"] = "ok" if sender.alive() else "the alert sender is not running"
+            return checks
+
         base_url = client.options.base_url
         state = DaemonState(
             engine,
@@ -269,9 +316,10 @@ class Daemon:
             delivery_counts=functools.partial(outbox.counts, engine),
             mappings=[m.to_json(base_url) for m in configured.mappings],
             public_pages=settings.server.public_pages,
+            readiness=readiness,
         )
         keys = WriteKeys(configured.write_keys)
-        app = create_app(state, ingest_routes(writer, keys, counters, ingest_load))
+        app = create_app(state, ingest_routes(writer, keys, realtime, ingest_load))
         return cls(
             configured,
             syncer=syncer,
@@ -285,15 +333,20 @@ class Daemon:
             base_url=base_url,
             stop=stop,
             load=load,
+            alerts=alerts,
+            sender=sender,
+            delivery=delivery,
         )
 
     def apply(self, configured: Configured) -> None:
         """Swap ``configured``'s pieces in, each in one assignment (on the event loop, so no request or
-        tick sees half of one): the scheduler's plan, the worker's router and options, the write keys,
+        tick sees half of one): the scheduler's plan, the worker's router and options, the write keys, the
+        alerts' webhooks,
         what the admin API and the page show, the admin token."""
         self.scheduler.reschedule(configured.schedules, lease=configured.settings.schedule.lease)
         self.worker.reconfigure(configured.router, configured.delivery)
         self.keys.replace(configured.write_keys)
+        self.alerts.replace(configured.webhooks)
         self.state.configure(
             audiences=configured.audiences,
             mappings=[m.to_json(self.base_url) for m in configured.mappings],
@@ -350,6 +403,15 @@ class Daemon:
         finally:
             self.worker.close()
             self.syncer.close()
+            self.alerts.close()
+
+
+def _fire_stalled(scheduler: AudienceScheduler, alerts: Alerts) -> None:
+    """Raise the ``stalled`` alert of every stalled audience (once per stall: keyed by when it last moved)."""
+    latest = run_store.latest_runs(scheduler.engine, list(scheduler.audiences))
+    for key, (since, gap) in scheduler.stalled().items():
+        last = latest.get(key)
+        alerts.stalled(key, since, gap, last.id if last else None)
 
 
 async def _serve(
@@ -385,6 +447,9 @@ async def _serve(
     daemon.scheduler.start()
     delivery = threading.Thread(target=daemon.worker.run, args=(stop,), name="delivery-worker", daemon=True)
     delivery.start()
+    daemon.delivery.append(delivery)
+    if daemon.sender is not None:
+        daemon.sender.start(stop)
 
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from audience_sync.audiences.rules import Audience, Trigger
 from audience_sync.audiences.syncer import PreparedRun, Syncer, SyncOptions
-from audience_sync.daemon.slots import Schedule, next_due
+from audience_sync.daemon.slots import Schedule, expected_gap, next_due, stalled_since
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.store import runs as run_store
 from audience_sync.store.runs import RunRecord
@@ -168,6 +168,27 @@ class AudienceScheduler:
             due = next_due(key, schedule, latest.get(key), now)
             if due is not None:
                 out[key] = due.at
+        return out
+
+    @property
+    def running(self) -> bool:
+        """Whether the scheduler ticks (readiness)."""
+        return bool(self._scheduler.running)
+
+    def stalled(self) -> dict[str, tuple[datetime, timedelta]]:
+        """The enabled audiences no run of which sent anything for three of their intervals: when each
+        last moved, and its interval (blocking: reads the database)."""
+        plan = self.plan  # one plan throughout, whatever a reload does meanwhile
+        marks = run_store.progress_marks(self.engine, list(plan))
+        now = utcnow()
+        out: dict[str, tuple[datetime, timedelta]] = {}
+        for key, (moved, first) in marks.items():
+            if key not in plan:
+                continue
+            schedule = plan[key][1]
+            since = stalled_since(schedule, moved, first, now)
+            if since is not None:
+                out[key] = (since, expected_gap(schedule, since))
         return out
 
     async def _check_leases(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from audience_sync import __version__
 from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
-from audience_sync.daemon.web import render_status_page
+from audience_sync.daemon.web import render_run_page, render_status_page
 from audience_sync.errors import ConfigError, RunInProgress, UnknownAudience
 from audience_sync.masking import SECRETS, Secrets
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus, Outcome
@@ -42,7 +43,8 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 PUBLIC_PAGES = ("/", "/metrics")
-"""What ``server.public_pages = false`` puts behind the admin token (``/healthz`` never is)."""
+"""What ``server.public_pages = false`` puts behind the admin token, with every run's page under
+``/runs/`` (``/healthz`` and ``/readyz`` never are)."""
 
 
 class AdminAuth:
@@ -56,7 +58,9 @@ class AdminAuth:
         self.public_pages = public_pages
 
     def _protected(self, path: str) -> bool:
-        return path.startswith("/api/") or (not self.public_pages() and path in PUBLIC_PAGES)
+        if path.startswith("/api/"):
+            return True
+        return not self.public_pages() and (path in PUBLIC_PAGES or path.startswith("/runs/"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._protected(scope["path"]):
@@ -148,6 +152,9 @@ class DaemonState:
         self.admin_token = admin_token
         self.public_pages = public_pages
 
+    readiness: Callable[[], dict[str, str]] | None = None
+    """Each part of the daemon ``/readyz`` checks: "ok", or what fails (blocking)."""
+
 
 def _int_param(request: Request, name: str, default: int, low: int = 0, high: int = 10_000) -> int:
     raw = request.query_params.get(name)
@@ -171,6 +178,13 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        checks = await _db(state.readiness) if state.readiness else {"database": "ok"}
+        failing = sorted(part for part, result in checks.items() if result != "ok")
+        if failing:
+            return JSONResponse({"status": "unavailable", "failing": failing, "checks": checks}, status_code=503)
+        return JSONResponse({"status": "ready", "checks": checks})
 
     async def metrics(request: Request) -> Response:
         body = await _db(generate_latest, state.registry)
@@ -276,10 +290,34 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         page = await _db(lambda: render_page(state, next_runs()))
         return HTMLResponse(page)
 
+    async def run_page(request: Request) -> Response:
+        try:
+            run_id = int(request.path_params["run_id"])
+            limit = _int_param(request, "limit", RUN_PAGE_LIMIT, 1, 100_000)
+        except ValueError as exc:
+            return HTMLResponse(f"<!DOCTYPE html><title>400</title><p>{html.escape(str(exc))}</p>", status_code=400)
+        outcome = request.query_params.get("outcome") or None
+        if outcome is not None and outcome not in tuple(Outcome):
+            return HTMLResponse("<!DOCTYPE html><title>400</title><p>unknown outcome</p>", status_code=400)
+        record = await _db(run_store.get_run, engine, run_id)
+        if record is None:
+            return HTMLResponse(f"<!DOCTYPE html><title>404</title><p>no run with id {run_id}</p>", status_code=404)
+        listed = await _db(run_store.changes, engine, run_id, limit=limit, outcome=outcome)
+        page = render_run_page(
+            run=record.to_json(),
+            changes=[c.to_json() for c in listed],
+            limit=limit,
+            outcome=outcome,
+            version=__version__,
+        )
+        return HTMLResponse(page)
+
     return [
         Route("/healthz", healthz),
+        Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/", status_page),
+        Route("/runs/{run_id}", run_page),
         Route("/api/audiences", audiences),
         Route("/api/audiences/{key}/sync", trigger_sync, methods=["POST"]),
         Route("/api/runs", list_runs),
@@ -290,6 +328,8 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     ]
 
 
+RUN_PAGE_LIMIT = 1000
+"""Changes a run's page lists by default (``?limit=`` for more, ``?outcome=`` to filter)."""
 DELIVERIES_DEFAULT_LIMIT = 50
 DELIVERIES_MAX_LIMIT = 1000
 
@@ -333,7 +373,7 @@ def delivery_routes(engine: Engine) -> list[BaseRoute]:
 
 def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
     """The status page, from the same JSON objects the admin API serves."""
-    views = audience_views(state.engine, state.audiences, next_runs)
+    views = audience_views(state.engine, state.audiences, next_runs)  # last run: the latest real one
     audiences = [view.to_json() for view in views]
     return render_status_page(
         audiences=audiences,
@@ -345,6 +385,7 @@ def render_page(state: DaemonState, next_runs: dict[str, datetime]) -> str:
         deliveries=state.delivery_counts() if state.delivery_counts else None,
         generated_at=iso(utcnow()),
         version=__version__,
+        stalled={key: iso(since) for key, (since, _gap) in state.scheduler.stalled().items()},
     )
 
 

@@ -95,3 +95,27 @@ def next_due(audience: str, schedule: Schedule, last: PastRun | None, now: datet
         slot = last.started_at + schedule.interval
         at = slot + jitter_for(audience, slot, schedule.jitter)
     return Due(slot, max(at, now))
+
+
+STALLED_AFTER = 3
+"""An audience is stalled when no run of it sent anything for this many of its intervals."""
+
+
+def expected_gap(schedule: Schedule, after: datetime) -> timedelta:
+    """The longest gap the schedule leaves between runs after ``after``: interval + jitter, or the
+    gap between the next two cron times."""
+    if schedule.cron:
+        first = next_cron_time(schedule.cron, after)
+        return next_cron_time(schedule.cron, first) - first
+    return schedule.interval + schedule.jitter
+
+
+def stalled_since(
+    schedule: Schedule, last_moved: datetime | None, first_run: datetime | None, now: datetime
+) -> datetime | None:
+    """When a stalled audience last moved (its last run that sent, succeeded or partial; else its first
+    run's start), or None while it is not stalled: not for :data:`STALLED_AFTER` times its gap."""
+    since = last_moved or first_run
+    if since is None:
+        return None
+    return since if now - since > STALLED_AFTER * expected_gap(schedule, since) else None

@@ -21,7 +21,7 @@ from typing import Any
 from audience_sync.statuses import ATTENTION, DELIVERY_STATUSES, DeliveryStatus, RunStatus
 from audience_sync.timestamps import as_utc, parse_iso
 
-__all__ = ["HIGHLIGHTED_STATUSES", "render_status_page"]
+__all__ = ["HIGHLIGHTED_STATUSES", "attention_items", "render_run_page", "render_status_page"]
 
 PRODUCT = "audience-sync"
 REFRESH_SECONDS = 30
@@ -177,19 +177,103 @@ def _header(version: str, generated_at: str) -> str:
     )
 
 
+def attention_items(
+    audiences: Sequence[Mapping[str, Any]],
+    deliveries: Mapping[str, int] | None,
+    stalled: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """What needs a person now (not what once did): each audience whose latest real run failed, is
+    partial, held or interrupted (with its error, in ODP's words), its members in doubt or quarantined,
+    a stalled audience (``stalled``: audience key -> since when, ISO), and dead deliveries. Each item:
+    ``{"kind", "audience", "run_id", "message"}``."""
+    items: list[dict[str, Any]] = []
+    for audience in audiences:
+        key = str(audience.get("key"))
+        last = audience.get("last_run")
+        if isinstance(last, Mapping) and str(last.get("status")) in HIGHLIGHTED_STATUSES:
+            error = last.get("error") or ""
+            message = f"run {last.get('id')} {last.get('status')}" + (f": {error}" if error else "")
+            items.append({"kind": "run", "audience": key, "run_id": last.get("id"), "message": message})
+        doubt = _int(audience.get("in_doubt")) or 0
+        if doubt:
+            items.append(
+                {
+                    "kind": "in_doubt",
+                    "audience": key,
+                    "run_id": None,
+                    "message": f"{doubt:,} members in doubt: sent without an answer; the next run sends them again",
+                }
+            )
+        quarantined = _int(audience.get("quarantined")) or 0
+        if quarantined:
+            items.append(
+                {
+                    "kind": "quarantined",
+                    "audience": key,
+                    "run_id": None,
+                    "message": f"{quarantined:,} members quarantined: ODP rejected them in 5 runs in a row "
+                    f"(its message: `show --changes` of the last run); fix the source, then `sync {key} --full`",
+                }
+            )
+        if stalled and key in stalled:
+            since = _fmt_time(stalled[key])
+            items.append(
+                {
+                    "kind": "stalled",
+                    "audience": key,
+                    "run_id": None,
+                    "message": f"stalled: no run sent anything since {since}, more than three intervals",
+                }
+            )
+    dead = _int((deliveries or {}).get(DeliveryStatus.DEAD)) or 0
+    if dead:
+        items.append(
+            {
+                "kind": "dead",
+                "audience": None,
+                "run_id": None,
+                "message": f"{dead:,} dead deliveries: ODP rejected them for good; fix the cause, then "
+                "`audience-sync replay --dead`",
+            }
+        )
+    return items
+
+
+def _run_link(run_id: Any) -> str:
+    """A run's id, linked to its page (relative: the page works behind a path prefix)."""
+    number = _int(run_id)
+    return f'<a href="runs/{number}">{number}</a>' if number is not None else _e(run_id)
+
+
+def _attention_section(items: Sequence[Mapping[str, Any]]) -> str:
+    head = _section_head("attention", f'Needs attention <span class="count">({len(items)})</span>')
+    if not items:
+        return head + '<p class="calm" data-testid="attention-none">Nothing needs attention.</p></section>'
+    rows = []
+    for item in items:
+        audience = item.get("audience")
+        what = f'<code class="key">{_e(audience)}</code>' if audience else "real-time"
+        run = f" · run {_run_link(item['run_id'])}" if item.get("run_id") is not None else ""
+        rows.append(
+            f'<li data-testid="attention-{_e(item.get("kind"))}-{_e(audience or "realtime")}">'
+            f'<span class="what">{what}{run}</span>{_e(item.get("message"))}</li>'
+        )
+    return head + '<ul class="attention" data-testid="attention">' + "".join(rows) + "</ul></section>"
+
+
 def _summary(
     audiences: Sequence[Mapping[str, Any]],
     runs: Sequence[Mapping[str, Any]],
     deliveries: Mapping[str, int] | None,
+    attention: int,
 ) -> str:
     members = sum(_int(a.get("members")) or 0 for a in audiences)
-    attention = sum(1 for r in runs if str(r.get("status")) in HIGHLIGHTED_STATUSES)
     running = sum(1 for r in runs if r.get("status") == RunStatus.RUNNING)
     cards = [
         ("Audiences", f"{len(audiences):,}", False, "summary-audiences"),
         ("Members (acknowledged)", f"{members:,}", False, "summary-members"),
         ("Running", f"{running:,}", False, "summary-running"),
-        ("Recent runs needing attention", f"{attention:,}", attention > 0, "summary-attention"),
+        ("Needs attention", f"{attention:,}", attention > 0, "summary-attention"),
     ]
     if deliveries is not None:
         pending = _int(deliveries.get(DeliveryStatus.PENDING)) or 0
@@ -227,7 +311,7 @@ def _audiences_section(audiences: Sequence[Mapping[str, Any]], now: datetime | N
             name_html += '<span class="badge disabled">disabled</span>'
         if isinstance(last, Mapping):
             last_cells = (
-                f'<td class="num">{_e(last.get("id"))}</td>'
+                f'<td class="num">{_run_link(last.get("id"))}</td>'
                 f"<td>{_badge(last.get('status'))}</td>"
                 f"{_time_cell(last.get('started_at'), now)}"
             )
@@ -247,7 +331,7 @@ def _audiences_section(audiences: Sequence[Mapping[str, Any]], now: datetime | N
             f'<td><code class="key">{_e(key)}</code></td>'
             f"<td>{_e(audience.get('kind'))}</td>"
             f"<td>{_e(source_type)}</td>"
-            f"{_num_cell(audience.get('members'))}"
+            f"{_audience_members_cell(audience)}"
             f"{last_cells}{next_cell}</tr>"
         )
     table = (
@@ -259,6 +343,16 @@ def _audiences_section(audiences: Sequence[Mapping[str, Any]], now: datetime | N
         "<tbody>" + "".join(rows) + "</tbody></table></div>"
     )
     return head + table + "</section>"
+
+
+def _audience_members_cell(audience: Mapping[str, Any]) -> str:
+    """Members acknowledged, with those in doubt and quarantined noted under it when there are any."""
+    notes = [
+        f'<span class="rel">{n:,} {label}</span>'
+        for field, label in (("in_doubt", "in doubt"), ("quarantined", "quarantined"))
+        if (n := _int(audience.get(field)) or 0) > 0
+    ]
+    return f'<td class="num">{_fmt_int(audience.get("members"))}{"".join(notes)}</td>'
 
 
 def _chart(key: str, points: Sequence[tuple[str, int]]) -> str:
@@ -409,14 +503,17 @@ def _runs_section(runs: Sequence[Mapping[str, Any]], names: Mapping[str, str], n
             audience_html = f"{_e(name)}<br>{audience_html}"
         rows.append(
             f'<tr class="{_status_class(run.get("status"))}" data-testid="run-{_e(run.get("id"))}">'
-            f'<td class="num">{_e(run.get("id"))}</td>'
+            f'<td class="num">{_run_link(run.get("id"))}</td>'
             f'<td class="audience">{audience_html}</td>'
             f'<td>{_e(run.get("mode"))}<span class="sub">{_e(run.get("trigger"))}</span></td>'
             f"<td>{_badge(run.get('status'))}</td>"
             f"{_time_cell(run.get('started_at'), now)}"
             f"{_duration_cell(run, now)}"
             + _members_cell(run)
-            + "".join(_num_cell(run.get(field)) for field in ("entered", "exited", "sent", "failed", "requests"))
+            + "".join(
+                _num_cell(run.get(field))
+                for field in ("entered", "exited", "sent", "failed", "quarantined", "requests")
+            )
             + f"{_error_cell(run.get('error'))}</tr>"
         )
     table = (
@@ -425,7 +522,8 @@ def _runs_section(runs: Sequence[Mapping[str, Any]], names: Mapping[str, str], n
         f"<th>Status</th><th>Started {UTC_UNIT}</th>"
         '<th class="num">Duration</th><th class="num">Members</th><th class="num">Entered</th>'
         '<th class="num">Exited</th><th class="num">Sent</th>'
-        '<th class="num">Failed</th><th class="num">Requests</th><th>Error</th></tr></thead>'
+        '<th class="num">Failed</th><th class="num">Quarantined</th><th class="num">Requests</th>'
+        "<th>Error</th></tr></thead>"
         "<tbody>" + "".join(rows) + "</tbody></table></div>"
     )
     return head + table + "</section>"
@@ -466,19 +564,23 @@ def render_status_page(
     deliveries: Mapping[str, int] | None,
     generated_at: str,
     version: str,
+    stalled: Mapping[str, Any] | None = None,
 ) -> str:
     """The status page as one self-contained HTML5 document.
 
     ``audiences`` are ``audiences --json`` objects, ``runs`` recent run records newest first,
     ``history`` per audience key the ``(ISO time, members)`` points oldest first, ``deliveries`` the
-    real-time backlog by status (None when the real-time path is off).
+    real-time backlog by status (None when the real-time path is off), ``stalled`` the stalled
+    audiences (key -> since when, ISO). What needs attention is the current state (:func:`attention_items`).
     """
     now = _parse_time(generated_at)
     names = {str(a.get("key")): str(a.get("name") or a.get("key")) for a in audiences}
+    attention = attention_items(audiences, deliveries, stalled)
     body = [
         _header(version, generated_at),
         "<main>",
-        _summary(audiences, runs, deliveries),
+        _summary(audiences, runs, deliveries, len(attention)),
+        _attention_section(attention),
         _audiences_section(audiences, now),
         _charts_section(audiences, history),
         _runs_section(runs, names, now),
@@ -498,4 +600,50 @@ def render_status_page(
         f"<title>{PRODUCT} status</title>\n"
         f"<style>{CSS}</style>\n"
         "</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+
+
+RUN_PAGE_FIELDS = (
+    "audience", "mode", "trigger", "status", "started_at", "finished_at", "members", "entered", "exited",
+    "invalid", "sent", "failed", "quarantined", "requests", "reason", "error",
+)  # fmt: skip
+
+
+def render_run_page(
+    *, run: Mapping[str, Any], changes: Sequence[Mapping[str, Any]], limit: int, outcome: str | None, version: str
+) -> str:
+    """One run's page (``GET /runs/{id}``): its record and its per-member changes (the first ``limit``,
+    of ``outcome`` only when given), each with ODP's message. Self-contained like the status page."""
+    run_id = _e(run.get("id"))
+    record = "".join(
+        f"<dt>{_e(name)}</dt><dd>{_e(run.get(name)) if run.get(name) is not None else '—'}</dd>"
+        for name in RUN_PAGE_FIELDS
+    )
+    rows = "".join(
+        f'<tr class="{_status_class(c.get("outcome"))}"><td><code class="key">{_e(c.get("member"))}</code></td>'
+        f"<td><code>{_e(c.get('value'))}</code></td><td>{_badge(c.get('outcome'))}</td>"
+        f"{_error_cell(c.get('error'))}</tr>"
+        for c in changes
+    )
+    shown = f"first {limit:,}" if len(changes) >= limit else f"{len(changes):,}"
+    which = f" with outcome {_e(outcome)}" if outcome else ""
+    table = (
+        '<div class="table-wrap"><table data-testid="changes"><thead><tr><th>Member</th><th>Value</th>'
+        "<th>Outcome</th><th>Error</th></tr></thead><tbody>" + rows + "</tbody></table></div>"
+        if changes
+        else '<p class="empty" data-testid="changes-empty">No changes (or their log is past '
+        "database.change_log_retention).</p>"
+    )
+    body = (
+        f'<header class="page" data-testid="header"><h1>{PRODUCT}: run {run_id}</h1>'
+        f'<span class="meta"><a href="../">the status page</a> · version {_e(version)}</span></header><main>'
+        f'<section data-testid="run-record"><h2>Run {run_id} {_badge(run.get("status"))}</h2>'
+        f'<dl class="record">{record}</dl></section>'
+        f'<section data-testid="run-changes"><h2>Changes <span class="count">({shown}{which})</span></h2>'
+        f"{table}</section></main>"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{PRODUCT}: run {run_id}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
     )

@@ -68,6 +68,8 @@ MESSAGE_LIMIT = 500
 _RETRYABLE_STATUSES = frozenset({408, 423, 429})
 _CREDENTIAL_STATUSES = frozenset({401, 403, 407})
 _STOP_POLL_SECONDS = 0.1
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""Transport errors raised before the request left: ODP cannot have applied it."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,9 @@ class BatchReport:
     rejected: list[tuple[OutboundItem, str]] = field(default_factory=list)
     failed: list[tuple[OutboundItem, str]] = field(default_factory=list)
     requests: int = 0
+    doubtful: list[OutboundItem] = field(default_factory=list)
+    """The failed items ODP may have applied all the same: an attempt timed out or lost its connection
+    after the request went out (a refused connection or an HTTP error answer is not doubtful)."""
 
 
 @dataclass
@@ -298,6 +303,7 @@ class _WaitBudget:
 class _Outcome:
     kind: str  # "ok" | "rejected" | "failed"
     message: str = ""
+    doubt: bool = False  # failed, and ODP may have applied it (an attempt timed out or lost its connection)
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -314,8 +320,13 @@ class OdpClient:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_response: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_response(endpoint, code)`` is called for every HTTP request made: the endpoint's last
+        path segment (``batch_upsert_contact``) and the status code, or ``timeout`` /
+        ``connection_error`` (the metrics count ODP's answers with it)."""
         self.options = options
+        self._on_response = on_response
         self._base_url = options.base_url.rstrip("/")
         self._secret = options.api_key
         self._sleep = sleep
@@ -485,6 +496,8 @@ class OdpClient:
             report.acknowledged = [*report.acknowledged, *items] if report.acknowledged else items
         elif outcome.kind == "failed":
             report.failed.extend((item, outcome.message) for item in items)
+            if outcome.doubt:
+                report.doubtful.extend(items)
         elif len(items) == 1:
             report.rejected.append((items[0], outcome.message))
         else:
@@ -511,16 +524,20 @@ class OdpClient:
         waited_pause = 0.0
         first = True
         last = ""  # what the previous try ended with, for "stopped after ..." messages
+        doubt = False  # an attempt may have reached ODP without its answer reaching us
+        endpoint = url.rsplit("/", 1)[-1]
 
         def waiter(seconds: float) -> bool:
             return self._wait(seconds, stop)
 
         while True:
             if not first and stop.is_set():
-                return _Outcome("failed", f"stopped after {last}")
+                return _Outcome("failed", doubt=doubt, message=f"stopped after {last}")
             acquired = self._pacer.acquire(waiter, waited_pause)
             if acquired is None:
-                return _Outcome("failed", f"stopped after {last}" if not first else "stopped before sending")
+                return _Outcome(
+                    "failed", doubt=doubt, message=f"stopped after {last}" if not first else "stopped before sending"
+                )
             waited_pause = acquired
             first = False
             report.requests += 1
@@ -531,10 +548,16 @@ class OdpClient:
             except httpx.TransportError as exc:
                 attempts += 1
                 kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
+                self._observe(endpoint, kind.replace(" ", "_"))
+                doubt = doubt or not isinstance(exc, _NOT_SENT)
                 detail = self._describe(exc)
                 last = f"{kind} ({_plural(attempts, 'attempt')})"
                 if attempts >= opts.max_attempts:
-                    return _Outcome("failed", self._redact(f"{kind} after {_plural(attempts, 'attempt')}: {detail}"))
+                    return _Outcome(
+                        "failed",
+                        doubt=doubt,
+                        message=self._redact(f"{kind} after {_plural(attempts, 'attempt')}: {detail}"),
+                    )
                 delay = self._backoff(attempts)
                 answer = self._redact(f"{kind}: {detail}")
                 log.debug(
@@ -548,13 +571,14 @@ class OdpClient:
                 )
             else:
                 status = response.status_code
+                self._observe(endpoint, str(status))
                 if 200 <= status < 300:
                     return _Outcome("ok")
                 if status not in _RETRYABLE_STATUSES and not (500 <= status < 600 and status != 501):
                     message = self._status_message(response)
                     if status in _CREDENTIAL_STATUSES:
-                        log.warning("ODP %s: %s (credentials rejected)", shown, message)
-                        return _Outcome("failed", message)
+                        log.warning("ODP %s: %s (credentials rejected)", shown, message, extra={"http_status": status})
+                        return _Outcome("failed", doubt=doubt, message=message)
                     return _Outcome("rejected", message)
                 answer = self._status_message(response)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -564,18 +588,19 @@ class OdpClient:
                         f"{opts.max_retry_after_seconds:.0f}s limit"
                     )
                     log.warning("ODP %s: %s", shown, message)
-                    return _Outcome("failed", message)
+                    return _Outcome("failed", doubt=doubt, message=message)
                 if status == 429:
                     rate_limit_waits += 1
                     last = f"HTTP 429 ({_plural(rate_limit_waits, 'rate-limit wait')})"
                     if rate_limit_waits > opts.max_rate_limit_waits:
                         return _Outcome(
                             "failed",
-                            f"HTTP 429 after {_plural(opts.max_rate_limit_waits, 'rate-limit wait')}",
+                            doubt=doubt,
+                            message=f"HTTP 429 after {_plural(opts.max_rate_limit_waits, 'rate-limit wait')}",
                         )
                     delay = retry_after if retry_after else self._backoff(rate_limit_waits)
                     if not budget.take(delay):
-                        return self._give_up(budget, answer, stop)
+                        return self._give_up(budget, answer, stop, doubt)
                     counted = True
                     # A rate limit is client-wide: every thread's next request waits for the pause.
                     waited_pause = self._pacer.pause(delay)
@@ -596,8 +621,11 @@ class OdpClient:
                             status,
                             _plural(attempts, "attempt"),
                             self._response_detail(response),
+                            extra={"http_status": status},
                         )
-                        return _Outcome("failed", f"HTTP {status} after {_plural(attempts, 'attempt')}")
+                        return _Outcome(
+                            "failed", doubt=doubt, message=f"HTTP {status} after {_plural(attempts, 'attempt')}"
+                        )
                     delay = self._backoff(attempts)
                     if retry_after is not None:
                         delay = max(delay, retry_after)
@@ -610,19 +638,27 @@ class OdpClient:
                         delay,
                     )
             if stop.is_set():
-                return _Outcome("failed", f"stopped after {last}")
+                return _Outcome("failed", doubt=doubt, message=f"stopped after {last}")
             if not counted and delay > 0 and not budget.take(delay):
-                return self._give_up(budget, answer, stop)
+                return self._give_up(budget, answer, stop, doubt)
             if delay > 0 and not waiter(delay):
-                return _Outcome("failed", f"stopped after {last}")
+                return _Outcome("failed", doubt=doubt, message=f"stopped after {last}")
+
+    def _observe(self, endpoint: str, code: str) -> None:
+        if self._on_response is not None:
+            try:
+                self._on_response(endpoint, code)
+            except Exception:  # counting never fails a request
+                log.debug("on_response failed", exc_info=True)
 
     @staticmethod
-    def _give_up(budget: _WaitBudget, answer: str, stop: threading.Event) -> _Outcome:
-        """The send's waiting is used up: this request fails with why, and the send stops."""
+    def _give_up(budget: _WaitBudget, answer: str, stop: threading.Event, doubt: bool) -> _Outcome:
+        """The send's waiting is used up: this request fails with why (in doubt when an earlier attempt
+        lost its answer), and the send stops."""
         message = budget.give_up(answer)
         stop.set()
         log.warning("%s", message)
-        return _Outcome("failed", message)
+        return _Outcome("failed", message, doubt=doubt)
 
     def _backoff(self, attempt: int) -> float:
         opts = self.options

@@ -6,11 +6,13 @@ The one place that picks the target: every client (the daemon's, ``sync``'s, ``c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from audience_sync.audiences.rules import EMULATOR_DESTINATION
 from audience_sync.local_server import serve_in_thread
 from audience_sync.odp.regions import BASE_PATH, base_url
 
@@ -40,6 +42,22 @@ class Target:
     def describe(self) -> str:
         """The base URL, or ``bundled emulator`` (its port is only known once it runs)."""
         return self.base_url or "bundled emulator"
+
+    def destination(self) -> str:
+        """Whose acknowledgements the store keeps (product.md 5.5): ``emulator`` for the bundled one
+        (whatever its port), else the base URL and a fingerprint of the key (``none`` without one), e.g.
+        ``<base URL> key:3f1a9c0d2b7e``. Never the key itself."""
+        if self.base_url is None:
+            return EMULATOR_DESTINATION
+        return f"{self.base_url} key:{key_fingerprint(self.api_key)}"
+
+
+def key_fingerprint(api_key: str | None) -> str:
+    """The first 12 hex digits of the key's SHA-256 (``none`` without a key): tells keys apart in the
+    store and in messages without revealing them."""
+    if api_key is None:
+        return "none"
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
 
 
 @contextmanager

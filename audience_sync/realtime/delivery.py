@@ -97,8 +97,10 @@ class DeliveryWorker:
         ingest_rate: Callable[[], float] = lambda: 0.0,
         now: Now = utcnow,
         holders: Holders = THIS_PROCESS,
+        on_dead: Callable[[list[int], str], None] | None = None,
     ) -> None:
-        """``engine``: the store; ``client``: sends to ODP; ``router``: the enabled mappings;
+        """``on_dead(ids, message)`` hears of items that just became dead (the alerts).
+        ``engine``: the store; ``client``: sends to ODP; ``router``: the enabled mappings;
         ``metrics``: the real-time counters; ``ingest_rate``: events/s this process accepts lately (see
         :meth:`_yield_to_ingestion`); ``now``: the wall clock that decides when items are due and
         stamps them (a test's clock moves without waiting); ``holders``: where its lease holder comes
@@ -112,6 +114,7 @@ class DeliveryWorker:
         self.holders = holders
         self.holder = holders.new()
         self.owner = str(self.holder)
+        self.on_dead = on_dead
         self._next_due: datetime | None = None
         self._last_recovery = 0.0
 
@@ -297,6 +300,11 @@ class DeliveryWorker:
             settled += len(report.batch)
             if dead:
                 log.warning("ODP rejected %d items on %s: %s", len(dead), path, dead[0][1])
+                if self.on_dead is not None:
+                    try:
+                        self.on_dead([d[0] for d in dead], dead[0][1])
+                    except Exception:  # an alert never stops delivery
+                        log.exception("could not report %d dead items", len(dead))
             if retry and not stop.is_set():
                 log.info("%d items on %s will be retried: %s", len(retry), path, retry[0][1])
             if self.metrics is not None:

@@ -92,7 +92,10 @@ class _OutboxCollector(Collector):
         )
         lag = GaugeMetricFamily(
             "audience_sync_delivery_lag_seconds",
-            "Age of the oldest message with an undelivered item (pending or sending); 0 when none",
+            "Age of the oldest pending delivery: of the oldest message with an undelivered item; 0 when none",
+        )
+        backlog_items = GaugeMetricFamily(
+            "audience_sync_delivery_backlog", "Delivery items waiting to be delivered (pending or sending)"
         )
         try:
             counts = outbox.counts(self.engine)
@@ -105,7 +108,8 @@ class _OutboxCollector(Collector):
             items.add_metric([status], count)
         unrouted.add_metric([], backlog)
         lag.add_metric([], 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds()))
-        yield from (items, unrouted, lag)
+        backlog_items.add_metric([], counts.get("pending", 0) + counts.get("sending", 0))
+        yield from (items, unrouted, lag, backlog_items)
 
 
 def register_realtime_metrics(registry: CollectorRegistry, engine: Engine) -> RealtimeMetrics:

@@ -35,18 +35,84 @@ from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, audience
 from audience_sync.timestamps import utcnow
 
 STAGE = "stage_members"
+QUARANTINE_NOTE = (
+    f"quarantined: ODP rejected this member in {QUARANTINE_AFTER} runs in a row, so delta runs skip it "
+    "until a full or reconcile run sends it again (fix it in the source first); ODP's last answer: "
+)
 _STAGE_COLUMNS = ("member", *IDENTIFIER_COLUMNS, "value")
 _IDS = ", ".join(IDENTIFIER_COLUMNS)
 _IDS_S = ", s.".join(IDENTIFIER_COLUMNS)
 
 
-def has_acknowledged(engine: Engine, audience: str) -> bool:
-    """True once ODP acknowledged anything for the audience (so the next run is not ``initial``)."""
+@dataclass(frozen=True)
+class AudienceState:
+    """What decides a run's mode: whether ODP acknowledged anything for the audience (else the run is
+    ``initial``), whether any member is in doubt, the destination its state belongs to (None: not
+    recorded), and a full or reconcile run to resume (its mode and run id)."""
+
+    acknowledged: bool
+    in_doubt: bool
+    destination: str | None
+    resume_mode: str | None
+    resume_run: int | None
+
+    @property
+    def has_state(self) -> bool:
+        """Whether ODP may hold anything of the audience (acknowledged, or sent with no answer)."""
+        return self.acknowledged or self.in_doubt
+
+
+def audience_state(engine: Engine, audience: str) -> AudienceState:
+    """The :class:`AudienceState` of ``audience`` (two indexed lookups)."""
     with engine.connect() as conn:
-        row = conn.execute(
+        acked = conn.execute(
             select(members.c.member).where(members.c.audience == audience, members.c.acked.is_not(None)).limit(1)
         ).first()
-    return row is not None
+        doubt = conn.execute(
+            select(members.c.member).where(members.c.audience == audience, members.c.sent.is_not(None)).limit(1)
+        ).first()
+        row = conn.execute(
+            select(audiences.c.destination, audiences.c.resume_mode, audiences.c.resume_run).where(
+                audiences.c.key == audience
+            )
+        ).first()
+    if row is None:
+        return AudienceState(acked is not None, doubt is not None, None, None, None)
+    resume_run = int(row.resume_run) if row.resume_run is not None else None
+    return AudienceState(acked is not None, doubt is not None, row.destination, row.resume_mode, resume_run)
+
+
+def set_resume(engine: Engine, audience: str, mode: str | None, run_id: int | None) -> None:
+    """Record that run ``run_id`` (a full or reconcile run) must be resumed in ``mode`` if it does not
+    finish; ``mode=None`` clears it (only when it names ``run_id``: a later run's mark stays)."""
+    with engine.begin() as conn:
+        if mode is not None:
+            conn.execute(
+                update(audiences).where(audiences.c.key == audience).values(resume_mode=mode, resume_run=run_id)
+            )
+        else:
+            conn.execute(
+                update(audiences)
+                .where(audiences.c.key == audience, audiences.c.resume_run == run_id)
+                .values(resume_mode=None, resume_run=None)
+            )
+
+
+def member_counts(engine: Engine) -> dict[str, tuple[int, int]]:
+    """Per audience, (members in doubt, members quarantined): what the gauges and the page show. Each
+    count reads a partial index (members in doubt; members ODP rejected), not the whole table."""
+    doubt_sql = text("SELECT audience, count(*) FROM members WHERE sent IS NOT NULL GROUP BY audience")
+    quarantine_sql = text(
+        f"SELECT audience, sum(CASE WHEN rejections >= {QUARANTINE_AFTER} THEN 1 ELSE 0 END) FROM members "
+        "WHERE rejections > 0 GROUP BY audience"
+    )
+    out: dict[str, tuple[int, int]] = {}
+    with engine.connect() as conn:
+        doubt = {a: int(n) for a, n in conn.execute(doubt_sql)}
+        quarantined = {a: int(n or 0) for a, n in conn.execute(quarantine_sql)}
+    for audience in doubt.keys() | quarantined.keys():
+        out[audience] = (doubt.get(audience, 0), quarantined.get(audience, 0))
+    return out
 
 
 def acknowledged_count(conn: Connection, audience: str, exit_value: str) -> int:
@@ -92,35 +158,40 @@ def write_plan(
 
     Returns (entered, exited, quarantined).
 
-    initial/delta: members whose value differs from what ODP acknowledged, and acknowledged members
-    missing from the snapshot (their exit); members ODP rejected in QUARANTINE_AFTER runs are recorded
-    as quarantined and not sent. full: every current member, plus the exits. reconcile: full, plus the
-    exit value again for every known non-member.
+    initial/delta: members whose value differs from what ODP acknowledged, members in doubt (a send
+    whose outcome is unknown: their current value is sent whatever it is), and acknowledged or in-doubt
+    members missing from the snapshot (their exit); members ODP rejected in QUARANTINE_AFTER runs are
+    recorded as quarantined, with ODP's last message, and not sent. full: every current member, plus the
+    exits. reconcile: full, plus the exit value again for every known non-member (every member ever
+    sent anything: acknowledged, rejected or in doubt).
     """
     analyze(conn, "members")  # fresh statistics: a big first sync is not planned as if members were empty
     pending = Outcome.PLANNED if dry_run else Outcome.PENDING
     manual = mode in (Mode.FULL, Mode.RECONCILE)
+    is_quarantined = f"m.rejections >= {QUARANTINE_AFTER}"
     outcome = (
         "'" + pending + "'"
         if manual
-        else f"CASE WHEN m.rejections >= {QUARANTINE_AFTER} THEN '{Outcome.QUARANTINED}' ELSE '{pending}' END"
+        else f"CASE WHEN {is_quarantined} THEN '{Outcome.QUARANTINED}' ELSE '{pending}' END"
     )
-    params = {"run": run_id, "a": audience, "x": exit_value}
-    due = "" if manual else "WHERE m.member IS NULL OR m.acked IS NULL OR m.acked <> s.value"
+    # A quarantined change carries ODP's last message and says what happens next.
+    error = "NULL" if manual else f"CASE WHEN {is_quarantined} THEN :qmsg || m.last_error END"
+    params = {"run": run_id, "a": audience, "x": exit_value, "qmsg": QUARANTINE_NOTE}
+    due = "" if manual else "WHERE m.member IS NULL OR m.acked IS NULL OR m.acked <> s.value OR m.sent IS NOT NULL"
     entered = conn.execute(
         text(
-            f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome) "
-            f"SELECT :run, s.member, s.value, s.{_IDS_S}, {outcome} "
+            f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome, error) "
+            f"SELECT :run, s.member, s.value, s.{_IDS_S}, {outcome}, {error} "
             f"FROM {STAGE} s LEFT JOIN members m ON m.audience = :a AND m.member = s.member {due} "
             "ORDER BY s.member"
         ),
         params,
     ).rowcount
-    known = "" if mode == Mode.RECONCILE else "AND m.acked IS NOT NULL AND m.acked <> :x"
+    known = "" if mode == Mode.RECONCILE else "AND ((m.acked IS NOT NULL AND m.acked <> :x) OR m.sent IS NOT NULL)"
     exited = conn.execute(
         text(
-            f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome) "
-            f"SELECT :run, m.member, :x, m.user_id, m.email, m.anonymous_id, m.optimizely_vuid, {outcome} "
+            f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome, error) "
+            f"SELECT :run, m.member, :x, m.user_id, m.email, m.anonymous_id, m.optimizely_vuid, {outcome}, {error} "
             f"FROM members m WHERE m.audience = :a {known} "
             f"AND NOT EXISTS (SELECT 1 FROM {STAGE} s WHERE s.member = m.member) ORDER BY m.member"
         ),
@@ -149,6 +220,7 @@ class Plan:
     exited: int
     quarantined: int
     acknowledged: int
+    removals: int = 0  # exits of members ODP holds as in the audience (what the circuit breaker weighs)
 
 
 class Planning:
@@ -192,7 +264,18 @@ class Planning:
         entered, exited, quarantined = write_plan(
             self._conn, run_id=run_id, audience=audience, mode=mode, exit_value=exit_value, dry_run=dry_run
         )
-        return Plan(entered, exited, quarantined, acknowledged)
+        removals = exited
+        if exited:  # only exits of members ODP holds as in: re-sending an exit, or one in doubt, removes no one
+            removals = int(
+                self._conn.execute(
+                    text(
+                        "SELECT count(*) FROM run_changes c JOIN members m ON m.audience = :a AND m.member = c.member "
+                        "WHERE c.run_id = :r AND c.value = :x AND m.acked IS NOT NULL AND m.acked <> :x"
+                    ),
+                    {"a": audience, "r": run_id, "x": exit_value},
+                ).scalar_one()
+            )
+        return Plan(entered, exited, quarantined, acknowledged, removals)
 
     def hold(self) -> None:
         """Discard the plan (the run is held): nothing of it is written."""
@@ -200,8 +283,12 @@ class Planning:
         drop_snapshot(self._conn)
         self._conn.commit()
 
-    def commit(self) -> None:
-        """Keep the plan: commit it as the run's change log, and drop the snapshot."""
+    def commit(self, *, audience: str, destination: str | None) -> None:
+        """Keep the plan: commit it as the run's change log, and drop the snapshot. With
+        ``destination``, the audience's state belongs to it from this commit on: every member the plan
+        holds ends acknowledged there, or in doubt (see :func:`settle`)."""
+        if destination is not None:
+            record_destination(self._conn, audience, destination)
         drop_snapshot(self._conn)
         self._conn.commit()
 
@@ -228,8 +315,27 @@ def _acknowledge_sql(conn: Connection) -> str:
     return (
         f"INSERT INTO members (audience, member, {_IDS}, acked, acked_at, rejections, last_error) "
         f"SELECT ?, member, {_IDS}, value, ?, 0, NULL FROM run_changes WHERE {in_id_list(conn, 'id')} "
-        f"ON CONFLICT (audience, member) DO UPDATE SET {_UPDATES}, rejections = 0, last_error = NULL"
+        f"ON CONFLICT (audience, member) DO UPDATE SET {_UPDATES}, rejections = 0, last_error = NULL, sent = NULL"
     )
+
+
+def _in_doubt(audience: str, where: str) -> str:
+    """SQL leaving the members of the ``run_changes`` rows ``where`` selects in doubt: the value sent and
+    the identifiers it was sent with (so that an exit reaches the same profile). ``audience``: its
+    parameter marker."""
+    return (
+        f"INSERT INTO members (audience, member, {_IDS}, sent) "
+        f"SELECT {audience}, member, {_IDS}, value FROM run_changes WHERE {where} "
+        "ON CONFLICT (audience, member) DO UPDATE SET sent = excluded.sent, "
+        + ", ".join(f"{c} = excluded.{c}" for c in IDENTIFIER_COLUMNS)
+    )
+
+
+def _doubt_sql(conn: Connection) -> str:
+    """Members left in doubt by the ``run_changes`` rows of the ids (one parameter, see
+    :func:`in_id_list`): the value sent, and the identifiers it was sent with (so an exit reaches the
+    same profile). Parameters: audience, the ids."""
+    return _in_doubt("?", in_id_list(conn, "id"))
 
 
 _COUNT_RUN = (
@@ -333,14 +439,17 @@ def record_batch(
     failed: Sequence[tuple[int, str]],
     requests: int,
     now: datetime,
+    doubtful: str = "",
 ) -> None:
     """Write one batch's outcome (by ``run_changes`` ids) in one transaction, right after ODP answered.
-    ``acknowledged``: the acknowledged ids joined by commas.
+    ``acknowledged``: the acknowledged ids joined by commas; ``doubtful``: the ids of failed items ODP
+    may have applied all the same (a timeout, a lost connection), joined by commas: their members are
+    left in doubt with the value sent.
 
     Acknowledged items become the members' acknowledged state (one set-based upsert); rejected items
     count towards quarantine; items that failed retryably leave acknowledged state alone (the next run
     sends them again). Rejected and failed items get their outcome in the change log at once; sent
-    ones are marked by :func:`settle_sent` when the run ends.
+    ones are marked by :func:`settle` when the run ends.
     """
     with engine.begin() as conn:
         # Driver-level statements: this runs once per batch while sending, and SQLAlchemy's
@@ -348,7 +457,7 @@ def record_batch(
         stamp = bind_value(conn, members, "acked_at", now)
         sent = 0
         if acknowledged:
-            # Only the members' state here; the change log learns "sent" from it in settle_sent().
+            # Only the members' state here; the change log learns "sent" from it in settle().
             driver_execute(conn, _acknowledge_sql(conn), (audience, stamp, id_list(conn, acknowledged)))
             sent = acknowledged.count(",") + 1
         if rejected or failed:
@@ -359,6 +468,8 @@ def record_batch(
                 [{"cid": cid, "o": Outcome.REJECTED, "e": msg} for cid, msg in rejected]
                 + [{"cid": cid, "o": Outcome.FAILED, "e": msg} for cid, msg in failed],
             )
+        if doubtful:
+            driver_execute(conn, _doubt_sql(conn), (audience, id_list(conn, doubtful)))
         if rejected:
             conn.execute(
                 text(
@@ -381,11 +492,53 @@ _SETTLE = text(
     "AND m.acked_at >= :started)"
 ).bindparams(bindparam("started", type_=UTCDateTime()))
 
+# The changes of a run whose process died (or whose send phase raised) that are still pending may have
+# been in flight: their answer is lost. Each leaves its member in doubt with the value sent and its
+# identifiers, so that the next run sends the member's current truth (and an exit can reach it).
+# (Failed items that may have been applied are put in doubt as their batch is recorded; an HTTP error
+# answer or a rejection is a known outcome and leaves the member's doubt as it was.)
+_IN_DOUBT = text(_in_doubt(":a", f"run_id = :r AND outcome = '{Outcome.PENDING}'"))
 
-def settle_sent(engine: Engine, run_id: int, audience: str, started: datetime) -> int:
-    """Mark a run's changes ``sent`` where ODP acknowledged them, from the members' state, in one
-    statement: a change is sent when its member now holds its value, acknowledged since the run began
-    (runs of one audience never overlap). Cheaper than an update per batch while sending, and right
-    after a crash too. Returns how many changes it marked."""
+_NEWLY_QUARANTINED = text(
+    "SELECT count(*), max(m.last_error) FROM run_changes c JOIN members m ON m.audience = :a "
+    f"AND m.member = c.member WHERE c.run_id = :r AND c.outcome = '{Outcome.REJECTED}' "
+    f"AND m.rejections = {QUARANTINE_AFTER}"
+)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What :func:`settle` found: changes acknowledged (marked ``sent``), members left in doubt, and
+    members quarantined by this run (rejected for the QUARANTINE_AFTER-th run in a row) with ODP's last
+    message to one of them."""
+
+    sent: int
+    in_doubt: int
+    newly_quarantined: int
+    quarantine_error: str | None
+
+
+def settle(
+    engine: Engine, run_id: int, audience: str, started: datetime, *, unanswered_in_doubt: bool = False
+) -> Settled:
+    """End a run's sending in one transaction (:func:`settle_in`). ``unanswered_in_doubt``: the send
+    phase did not end normally, so a pending change may have been in flight."""
     with engine.begin() as conn:
-        return conn.execute(_SETTLE, {"r": run_id, "a": audience, "started": started}).rowcount
+        return settle_in(conn, run_id, audience, started, unanswered_in_doubt=unanswered_in_doubt)
+
+
+def settle_in(conn: Connection, run_id: int, audience: str, started: datetime, *, unanswered_in_doubt: bool) -> Settled:
+    """Set-based, in ``conn``'s transaction: mark the run's changes ``sent`` where ODP acknowledged them
+    (a change is sent when its member now holds its value, acknowledged since the run began; runs of one
+    audience never overlap); with ``unanswered_in_doubt``, leave the member of every change still
+    pending in doubt. Called when a run ends and in the transaction that marks a dead process's run
+    interrupted; idempotent."""
+    sent = conn.execute(_SETTLE, {"r": run_id, "a": audience, "started": started}).rowcount
+    in_doubt = conn.execute(_IN_DOUBT, {"r": run_id, "a": audience}).rowcount if unanswered_in_doubt else 0
+    count, error = conn.execute(_NEWLY_QUARANTINED, {"r": run_id, "a": audience}).one()
+    return Settled(int(sent), int(in_doubt), int(count or 0), error)
+
+
+def record_destination(conn: Connection, audience: str, destination: str) -> None:
+    """The audience's member state belongs to ``destination`` from now on (in the plan's transaction)."""
+    conn.execute(update(audiences).where(audiences.c.key == audience).values(destination=destination))

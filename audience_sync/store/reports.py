@@ -12,8 +12,8 @@ from sqlalchemy import Engine, func, select
 
 from audience_sync.audiences.rules import Audience
 from audience_sync.statuses import RunStatus
-from audience_sync.store.members import acknowledged_counts
-from audience_sync.store.runs import RunRecord, last_runs
+from audience_sync.store.members import acknowledged_counts, member_counts
+from audience_sync.store.runs import RunRecord, last_runs, latest_runs
 from audience_sync.store.tables import runs
 from audience_sync.timestamps import as_utc, iso
 
@@ -29,6 +29,8 @@ class AudienceView:
     members: int
     last_run: RunRecord | None
     next_run: datetime | None
+    in_doubt: int = 0
+    quarantined: int = 0
 
     def to_json(self) -> dict[str, Any]:
         a = self.audience
@@ -40,6 +42,8 @@ class AudienceView:
             "enabled": a.enabled,
             "source": a.source.describe(),
             "members": self.members,
+            "in_doubt": self.in_doubt,
+            "quarantined": self.quarantined,
             "last_run": self.last_run.to_json() if self.last_run else None,
             "next_run": iso(self.next_run),
         }
@@ -48,12 +52,22 @@ class AudienceView:
 def audience_views(
     engine: Engine, audiences: Sequence[Audience], next_runs: Mapping[str, datetime] | None = None
 ) -> list[AudienceView]:
-    """Each configured audience with its acknowledged members, its newest run and its next
-    (``next_runs``: the scheduler's, in the daemon)."""
+    """Each configured audience with its acknowledged members (and those in doubt and quarantined), its
+    newest real run (not a dry run) and its next (``next_runs``: the scheduler's, in the daemon)."""
     keys = [a.key for a in audiences]
     counts = acknowledged_counts(engine, keys)
     last = last_runs(engine, keys)
-    return [AudienceView(a, counts.get(a.key, 0), last.get(a.key), (next_runs or {}).get(a.key)) for a in audiences]
+    doubt = member_counts(engine)
+    return [
+        AudienceView(
+            a,
+            counts.get(a.key, 0),
+            last.get(a.key),
+            (next_runs or {}).get(a.key),
+            *doubt.get(a.key, (0, 0)),
+        )
+        for a in audiences
+    ]
 
 
 def size_history(engine: Engine, keys: Sequence[str], points: int = 60) -> dict[str, list[tuple[datetime, int]]]:
@@ -74,22 +88,29 @@ def size_history(engine: Engine, keys: Sequence[str], points: int = 60) -> dict[
 
 @dataclass
 class RunTotals:
-    """The metrics' counts over the whole history: runs per (audience, status), items sent and failed
-    per audience, when each audience last succeeded, and its members acknowledged now."""
+    """The metrics' counts over the whole history: finished runs per (audience, status), items sent and
+    failed per audience, when each audience last succeeded; and now: its members acknowledged, in doubt
+    and quarantined, and how many audiences' latest run is held."""
 
     runs: dict[tuple[str, str], int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     last_success: dict[str, datetime] = field(default_factory=dict)
     members: dict[str, int] = field(default_factory=dict)
+    in_doubt: dict[str, int] = field(default_factory=dict)
+    quarantined: dict[str, int] = field(default_factory=dict)
+    held: int = 0
 
 
 def run_totals(engine: Engine) -> RunTotals:
     """Read :class:`RunTotals` (three grouped queries)."""
     totals = RunTotals()
-    by_status = select(
-        runs.c.audience, runs.c.status, func.count(), func.sum(runs.c.sent), func.sum(runs.c.failed)
-    ).group_by(runs.c.audience, runs.c.status)
+    # Finished runs only: a run is counted once, by its final status, so the counters never go down.
+    by_status = (
+        select(runs.c.audience, runs.c.status, func.count(), func.sum(runs.c.sent), func.sum(runs.c.failed))
+        .where(runs.c.status != RunStatus.RUNNING)
+        .group_by(runs.c.audience, runs.c.status)
+    )
     succeeded = (
         select(runs.c.audience, func.max(runs.c.finished_at))
         .where(runs.c.status == RunStatus.SUCCEEDED)
@@ -104,4 +125,9 @@ def run_totals(engine: Engine) -> RunTotals:
             if finished is not None:
                 totals.last_success[audience] = as_utc(finished)
     totals.members = acknowledged_counts(engine)
+    for audience, (doubt, quarantined) in member_counts(engine).items():
+        totals.in_doubt[audience] = doubt
+        totals.quarantined[audience] = quarantined
+    latest = latest_runs(engine, list({a for a, _ in totals.runs}))
+    totals.held = sum(1 for run in latest.values() if run.status == RunStatus.HELD)
     return totals

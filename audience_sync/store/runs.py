@@ -15,14 +15,14 @@ from audience_sync.audiences.rules import Mode, Trigger
 from audience_sync.errors import RunInProgress, SlotTaken
 from audience_sync.leases import THIS_PROCESS, Holders, Owner
 from audience_sync.statuses import Outcome, RunStatus
-from audience_sync.store.members import settle_sent
+from audience_sync.store.members import settle_in
 from audience_sync.store.tables import run_changes, runs
-from audience_sync.timestamps import iso, utcnow
+from audience_sync.timestamps import as_utc, iso, utcnow
 
-COUNTERS: Final = ("members", "entered", "exited", "invalid", "sent", "failed", "requests")
+COUNTERS: Final = ("members", "entered", "exited", "invalid", "sent", "failed", "quarantined", "requests")
 """A run's counts: distinct members in the snapshot, items planned with the member value (entered) and
 with the exit value (exited), source rows skipped (invalid), items acknowledged (sent) and not (failed),
-HTTP requests made."""
+due members skipped because ODP rejected them in 5 runs in a row (quarantined), HTTP requests made."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,10 @@ class RunRecord:
     invalid: int
     sent: int
     failed: int
+    quarantined: int
     requests: int
     error: str | None
+    reason: str | None = None  # why the run has its mode when nobody asked for it (destination, resume)
 
     @classmethod
     def from_row(cls, row: Any) -> RunRecord:
@@ -57,6 +59,7 @@ class RunRecord:
             started_at=row.started_at,
             finished_at=row.finished_at,
             error=row.error,
+            reason=row.reason,
             **{name: int(getattr(row, name)) for name in COUNTERS},
         )
 
@@ -89,8 +92,10 @@ def start_run(
     trigger: str,
     owner: Owner,
     slot: datetime | None = None,
+    reason: str | None = None,
 ) -> tuple[int, datetime]:
-    """Insert a ``running`` run. The partial unique index makes this the per-audience lock."""
+    """Insert a ``running`` run. The partial unique index makes this the per-audience lock. ``reason``:
+    why the run has its mode when nobody asked for it."""
     now = utcnow()
     try:
         with engine.begin() as conn:
@@ -104,6 +109,7 @@ def start_run(
                     owner=str(owner),
                     heartbeat_at=now,
                     slot=slot,
+                    reason=reason,
                 )
             )
             assert result.inserted_primary_key is not None
@@ -196,7 +202,7 @@ def mark_interrupted(engine: Engine, *, lease: timedelta, holders: Holders = THI
     now = utcnow()
     with engine.connect() as conn:
         rows = conn.execute(
-            select(runs.c.id, runs.c.audience, runs.c.started_at, runs.c.owner, runs.c.heartbeat_at).where(
+            select(runs.c.id, runs.c.audience, runs.c.mode, runs.c.started_at, runs.c.owner, runs.c.heartbeat_at).where(
                 runs.c.status == RunStatus.RUNNING
             )
         ).all()
@@ -220,14 +226,23 @@ def mark_interrupted(engine: Engine, *, lease: timedelta, holders: Holders = THI
                     status=RunStatus.INTERRUPTED,
                     finished_at=now,
                     heartbeat_at=None,
-                    error="the process running this sync stopped before it finished",
+                    error=interrupted_note(row.mode),
                 )
             ).rowcount
-        if marked:
-            dead.append(row)
-    for row in dead:  # what the dead process got acknowledged shows as sent in its change log
-        settle_sent(engine, row.id, row.audience, row.started_at)
+            if marked:  # in the same transaction: what it got acknowledged shows as sent, the rest is in doubt
+                settle_in(conn, row.id, row.audience, row.started_at, unanswered_in_doubt=True)
+                dead.append(row)
     return [row.id for row in dead]
+
+
+def interrupted_note(mode: str) -> str:
+    """The error of a run whose process died, saying what the next run does."""
+    if mode in (Mode.FULL, Mode.RECONCILE):
+        return f"the process running this sync stopped before it finished; the next run resumes it as a {mode} run"
+    return (
+        "the process running this sync stopped before it finished; the next run sends what was not "
+        "acknowledged (members whose answer was lost are in doubt and sent again)"
+    )
 
 
 def get_run(engine: Engine, run_id: int) -> RunRecord | None:
@@ -251,10 +266,14 @@ def list_runs(
 
 
 def last_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, RunRecord]:
-    """The newest run of each audience."""
+    """The newest real run of each audience (dry runs left out: they change nothing)."""
     if not audiences:
         return {}
-    newest = select(func.max(runs.c.id)).where(runs.c.audience.in_(list(audiences))).group_by(runs.c.audience)
+    newest = (
+        select(func.max(runs.c.id))
+        .where(runs.c.audience.in_(list(audiences)), runs.c.status != RunStatus.PLANNED)
+        .group_by(runs.c.audience)
+    )
     with engine.connect() as conn:
         rows = conn.execute(select(runs).where(runs.c.id.in_(newest))).all()
     return {r.audience: RunRecord.from_row(r) for r in rows}
@@ -289,3 +308,27 @@ def change_counts(engine: Engine, run_id: int) -> dict[Outcome, int]:
     )
     with engine.connect() as conn:
         return {Outcome(outcome): int(count) for outcome, count in conn.execute(query)}
+
+
+def progress_marks(engine: Engine, audiences: Sequence[str]) -> dict[str, tuple[datetime | None, datetime | None]]:
+    """Per audience, (when its last run that sent anything, succeeded or partial, finished; when its
+    first real run started): what tells a stalled audience."""
+    if not audiences:
+        return {}
+    keys = list(audiences)
+    moved = (
+        select(runs.c.audience, func.max(runs.c.finished_at))
+        .where(runs.c.audience.in_(keys), runs.c.status.in_([RunStatus.SUCCEEDED, RunStatus.PARTIAL]))
+        .group_by(runs.c.audience)
+    )
+    first = (
+        select(runs.c.audience, func.min(runs.c.started_at))
+        .where(runs.c.audience.in_(keys), runs.c.status != RunStatus.PLANNED)
+        .group_by(runs.c.audience)
+    )
+    out: dict[str, tuple[datetime | None, datetime | None]] = {}
+    with engine.connect() as conn:
+        last = {a: as_utc(t) for a, t in conn.execute(moved) if t is not None}
+        for audience, started in conn.execute(first):
+            out[audience] = (last.get(audience), as_utc(started) if started is not None else None)
+    return out

@@ -66,11 +66,19 @@ audiences = Table(
     Column("delivery", String(30), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # The destination the audience's member state belongs to (odp.target.Target.destination: the bundled
+    # emulator, or a base URL with a fingerprint of the key); NULL: recorded by a version before it.
+    Column("destination", String(600), nullable=True),
+    # A full or reconcile run in progress or interrupted: the next run resumes it in that mode.
+    Column("resume_mode", String(20), nullable=True),
+    Column("resume_run", BigInteger, nullable=True),
 )
 
 # What ODP acknowledged, per audience and member. ``acked`` is the JSON text of the last value ODP
 # answered 2xx for (NULL: never acknowledged); the identifiers are the ones it was sent with, so that an
-# exit can be sent after the member left the source.
+# exit can be sent after the member left the source. ``sent`` is the JSON text of a value sent whose
+# outcome is unknown (the member is "in doubt": a timeout, a connection error, a process that died);
+# NULL once ODP answered 2xx. A member in doubt is due at the next run whatever its source value.
 members = Table(
     "members",
     metadata,
@@ -81,7 +89,20 @@ members = Table(
     Column("acked_at", UTCDateTime(), nullable=True),
     Column("rejections", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text, nullable=True),
+    Column("sent", Text, nullable=True),
     PrimaryKeyConstraint("audience", "member", name="pk_members"),
+    Index(
+        "ix_members_in_doubt",
+        "audience",
+        sqlite_where=text("sent IS NOT NULL"),
+        postgresql_where=text("sent IS NOT NULL"),
+    ),
+    Index(
+        "ix_members_rejected",
+        "audience",
+        sqlite_where=text("rejections > 0"),
+        postgresql_where=text("rejections > 0"),
+    ),
 )
 
 runs = Table(
@@ -101,7 +122,10 @@ runs = Table(
     Column("sent", BigInteger, nullable=False, server_default=text("0")),
     Column("failed", BigInteger, nullable=False, server_default=text("0")),
     Column("requests", BigInteger, nullable=False, server_default=text("0")),
+    Column("quarantined", BigInteger, nullable=False, server_default=text("0")),
     Column("error", Text, nullable=True),
+    # Why the run has its mode when nobody asked for it (a changed destination, a resumed full run).
+    Column("reason", Text, nullable=True),
     Column("owner", String(200), nullable=True),
     Column("heartbeat_at", UTCDateTime(), nullable=True),
     Column("slot", UTCDateTime(), nullable=True),
@@ -191,4 +215,29 @@ rt_deliveries = Table(
         sqlite_where=text("status = 'pending'"),
         postgresql_where=text("status = 'pending'"),
     ),
+)
+
+# --- alerts -------------------------------------------------------------------------------------------
+
+# One row per (occurrence, webhook): the unique pair is what makes an alert fire once, across restarts
+# and replicas. ``target`` is a fingerprint of the webhook's URL (never the URL: it is a secret).
+# ``status``: pending -> sending (claimed) -> sent | failed (gave up after its attempts).
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("occurrence", String(300), nullable=False),
+    Column("target", String(40), nullable=False),
+    Column("event", String(40), nullable=False),
+    Column("audience", String(200), nullable=True),
+    Column("run_id", BigInteger, nullable=True),
+    Column("payload", Text, nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("available_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=True),
+    UniqueConstraint("occurrence", "target", name="uq_alerts_occurrence_target"),
+    Index("ix_alerts_status_available", "status", "available_at"),
 )

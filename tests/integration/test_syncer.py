@@ -164,9 +164,15 @@ def test_rejected_member_is_quarantined_after_five_runs(h: Harness) -> None:
         assert run["failed"] == 1
     h.emulator.reset()
     run = h.sync(config)
-    assert (run["status"], run["sent"], run["failed"], run["requests"]) == ("succeeded", 0, 0, 0)
-    changes = [change.to_json() for change in run_store.changes(h.engine, run["id"])]
-    assert changes == [{"member": "bad", "value": True, "outcome": "quarantined", "error": None}]
+    # Skipping a quarantined member is never a plain success: partial, and the error says what next.
+    assert (run["status"], run["sent"], run["failed"], run["quarantined"], run["requests"]) == (
+        "partial", 0, 0, 1, 0,
+    )  # fmt: skip
+    assert "1 quarantined members were not sent" in run["error"] and "`sync q --full` sends them" in run["error"]
+    [change] = [change.to_json() for change in run_store.changes(h.engine, run["id"])]
+    assert (change["member"], change["outcome"]) == ("bad", "quarantined")
+    assert change["error"].startswith("quarantined: ODP rejected this member in 5 runs in a row")
+    assert change["error"].endswith("HTTP 400: invalid item at index 0: rejected (matches reject_items[0])")
     full = h.sync(config, mode=Mode.FULL)  # a manual full run tries quarantined members again
     assert full["sent"] == 2
 
@@ -378,9 +384,9 @@ def test_settling_a_run_looks_members_up_by_key_even_on_fresh_tables(h: Harness)
         )
     assert "members" in plan and "member)::text = (run_changes.member)::text" in plan, plan
     assert run_store.get_run(h.engine, run_id) is not None
-    from audience_sync.store.members import settle_sent
+    from audience_sync.store.members import settle
 
-    assert settle_sent(h.engine, run_id, "a", started) == 1500
+    assert settle(h.engine, run_id, "a", started).sent == 1500
 
 
 def test_plans_survive_other_writers_committing_meanwhile(h: Harness) -> None:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from audience_sync.audiences import rules
+from audience_sync.audiences.rules import (
+    Mode,
+    ModeChoice,
+    choose_mode,
+    describe_destination,
+    failure_note,
+    final_status,
+)
 from audience_sync.naming import trait_key
 
 
@@ -136,3 +145,103 @@ def _raises(row: list[object], kind: str) -> bool:
     except ValueError:
         return True
     return False
+
+
+# --- which mode a run has, and what its error says (issue 9) ------------------------------------------
+
+
+REAL = "https://function.zaius.app/twilio_segment key:0123456789ab"
+
+
+def test_the_default_mode_is_initial_then_delta() -> None:
+    fresh = choose_mode(None, acknowledged=False, has_state=False, destination=REAL, recorded_destination=None)
+    assert fresh == ModeChoice(Mode.INITIAL)
+    later = choose_mode(None, acknowledged=True, has_state=True, destination=REAL, recorded_destination=REAL)
+    assert later == ModeChoice(Mode.DELTA)
+
+
+def test_a_changed_destination_makes_any_run_full_and_says_why() -> None:
+    choice = choose_mode(None, acknowledged=True, has_state=True, destination=REAL, recorded_destination="emulator")
+    assert choice == ModeChoice(
+        Mode.FULL, "destination changed (emulator -> https://function.zaius.app/twilio_segment): full run", True
+    )
+    reconcile = choose_mode(
+        Mode.RECONCILE, acknowledged=True, has_state=True, destination=REAL, recorded_destination="emulator"
+    )
+    assert reconcile.mode == Mode.RECONCILE and reconcile.reason and reconcile.reason.endswith(": reconcile run")
+    key_only = choose_mode(
+        None,
+        acknowledged=True,
+        has_state=True,
+        destination=REAL,
+        recorded_destination="https://function.zaius.app/twilio_segment key:ffffffffffff",
+    )
+    assert key_only.reason == (
+        "destination changed (https://function.zaius.app/twilio_segment (key ffffffffffff) -> "
+        "https://function.zaius.app/twilio_segment (key 0123456789ab)): full run"
+    )
+    in_doubt_only = choose_mode(None, acknowledged=False, has_state=True, destination=REAL, recorded_destination=None)
+    assert in_doubt_only.mode == Mode.FULL and in_doubt_only.destination_changed  # ODP may hold something
+    nothing_sent = choose_mode(
+        None, acknowledged=False, has_state=False, destination=REAL, recorded_destination="emulator"
+    )
+    assert nothing_sent == ModeChoice(Mode.INITIAL)  # nothing to rebuild
+    unchecked = choose_mode(None, acknowledged=True, has_state=True, destination=None, recorded_destination="emulator")
+    assert unchecked == ModeChoice(Mode.DELTA)
+
+
+def test_an_interrupted_full_or_reconcile_run_is_resumed_as_such() -> None:
+    args: dict[str, Any] = {"acknowledged": True, "has_state": True, "destination": REAL, "recorded_destination": REAL}
+    assert choose_mode(None, **args, resume_mode="full", resume_run=7) == ModeChoice(
+        Mode.FULL, "resumes the interrupted full run 7"
+    )
+    assert choose_mode(Mode.FULL, **args, resume_mode="reconcile", resume_run=8).mode == Mode.RECONCILE
+    assert choose_mode(Mode.RECONCILE, **args, resume_mode="full", resume_run=9) == ModeChoice(Mode.RECONCILE)
+
+
+def test_describe_destination_never_needs_the_key() -> None:
+    assert describe_destination("emulator") == "emulator"
+    assert describe_destination(None) == "not recorded"
+    assert describe_destination(REAL) == "https://function.zaius.app/twilio_segment"
+
+
+def test_quarantined_members_make_a_run_partial() -> None:
+    assert final_status(sent=10, failed=0) == "succeeded"
+    assert final_status(sent=0, failed=0, quarantined=1) == "partial"
+    assert final_status(sent=0, failed=3, quarantined=1) == "failed"
+
+
+def test_the_failure_note_gives_odps_words_and_what_happens_next() -> None:
+    unauthorized = failure_note(
+        audience="a", run_id=4, failed=752, failed_message="HTTP 401: Unauthorized", rejected=0,
+        rejected_message=None, quarantined=0,
+    )  # fmt: skip
+    unavailable = failure_note(
+        audience="a", run_id=4, failed=752, failed_message="HTTP 503 after 6 attempts", rejected=0,
+        rejected_message=None, quarantined=0,
+    )  # fmt: skip
+    assert unauthorized == (
+        "752 items were not acknowledged by ODP (HTTP 401: Unauthorized: ODP refused the API key, check "
+        "odp.api_key and odp.region); the next run sends them again"
+    )
+    timeouts = failure_note(
+        audience="a", run_id=4, failed=3, failed_message="timeout after 2 attempts: ReadTimeout", rejected=0,
+        rejected_message=None, quarantined=0, in_doubt=3,
+    )  # fmt: skip
+    assert timeouts == (
+        "3 items were not acknowledged by ODP (timeout after 2 attempts: ReadTimeout); 3 of them may have been "
+        "applied (no answer came back): they are in doubt; the next run sends them again"
+    )
+    assert unavailable is not None and "HTTP 503 after 6 attempts" in unavailable and "api_key" not in unavailable
+    both = failure_note(
+        audience="a", run_id=4, failed=0, failed_message=None, rejected=2, rejected_message="HTTP 400: bad",
+        quarantined=3,
+    )  # fmt: skip
+    assert both is not None and "2 items were rejected by ODP (HTTP 400: bad)" in both
+    assert "3 quarantined members were not sent" in both and "`sync a --full`" in both
+    assert (
+        failure_note(
+            audience="a", run_id=1, failed=0, failed_message=None, rejected=0, rejected_message=None, quarantined=0
+        )
+        is None
+    )

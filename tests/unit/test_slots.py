@@ -65,3 +65,18 @@ def test_cron_schedule() -> None:
     assert due is not None and due.slot == due.at == datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
     exact = next_due("a", schedule, LastRun("succeeded", datetime(2026, 11, 29, 12, 0, tzinfo=UTC), None), T0)
     assert exact is not None and exact.slot == datetime(2026, 11, 29, 15, 0, tzinfo=UTC)
+
+
+def test_an_audience_is_stalled_after_three_intervals_without_a_run_that_sent() -> None:
+    from audience_sync.daemon.slots import expected_gap, stalled_since
+
+    schedule = Schedule(timedelta(hours=2), timedelta(hours=1))
+    moved = datetime(2024, 5, 1, tzinfo=UTC)
+    assert expected_gap(schedule, moved) == timedelta(hours=3)
+    assert stalled_since(schedule, moved, None, moved + timedelta(hours=9)) is None
+    assert stalled_since(schedule, moved, None, moved + timedelta(hours=9, seconds=1)) == moved
+    first = moved - timedelta(days=1)
+    assert stalled_since(schedule, None, first, moved) == first  # never sent anything: since its first run
+    assert stalled_since(schedule, None, None, moved) is None  # never ran
+    cron = Schedule(timedelta(0), timedelta(0), "0 */4 * * *")
+    assert expected_gap(cron, moved) == timedelta(hours=4)

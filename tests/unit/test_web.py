@@ -31,6 +31,7 @@ def run(run_id: int, audience: str, status: str, **extra: Any) -> dict[str, Any]
         "invalid": 1,
         "sent": 35,
         "failed": 0,
+        "quarantined": 0,
         "requests": 1,
         "error": None,
     }
@@ -242,8 +243,10 @@ def test_runs_table_lists_runs_with_counts(tree: Element) -> None:
     assert cells[4] == "2024-05-02 11:001h 00m ago"  # UTC (said in the header), and relative to the page
     assert row.iter("time")[0].attrs["datetime"] == "2024-05-02T11:00:00.000Z"  # the exact time
     assert cells[5] == "4.2 s"  # duration
-    assert cells[6:12] == ["15,0001 invalid", "15,000", "5", "35", "0", "1"]
-    assert cells[12] == "—"  # no error
+    assert cells[6:13] == ["15,0001 invalid", "15,000", "5", "35", "0", "0", "1"]
+    assert cells[13] == "—"  # no error
+    [link] = row.iter("a")
+    assert link.attrs["href"] == "runs/42"  # each run links to its page (its changes)
     headers = [h.all_text() for h in tree.by_testid("runs").iter("th")]
     assert headers == [
         "Run",
@@ -257,6 +260,7 @@ def test_runs_table_lists_runs_with_counts(tree: Element) -> None:
         "Exited",
         "Sent",
         "Failed",
+        "Quarantined",
         "Requests",
         "Error",
     ]
@@ -283,9 +287,14 @@ def test_failure_statuses_are_visibly_highlighted(document: str) -> None:
         assert f"tr.status-{status}" not in css
 
 
-def test_summary_counts_runs_needing_attention(tree: Element) -> None:
+def test_summary_counts_what_needs_attention_now(tree: Element) -> None:
+    """The audiences' latest runs (churn_risk failed, vip partial) and the dead deliveries: not the held
+    and interrupted runs further down the history, which later runs superseded."""
     attention = tree.by_testid("summary-attention")
-    assert "4" in attention.all_text() and "alert" in attention.classes()
+    assert "3" in attention.all_text() and "alert" in attention.classes()
+    items = [li.attrs["data-testid"] for li in tree.by_testid("attention").iter("li")]
+    assert items == ["attention-run-churn_risk", "attention-run-vip", "attention-dead-realtime"]
+    assert EVIL_ERROR in tree.by_testid("attention-run-churn_risk").all_text()  # the cause, in ODP's words
     assert "15,234" not in tree.by_testid("summary-members").all_text()  # total of all audiences
     assert "16,046" in tree.by_testid("summary-members").all_text()
     assert "alert" in tree.by_testid("summary-dead").classes()
@@ -421,8 +430,10 @@ def test_no_external_references_and_no_script(document: str, tree: Element) -> N
         str(value) for element in tree.iter() for name, value in element.attrs.items() if name != "class"
     )
     for element in tree.iter():
-        for name in ("src", "href", "srcset", "action", "xlink:href"):
+        for name in ("src", "srcset", "action", "xlink:href"):
             assert name not in element.attrs, (element.tag, name)
+        if "href" in element.attrs:  # only the runs' own pages, relative
+            assert re.fullmatch(r"runs/\d+", element.attrs["href"]), element.attrs["href"]
     assert not tree.iter("script") and not tree.iter("link") and not tree.iter("img")
     css = tree.iter("style")[0].all_text()
     assert "url(" not in css and "@import" not in css and "@font-face" not in css
@@ -473,3 +484,53 @@ def test_every_status_the_store_writes_has_its_colour_and_place() -> None:
     counts = {status.value: 1 for status in DeliveryStatus}
     rows = parse(page(deliveries=counts)).by_testid("deliveries").iter("tbody")[0].iter("tr")
     assert [r.attrs["data-testid"] for r in rows] == [f"delivery-{s}" for s in DeliveryStatus]
+
+
+def test_attention_is_the_current_state() -> None:
+    from audience_sync.daemon.web import attention_items
+
+    healthy = [audience("a", "A", 10, run(9, "a", "succeeded")), audience("b", "B", 5, run(8, "b", "planned"))]
+    assert attention_items(healthy, {"dead": 0, "pending": 3}) == []
+    calm = parse(page(audiences=healthy, runs=RUNS, deliveries={"pending": 3}))
+    assert "Nothing needs attention." in calm.by_testid("attention-none").all_text()
+    assert "alert" not in calm.by_testid("summary-attention").classes()  # old failures in the history: calm
+
+    unauthorized = "752 items were not acknowledged by ODP (HTTP 401: Unauthorized: ODP refused the API key)"
+    troubled = [
+        audience("a", "A", 10, run(9, "a", "failed", error=unauthorized), in_doubt=752, quarantined=2),
+        audience("b", "B", 5, run(8, "b", "succeeded")),
+    ]
+    items = attention_items(troubled, {"dead": 4}, {"b": "2024-05-01T00:00:00.000Z"})
+    assert [(i["kind"], i["audience"]) for i in items] == [
+        ("run", "a"), ("in_doubt", "a"), ("quarantined", "a"), ("stalled", "b"), ("dead", None),
+    ]  # fmt: skip
+    assert "HTTP 401: Unauthorized" in items[0]["message"] and items[0]["run_id"] == 9
+    assert "752 members in doubt" in items[1]["message"] and "the next run sends them again" in items[1]["message"]
+    assert "sync a --full" in items[2]["message"]
+    assert "2024-05-01 00:00:00 UTC" in items[3]["message"]
+    tree = parse(page(audiences=troubled, runs=RUNS, deliveries={"dead": 4}, stalled={"b": "2024-05-01T00:00:00Z"}))
+    assert "752 in doubt" in tree.by_testid("audience-a").all_text()
+    assert "2 quarantined" in tree.by_testid("audience-a").all_text()
+
+
+def test_a_run_page_lists_its_changes_with_odps_message() -> None:
+    from audience_sync.daemon.web import render_run_page
+
+    changes = [
+        {"member": "u1", "value": True, "outcome": "sent", "error": None},
+        {"member": "u<2>", "value": True, "outcome": "quarantined", "error": "quarantined: ... HTTP 400: bad email"},
+    ]
+    document = render_run_page(
+        run=run(45, "vip", "partial", quarantined=1), changes=changes, limit=1000, outcome=None, version="1"
+    )
+    parser = StrictParser()
+    parser.feed(document)
+    parser.close()
+    assert not parser.errors
+    tree = parse(document)
+    rows = tree.by_testid("changes").iter("tbody")[0].iter("tr")
+    assert "status-quarantined" in rows[1].classes() and "HTTP 400: bad email" in rows[1].all_text()
+    assert "u<2>" in rows[1].all_text() and "<2>" not in document
+    assert "partial" in tree.by_testid("run-record").all_text()
+    empty = parse(render_run_page(run=run(1, "a", "planned"), changes=[], limit=10, outcome="sent", version="1"))
+    assert "No changes" in empty.by_testid("changes-empty").all_text()
