@@ -314,8 +314,6 @@ class _Checker:
     def field(self, call: SCall, level: int, in_reducer: bool) -> Field:
         name = call.name
         argument = self.one_argument(call)
-        if argument.parent and name != "property":
-            self.fail(argument.start, "'parent:' is only for property(...), within(...) and between(...)")
         if level < 1:
             self.fail(
                 call.start,

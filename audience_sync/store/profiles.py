@@ -36,7 +36,7 @@ from audience_sync.identity import (
     lookup_keys,
     observe,
 )
-from audience_sync.store.engine import bind_value, driver_rows, is_sqlite, write_transaction
+from audience_sync.store.engine import bind_value, is_sqlite, write_transaction
 from audience_sync.store.profile_tables import profiles
 
 __all__ = [
@@ -92,7 +92,11 @@ def _cursor(conn: Connection) -> Any:
 
 
 def _sql(conn: Connection, sql: str) -> str:
-    return sql if is_sqlite(conn) else sql.replace("?", "%s")
+    """``?`` marks a parameter; ``??`` a list (PostgreSQL: an array, sent in binary, which psycopg
+    writes many times faster than the text form of a long array)."""
+    if is_sqlite(conn):
+        return sql.replace("??", "?")
+    return sql.replace("??", "%b").replace("?", "%s")
 
 
 def _execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> int:
@@ -100,6 +104,15 @@ def _execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> int:
     try:
         cursor.execute(_sql(conn, sql), tuple(params))
         return int(cursor.rowcount)
+    finally:
+        cursor.close()
+
+
+def _rows(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    cursor = _cursor(conn)
+    try:
+        cursor.execute(_sql(conn, sql), tuple(params))
+        return list(cursor.fetchall())
     finally:
         cursor.close()
 
@@ -118,7 +131,7 @@ def _in_list(conn: Connection, column: str) -> str:
     """``column`` among a list bound as one parameter (see :func:`_list_param`)."""
     if is_sqlite(conn):
         return f"{column} IN (SELECT value FROM json_each(?))"
-    return f"{column} = ANY(?)"
+    return f"{column} = ANY(??)"
 
 
 def _list_param(conn: Connection, values: Sequence[Any]) -> Any:
@@ -154,7 +167,7 @@ def _insert_rows(
         return int(raw.total_changes - before)
     arrays = [list(column) for column in zip(*rows, strict=True)]
     selected = ", ".join(f"CAST(u{i} AS JSONB)" if cast == "jsonb" else f"u{i}" for i, cast in enumerate(casts))
-    unnest = ", ".join(f"CAST(? AS {'text' if cast == 'jsonb' else cast}[])" for cast in casts)
+    unnest = ", ".join(f"CAST(?? AS {'text' if cast == 'jsonb' else cast}[])" for cast in casts)
     aliases = ", ".join(f"u{i}" for i in range(len(casts)))
     sql = f"INSERT INTO {table} ({names}) SELECT {selected} FROM unnest({unnest}) AS u({aliases}) {tail}"
     return _execute(conn, sql, arrays)
@@ -182,7 +195,7 @@ def _lookup(conn: Connection, keys: set[Key]) -> tuple[dict[Key, int], dict[int,
             "SELECT i.value, i.profile_id, p.user_id, p.anonymous_id FROM profile_identifiers i "
             f"JOIN profiles p ON p.id = i.profile_id WHERE i.kind = ? AND {_in_list(conn, 'i.value')}"
         )
-        for value, profile, user_id, anonymous_id in driver_rows(conn, sql, (kind, _list_param(conn, values))):
+        for value, profile, user_id, anonymous_id in _rows(conn, sql, (kind, _list_param(conn, values))):
             known[(kind, value)] = int(profile)
             stored[int(profile)] = _Stored(user_id, anonymous_id)
     return known, stored
@@ -200,10 +213,10 @@ def _allocate_ids(conn: Connection, count: int) -> list[int]:
     if count == 0:
         return []
     if is_sqlite(conn):
-        top = int(driver_rows(conn, "SELECT COALESCE(max(id), 0) FROM profiles", ())[0][0])
+        top = int(_rows(conn, "SELECT COALESCE(max(id), 0) FROM profiles", ())[0][0])
         return list(range(top + 1, top + 1 + count))
     sql = "SELECT nextval(pg_get_serial_sequence('profiles', 'id')) FROM generate_series(1, ?)"
-    return [int(row[0]) for row in driver_rows(conn, sql, (count,))]
+    return [int(row[0]) for row in _rows(conn, sql, (count,))]
 
 
 def _record_batch(
@@ -412,7 +425,7 @@ def _merge_profiles(conn: Connection, absorbed: int, survivor: int, query_audien
     """Move everything of ``absorbed`` to ``survivor`` and leave a tombstone; permanent."""
     rows = {
         int(row[0]): row[1:]
-        for row in driver_rows(
+        for row in _rows(
             conn, "SELECT id, user_id, email, email_ts FROM profiles WHERE id IN (?, ?)", (absorbed, survivor)
         )
     }
@@ -522,7 +535,7 @@ def find_profile(conn: Connection, identifier: str) -> int | None:
     """The live profile of ``identifier``: a ``user_id``, an ``email``, an ``anonymous_id`` (in that
     order), or a profile id (an absorbed one leads to its survivor). None when unknown."""
     for kind in (USER_ID, EMAIL, ANONYMOUS_ID):
-        rows = driver_rows(
+        rows = _rows(
             conn, "SELECT profile_id FROM profile_identifiers WHERE kind = ? AND value = ?", (kind, identifier)
         )
         if rows:
@@ -530,7 +543,7 @@ def find_profile(conn: Connection, identifier: str) -> int | None:
     if identifier.isdigit():
         profile: int | None = int(identifier)
         for _ in range(100):  # merged_into chains are compressed at each merge; this is a bound, not a loop
-            rows = driver_rows(conn, "SELECT merged_into FROM profiles WHERE id = ?", (profile,))
+            rows = _rows(conn, "SELECT merged_into FROM profiles WHERE id = ?", (profile,))
             if not rows:
                 return None
             if rows[0][0] is None:
@@ -553,7 +566,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
     """A profile as ``profiles show --json`` prints it, without the audiences: ``{"profile", "user_id",
     "email", "anonymous_ids", "traits", "events"}`` (the latest ``events``, newest first); None when
     there is no such live profile."""
-    rows = driver_rows(
+    rows = _rows(
         conn, "SELECT user_id, email, anonymous_id FROM profiles WHERE id = ? AND merged_into IS NULL", (profile_id,)
     )
     if not rows:
@@ -561,7 +574,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
     user_id, email, anonymous_id = rows[0]
     anonymous_ids = sorted(
         row[0]
-        for row in driver_rows(
+        for row in _rows(
             conn, "SELECT value FROM profile_identifiers WHERE profile_id = ? AND kind = ?", (profile_id, ANONYMOUS_ID)
         )
     )
@@ -570,7 +583,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
         anonymous_ids.insert(0, anonymous_id)
     traits = {
         key: _decode(conn, value)
-        for key, value in driver_rows(
+        for key, value in _rows(
             conn,
             "SELECT key, value FROM profile_traits WHERE profile_id = ? AND value IS NOT NULL ORDER BY key",
             (profile_id,),
@@ -578,7 +591,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
     }
     latest = [
         {"event": event, "timestamp": _iso_ms(int(ts)), "properties": _decode(conn, properties) or {}}
-        for event, ts, properties in driver_rows(
+        for event, ts, properties in _rows(
             conn,
             "SELECT event, ts, properties FROM profile_events WHERE profile_id = ? AND event IS NOT NULL "
             "ORDER BY ts DESC, id DESC LIMIT ?",
