@@ -20,10 +20,12 @@ only) plus one identify per profile (traits ``plan`` and ``email``), 11,000,000 
    ``store.evaluate`` and stages it (``INSERT INTO <temp table> SELECT ...``, what a run of a query
    audience does); the floor is hand-written SQL giving the same members or values, inserted into a
    temp table the same way. The script checks both give the same rows (count, sum of member ids, sum
-   of values). Target: each product time <= 2x its floor; peak RSS <= 500 MB.
+   of values). Target: each product time <= 2x its floor; peak RSS <= 500 MB. One child process per
+   query runs product and floor alternately on one connection, a warm-up of each first, as the daemon
+   evaluates in a long-lived process.
 
-Every measurement runs in its own child process (this script with ``--phase ...``), so that its peak
-RSS is its own. Product and floor alternate, ``--repeat`` times; medians and ranges are reported.
+Every import runs in its own child process (this script with ``--phase ...``), so that its peak RSS is
+its own; product and floor alternate ``--repeat`` times. Medians and ranges are reported.
 PostgreSQL runs in a database created for the run (dropped at the end), SQLite in a temp folder.
 Figures are printed and written to ``benchmarks/out/bench_profiles_<scale>.json``.
 """
@@ -301,7 +303,9 @@ def _floor_window(number: int) -> dict[str, int]:
     return {"lo": NOW_MS - days * DAY_MS, "hi": NOW_MS}
 
 
-def phase_evaluate(url: str, number: int, which: str) -> None:
+def phase_evaluate(url: str, number: int, repeat: int) -> None:
+    """Query ``number``: product and floor alternately, ``repeat`` times each after one warm-up of each,
+    in one connection (as the daemon evaluates: a long-lived process, warm caches)."""
     from datetime import UTC, datetime
 
     from sqlalchemy import text
@@ -311,42 +315,38 @@ def phase_evaluate(url: str, number: int, which: str) -> None:
 
     engine = _engine(url)
     now = datetime.fromtimestamp(NOW_MS / 1000, UTC)
+    query = check_query(QUERIES[number])
+    columns = "member, user_id, email, anonymous_id, optimizely_vuid, value"
+    runs: dict[str, list[float]] = {"product": [], "floor": []}
+    rows: dict[str, int] = {}
+    digests: dict[str, list[Any]] = {}
     with engine.connect() as conn:
-        sqlite = conn.dialect.name == "sqlite"
-        conn.exec_driver_sql(
-            "CREATE TEMP TABLE bench_stage (member TEXT, user_id TEXT, email TEXT, anonymous_id TEXT, "
-            "optimizely_vuid TEXT, value TEXT)"
-        )
-        query = check_query(QUERIES[number])
-        cpu, started = cpu_seconds(), time.perf_counter()
-        if which == "product":
-            rows = stage_query(conn, query, now, table="bench_stage")
-        else:
-            columns = "member, user_id, email, anonymous_id, optimizely_vuid, value"
-            sql = f"INSERT INTO bench_stage ({columns}) {floor_sql(conn.dialect.name, number)}"
-            rows = conn.execute(text(sql), _floor_window(number)).rowcount
-        seconds = time.perf_counter() - started
-        cpu = cpu_seconds() - cpu
-        number_type = "REAL" if sqlite else "DOUBLE PRECISION"
-        digest = conn.execute(
-            text(
-                "SELECT count(*), COALESCE(sum(CAST(member AS BIGINT)), 0), COALESCE(sum(CASE WHEN value IN ('true', "
-                "'false') "
-                f"OR value LIKE '\"%' THEN length(value) ELSE CAST(value AS {number_type}) END), 0) FROM bench_stage"
-            )
-        ).one()
-        conn.rollback()
+        number_type = "REAL" if conn.dialect.name == "sqlite" else "DOUBLE PRECISION"
+        floor = f"INSERT INTO bench_stage ({columns}) {floor_sql(conn.dialect.name, number)}"
+        for attempt in range(repeat + 1):
+            for which in ("product", "floor"):
+                conn.exec_driver_sql("DROP TABLE IF EXISTS bench_stage")
+                conn.exec_driver_sql(f"CREATE TEMP TABLE bench_stage ({columns.replace(',', ' TEXT,')} TEXT)")
+                started = time.perf_counter()
+                if which == "product":
+                    rows[which] = stage_query(conn, query, now, table="bench_stage")
+                else:
+                    rows[which] = conn.execute(text(floor), _floor_window(number)).rowcount
+                seconds = time.perf_counter() - started
+                if attempt:  # the first of each is the warm-up
+                    runs[which].append(round(seconds, 4))
+                digest = conn.execute(
+                    text(
+                        "SELECT count(*), COALESCE(sum(CAST(member AS BIGINT)), 0), COALESCE(sum(CASE WHEN value IN "
+                        "('true', 'false') OR value LIKE '\"%' THEN length(value) "
+                        f"ELSE CAST(value AS {number_type}) "
+                        "END), 0) FROM bench_stage"
+                    )
+                ).one()
+                digests[which] = [int(digest[0]), int(digest[1]), round(float(digest[2]), 2)]
+                conn.rollback()
     engine.dispose()
-    _emit(
-        {
-            "phase": f"evaluate-{which}",
-            "query": number,
-            "seconds": round(seconds, 3),
-            "cpu_seconds": round(cpu, 3),
-            "rows": int(rows),
-            "digest": [int(digest[0]), int(digest[1]), round(float(digest[2]), 2)],
-        }
-    )
+    _emit({"phase": "evaluate", "query": number, "runs": runs, "rows": rows, "digests": digests})
 
 
 # --------------------------------------------------------------------------------------------- parent
@@ -440,39 +440,45 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[s
             "product": summary(product),
             "floor": summary(floor),
             "ratios": ratios,
-            "median_ratio": statistics.median(ratios),
+            "median_ratio": round(statistics.median(ratios), 3),
             "median_rate": statistics.median(r["rate"] for r in product),
             "median_floor_rate": statistics.median(r["rate"] for r in floor),
         }
         store.analyze()
         evaluations = []
         for number, query in enumerate(QUERIES):
-            runs: dict[str, list[dict[str, Any]]] = {"product": [], "floor": []}
-            pair_ratios = []
-            for _ in range(args.repeat):
-                for which in ("product", "floor"):
-                    runs[which].append(
-                        run_child(["--phase", "evaluate", "--url", store.url, "--query", str(number), "--which", which])
-                    )
-                pair_ratios.append(round(runs["product"][-1]["seconds"] / runs["floor"][-1]["seconds"], 2))
-            same = runs["product"][-1]["digest"][:2] == runs["floor"][-1]["digest"][:2] and abs(
-                runs["product"][-1]["digest"][2] - runs["floor"][-1]["digest"][2]
-            ) <= 1e-6 * max(1.0, abs(runs["floor"][-1]["digest"][2]))
+            result = run_child(
+                ["--phase", "evaluate", "--url", store.url, "--query", str(number), "--repeat", str(args.repeat)]
+            )
+            product, floor_runs = result["runs"]["product"], result["runs"]["floor"]
+            pair_ratios = [round(p / f, 2) for p, f in zip(product, floor_runs, strict=True)]
+            mine, theirs = result["digests"]["product"], result["digests"]["floor"]
+            same = mine[:2] == theirs[:2] and abs(mine[2] - theirs[2]) <= 1e-6 * max(1.0, abs(theirs[2]))
             row = {
                 "query": query,
-                "product": summary(runs["product"]),
-                "floor": summary(runs["floor"]),
+                "product_seconds": {
+                    "median": statistics.median(product),
+                    "min": min(product),
+                    "max": max(product),
+                    "runs": product,
+                },
+                "floor_seconds": {
+                    "median": statistics.median(floor_runs),
+                    "min": min(floor_runs),
+                    "max": max(floor_runs),
+                    "runs": floor_runs,
+                },
                 "ratios": pair_ratios,
-                "median_ratio": statistics.median(pair_ratios),
-                "rows": runs["product"][-1]["rows"],
+                "median_ratio": round(statistics.median(pair_ratios), 3),
+                "rows": result["rows"]["product"],
                 "same_result": same,
+                "peak_rss_mb": result["peak_rss_mb"],
             }
             evaluations.append(row)
             print(
-                f"  [{kind}] Q{number + 1}: product {row['product']['median_seconds']:.3f}s, floor "
-                f"{row['floor']['median_seconds']:.3f}s, ratio {row['median_ratio']} ({pair_ratios}), rows "
-                f"{row['rows']:,}, "
-                f"same result: {same}",
+                f"  [{kind}] Q{number + 1}: product {row['product_seconds']['median']:.3f}s, floor "
+                f"{row['floor_seconds']['median']:.3f}s, ratio {row['median_ratio']} ({pair_ratios}), "
+                f"rows {row['rows']:,}, same result: {same}, {row['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
         out["evaluate"] = evaluations
@@ -506,7 +512,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 "pass": imp["median_ratio"] >= IMPORT_RATIO_TARGET,
             }
         )
-        rss = max(imp["product"]["peak_rss_mb"], *(e["product"]["peak_rss_mb"] for e in result["evaluate"]))
+        rss = max(imp["product"]["peak_rss_mb"], *(e["peak_rss_mb"] for e in result["evaluate"]))
         targets.append(
             {"name": f"{kind} peak RSS <= {RSS_TARGET_MB:.0f} MB", "value": rss, "pass": rss <= RSS_TARGET_MB}
         )
@@ -546,7 +552,6 @@ def main() -> int:
     parser.add_argument("--phase", choices=("import", "import-floor", "evaluate"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--query", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--which", choices=("product", "floor"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase == "import":
         phase_import(args.url, args.scale)
@@ -555,7 +560,7 @@ def main() -> int:
         phase_import_floor(args.url, args.scale)
         return 0
     if args.phase == "evaluate":
-        phase_evaluate(args.url, args.query, args.which)
+        phase_evaluate(args.url, args.query, args.repeat)
         return 0
     return orchestrate(args)
 

@@ -163,10 +163,11 @@ class _Json:
     """Typed views of a JSON value: ``doc`` (+ ``path`` on SQLite) or a JSONB expression on PostgreSQL.
     Every view is NULL when the value is missing, JSON null, or not of that type."""
 
-    def __init__(self, dialect: _Dialect, doc: str, path: str = "'$'") -> None:
+    def __init__(self, dialect: _Dialect, doc: str, path: str = "'$'", text: str | None = None) -> None:
         self.d = dialect
         self.doc = doc
         self.path = path
+        self.text_sql = text  # PostgreSQL: the value as text straight from its object (->>), if known
 
     @property
     def _v(self) -> str:
@@ -178,12 +179,17 @@ class _Json:
 
     @property
     def _text(self) -> str:
-        return f"({self.doc} #>> '{{}}')"
+        return self.text_sql or f"({self.doc} #>> '{{}}')"
 
     def present(self) -> str:
+        """True or false (never NULL): the value exists and is not JSON null."""
         if self.d.sqlite:
             return f"({self._v} IS NOT NULL)"
         return f"(COALESCE({self._t}, 'null') <> 'null')"
+
+    def present_filter(self) -> str:
+        """:meth:`present` for a WHERE clause, where NULL may stand for false (cheaper)."""
+        return f"({self._v} IS NOT NULL)" if self.d.sqlite else f"({self._text} IS NOT NULL)"
 
     def number(self) -> str:
         """JSON numbers only."""
@@ -230,13 +236,24 @@ class _Json:
             )
         return f"CASE WHEN {self.present()} THEN CAST({self.doc} AS TEXT) END"
 
-    def key(self) -> str:
-        """What groups equal values (mode, unique): JSON text on SQLite, the JSONB itself on PostgreSQL."""
-        return self.json_text() if self.d.sqlite else f"CASE WHEN {self.present()} THEN {self.doc} END"
+    def text_key(self) -> str:
+        """The value as text, what mode and unique compare (as Segment, they take every value as a
+        string: 12 and "12" are one value): strings as they are, numbers, booleans and objects as
+        their JSON text; NULL when missing or null."""
+        if not self.d.sqlite:
+            return self._text
+        v = self._v
+        return (
+            f"CASE typeof({v}) WHEN 'text' THEN {v} WHEN 'integer' THEN CASE {self._t} WHEN 'true' THEN 'true' "
+            f"WHEN 'false' THEN 'false' ELSE CAST({v} AS TEXT) END ELSE CAST({v} AS TEXT) END"
+        )
 
     def carried(self) -> str:
-        """The value as a subquery hands it to its outer query, which wraps it in a new :class:`_Json`."""
-        return self.json_text() if self.d.sqlite else self.key()
+        """The value (known to be present) as a subquery hands it to its outer query, which wraps it in a
+        new :class:`_Json`: JSON text on SQLite, the JSONB on PostgreSQL."""
+        if self.d.arrow:
+            return f"({self.doc} -> {self.path})"
+        return self.json_text() if self.d.sqlite else self.doc
 
 
 @dataclass
@@ -330,8 +347,10 @@ class _Compiler:
             path = "$" + "".join(f'."{part}"' for part in node.path)
             return _Json(self.d, owner, self.param(path))
         if len(node.path) == 1:
-            return _Json(self.d, f"({owner} -> {self.param(node.path[0])})")
-        return _Json(self.d, f"({owner} #> {self.param(list(node.path))})")
+            key = self.param(node.path[0])
+            return _Json(self.d, f"({owner} -> {key})", text=f"({owner} ->> {key})")
+        path = self.param(list(node.path))
+        return _Json(self.d, f"({owner} #> {path})", text=f"({owner} #>> {path})")
 
     def trait(self, key: str, scope: _Scope) -> _Val:
         if key in self.computed:
@@ -435,7 +454,7 @@ class _Compiler:
         if fn == "avg":
             return f"avg({value.number_loose()})", "number"
         if fn == "unique_count":
-            return f"count(DISTINCT {value.key()})", "number"
+            return f"count(DISTINCT {value.text_key()})", "number"
         if reduce.as_type == "string":
             return f"{fn}({self.d.binary(value.string())})", "string"
         return f"{fn}({value.number_loose()})", "number"
@@ -469,21 +488,23 @@ class _Compiler:
             join = _Join(f"({self.ranked(reduce, plan)}) {alias} ON {alias}.pid = p.id", alias=alias)
             self.reducers[reduce] = join
             self.joins.append(join)
+        if fn == "mode":
+            return _Val("string", sql=f"{join.alias}.v")
         return _Val("json", json=_Json(self.d, f"{join.alias}.v"))
 
     def ranked(self, reduce: Reduce, plan: _StreamPlan) -> str:
         """first / last / mode of a top-level stream: one row per profile that has a value."""
         assert reduce.field is not None
         value = self.field(reduce.field, _Scope(1))
-        present = value.present()
+        present = value.present_filter()
         if reduce.function == "mode":
             grouped = (
-                f"SELECT e1.profile_id AS pid, {value.key()} AS v, count(*) AS c, max(e1.ts) AS m "
+                f"SELECT e1.profile_id AS pid, {value.text_key()} AS v, count(*) AS c, max(e1.ts) AS m "
                 f"{plan.source} AND {present} GROUP BY 1, 2"
             )
             return (
-                "SELECT pid, v FROM (SELECT pid, v, row_number() OVER (PARTITION BY pid ORDER BY c DESC, m DESC, v) "
-                f"AS rn FROM ({grouped}) g WHERE c >= {reduce.min_frequency}) x WHERE rn = 1"
+                "SELECT pid, v FROM (SELECT pid, v, row_number() OVER (PARTITION BY pid ORDER BY c DESC, m DESC, "
+                f"{self.d.binary('v')}) AS rn FROM ({grouped}) g WHERE c >= {reduce.min_frequency}) x WHERE rn = 1"
             )
         direction = "ASC" if reduce.function == "first" else "DESC"
         return (
@@ -505,13 +526,14 @@ class _Compiler:
                 expr = f"COALESCE({expr}, 0)"
             return _Val(kind, sql=f"(SELECT {expr} {source})")
         assert value is not None
-        present = value.present()
+        present = value.present_filter()
         if fn == "mode":
-            key = value.key()
             sql = (
-                f"(SELECT v FROM (SELECT {key} AS v, count(*) AS c, max(e{level}.ts) AS m {source} AND {present} "
-                f"GROUP BY 1) g WHERE c >= {reduce.min_frequency} ORDER BY c DESC, m DESC, v LIMIT 1)"
+                f"(SELECT v FROM (SELECT {value.text_key()} AS v, count(*) AS c, max(e{level}.ts) AS m {source} "
+                f"AND {present} GROUP BY 1) g WHERE c >= {reduce.min_frequency} "
+                f"ORDER BY c DESC, m DESC, {self.d.binary('v')} LIMIT 1)"
             )
+            return _Val("string", sql=sql)
         else:
             direction = "ASC" if fn == "first" else "DESC"
             sql = (

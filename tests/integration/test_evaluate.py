@@ -212,10 +212,12 @@ def test_mode_needs_the_minimum_frequency_and_prefers_the_latest(store: Store) -
         *(track("v", "Viewed", NOW - d * DAY, category=c) for d, c in [(1, "x"), (2, "y"), (3, "z")]),
         *(track("w", "Viewed", NOW - d * DAY, category=c) for d, c in [(1, 1), (2, "1"), (3, 1)]),
     )
-    assert store.values("event('Viewed').mode(property('category'), 2)") == {"u": "a", "w": 1}
-    assert store.values("event('Viewed').mode(property('category'), 1)") == {"u": "a", "v": "x", "w": 1}
-    assert store.values("event('Viewed').mode(property('category'), 3)") == {}
-    assert store.values("event('Viewed').between(2 days, 5 days).mode(property('category'), 2)") == {"u": "b"}
+    # as in Segment, mode takes every value as a string: 1 and "1" are the same value, and the mode is text
+    assert store.values("event('Viewed').mode(property('category'), 2)") == {"u": "a", "w": "1"}
+    assert store.values("event('Viewed').mode(property('category'), 1)") == {"u": "a", "v": "x", "w": "1"}
+    assert store.values("event('Viewed').mode(property('category'), 3)") == {"w": "1"}
+    assert store.values("event('Viewed').between(2 days, 5 days).mode(property('category'), 2)") == {"u": "b", "w": "1"}
+    assert store.members("event('Viewed').mode(property('category'), 2) = 1") == {"w"}
     assert store.members("event('Viewed').mode(property('category'), 2) = 'a'") == {"u"}
 
 
@@ -225,8 +227,8 @@ def test_unique_count(store: Store) -> None:
         track("u", "Viewed", NOW - 6 * DAY),
         track("v", "Viewed", NOW - DAY),
     )
-    assert store.values("event('Viewed').unique(property('sku')).count()") == {"u": 4, "v": 0}
-    assert store.members("event('Viewed').unique(property('sku')).count() >= 4") == {"u"}
+    assert store.values("event('Viewed').unique(property('sku')).count()") == {"u": 3, "v": 0}  # 1 and "1" are one
+    assert store.members("event('Viewed').unique(property('sku')).count() >= 3") == {"u"}
     assert store.members("event('Viewed').unique(property('sku')).count() = 0") == {"v"}
 
 
