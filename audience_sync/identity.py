@@ -95,57 +95,75 @@ class Observation:
         return keys
 
 
+def _id(value: Any) -> str | None:
+    """An identifier as ingestion accepts it: a non-empty string (numbers are ids too)."""
+    if type(value) is str:
+        return value or None
+    return _text(value)
+
+
 def observe(message: Mapping[str, Any]) -> Observation:
     """The :class:`Observation` of an accepted message (as ``realtime.messages.prepare`` stores it).
 
     Raises ValueError when the message has no usable ``messageId``, ``timestamp`` or identifier.
     """
-    message_id = _text(message.get("messageId"))
+    get = message.get
+    message_id = _id(get("messageId"))
     if message_id is None:
         raise ValueError("the message has no messageId")
-    ts = _time_ms(message.get("timestamp"))
+    ts = _time_ms(get("timestamp"))
     if ts is None:
-        ts = _time_ms(message.get("receivedAt"))
+        ts = _time_ms(get("receivedAt"))
         if ts is None:
             raise ValueError("the message has no valid timestamp")
-    kind = message.get("type")
-    user_id = _text(message.get("userId"))
-    anonymous_id = _text(message.get("anonymousId"))
+    user_id = _id(get("userId"))
+    anonymous_id = _id(get("anonymousId"))
     if user_id is None and anonymous_id is None:
         raise ValueError("the message has neither userId nor anonymousId")
-    context = message.get("context")
-    context = context if isinstance(context, dict) else None
-    traits = message.get("traits") if kind == "identify" else None
-    traits = traits if isinstance(traits, dict) else None
-    email = _text(traits.get("email")) if traits else None
-    if email is None and context is not None:
-        context_traits = context.get("traits")
-        if isinstance(context_traits, dict):
+    kind = get("type")
+    context = get("context")
+    if type(context) is not dict:
+        context = None
+    traits: dict[str, Any] | None = None
+    email: str | None = None
+    if kind == "identify":
+        traits = get("traits")
+        if type(traits) is not dict:
+            traits = None
+        elif "email" in traits:
+            email = _text(traits["email"])
+    if email is None and context is not None and "traits" in context:
+        context_traits = context["traits"]
+        if type(context_traits) is dict:
             email = _text(context_traits.get("email"))
     event: str | None = None
-    properties = message.get("properties")
-    properties = properties if isinstance(properties, dict) else None
+    properties: dict[str, Any] | None = None
     if kind == "track":
-        event = _text(message.get("event"))
-    elif kind in ("page", "screen"):
+        event = _text(get("event"))
+    elif kind == "page" or kind == "screen":
         event = PAGE_EVENT if kind == "page" else SCREEN_EVENT
-        name = message.get("name")
-        if name is not None and (properties is None or "name" not in properties):
-            properties = {**(properties or {}), "name": name}
-    if event is None:
-        properties = None
+    if event is not None:
+        properties = get("properties")
+        if type(properties) is not dict:
+            properties = None
+        if kind != "track":
+            name = get("name")
+            if name is not None and (properties is None or "name" not in properties):
+                properties = {**(properties or {}), "name": name}
+    else:
+        context = None
     return Observation(
-        message_id=message_id,
-        type=str(kind),
-        ts=ts,
-        user_id=user_id,
-        anonymous_id=anonymous_id,
-        previous_id=_text(message.get("previousId")) if kind == "alias" else None,
-        email=email,
-        traits=traits,
-        event=event,
-        properties=properties,
-        context=context if event is not None else None,
+        message_id,
+        str(kind),
+        ts,
+        user_id,
+        anonymous_id,
+        _id(get("previousId")) if kind == "alias" else None,
+        email,
+        traits,
+        event,
+        properties,
+        context,
     )
 
 
