@@ -61,7 +61,16 @@ from audience_sync.query.ast import (
     Window,
 )
 
-__all__ = ["Compiled", "Preview", "compile_query", "preview", "profile_values", "stage_query"]
+__all__ = [
+    "STAGE_COLUMNS",
+    "Compiled",
+    "ComputedReferenceError",
+    "Preview",
+    "compile_query",
+    "preview",
+    "profile_values",
+    "stage_query",
+]
 
 STAGE_COLUMNS: Final = ("member", "user_id", "email", "anonymous_id", "optimizely_vuid", "value")
 _NUMERIC_TEXT: Final = r"^\s*-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?\s*$"

@@ -364,7 +364,7 @@ def record_messages(
 ) -> RecordResult:
     """Record accepted messages (as ``realtime.messages.prepare`` stores them) into profiles, in
     ``conn``'s transaction: the caller commits, so that the messages and their profiles are committed
-    together (on SQLite, begin it with ``engine.begin_write``).
+    together (SQLite: open it with ``store.engine.write_transaction``, which takes the write lock first).
 
     Merges move the absorbed profile's acknowledged state in ``query_audiences`` (the keys of audiences
     whose source is a query) to the survivor (:func:`move_acknowledged`). A message that cannot be
@@ -400,6 +400,11 @@ def import_messages(
         result.merges += len(done.merges)
         if on_batch is not None:
             on_batch(result)
+    if result.accepted and engine.dialect.name == "postgresql":
+        # Fresh statistics at once, so that the first evaluation after a big import is planned for
+        # what the tables hold (autovacuum would get there, later).
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE profiles, profile_identifiers, profile_events, profile_traits")
     return result
 
 
