@@ -440,3 +440,38 @@ def test_profile_ids_restrict_the_evaluation(store: Store) -> None:
         ids = dict(conn.execute(text("SELECT user_id, id FROM profiles")).all())
     assert store.values("event('Order').count() >= 1", profile_ids=[ids["a"], ids["c"]]) == {"a": True, "c": False}
     assert store.values("event('Order').count()", profile_ids=[ids["b"]]) == {"b": 1}
+
+
+def test_names_with_quotes_and_spaces_are_bound_not_spliced(store: Store) -> None:
+    store.load(
+        {
+            **track("u", 'It\'s "done"; DROP TABLE profiles', NOW - DAY, **{"a b": "x'y", "n": {"k.z": 1}}),
+            "context": {"page": {"url": "/p"}},
+        },
+        identify("u", **{"odd'key": "v"}),
+    )
+    assert store.members(
+        'event("It\'s \\"done\\"; DROP TABLE profiles").where(property(\'a b\') = "x\'y").count() >= 1'
+    ) == {"u"}
+    assert store.members("trait(\"odd'key\") = 'v'") == {"u"}
+    assert store.values('event("It\'s \\"done\\"; DROP TABLE profiles").first(context(\'page.url\'))') == {"u": "/p"}
+
+
+def test_traits_inside_a_funnel_step(store: Store) -> None:
+    store.load(
+        identify("a", threshold=10),
+        track("a", "Bought", NOW - 3 * DAY),
+        track("a", "Returned", NOW - 2 * DAY, amount=12),
+        identify("b", threshold=50),
+        track("b", "Bought", NOW - 3 * DAY),
+        track("b", "Returned", NOW - 2 * DAY, amount=12),
+    )
+    query = (
+        "event('Bought').where(event('Returned').where(property('amount') > trait('threshold'))"
+        ".within(parent: 2 days).count() >= 1).count() >= 1"
+    )
+    assert store.members(query) == {"a"}
+    mode = (
+        "event('Bought').where(event('Returned').within(parent: 2 days).mode(property('amount'), 1) = '12').count() = 1"
+    )
+    assert store.members(mode) == {"a", "b"}
