@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Final, Literal, NoReturn
 
 from audience_sync.query.ast import (
+    COMPARISONS,
     And,
     CheckedQuery,
     Compare,
@@ -62,27 +63,7 @@ QueryKind = Literal["audience", "trait"]
 EXTRACTORS: Final = ("event", "trait", "property", "context", "literal")
 FILTERS: Final = ("where", "within", "between")
 REDUCERS: Final = ("count", "sum", "avg", "min", "max", "first", "last", "mode", "unique")
-COMPARATORS: Final = (
-    "equals",
-    "differs",
-    "greater_than",
-    "at_least",
-    "less_than",
-    "at_most",
-    "absent",
-    "exists",
-    "contains",
-    "omits",
-    "starts_with",
-    "ends_with",
-    "one_of",
-    "before_date",
-    "after_date",
-    "within_last",
-    "before_last",
-    "within_next",
-    "after_next",
-)
+COMPARATORS: Final = COMPARISONS
 SUGAR: Final = {
     "=": "equals",
     "==": "equals",
