@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+import audience_sync.store.profile_tables  # noqa: F401  (registers the profile tables on the shared MetaData)
+
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("AUDIENCE_SYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES") == "1"
