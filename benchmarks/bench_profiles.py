@@ -213,7 +213,7 @@ def _floor_table(engine: Any) -> Any:
 
 
 def phase_import_floor(url: str, scale: float) -> None:
-    from audience_sync.store.engine import is_sqlite
+    from audience_sync.store.dialect import is_sqlite
 
     engine = _engine(url)
     table = _floor_table(engine)

@@ -133,7 +133,7 @@ class _Checker:
     def fail(self, at: int, reason: str) -> NoReturn:
         raise QueryError(self.source, at, reason)
 
-    def text(self, start: int, end: int) -> str:
+    def snippet(self, start: int, end: int) -> str:
         written = " ".join(self.source[start:end].split())
         return written if len(written) <= 60 else written[:57] + "..."
 
@@ -160,7 +160,7 @@ class _Checker:
         if isinstance(node, SValue):
             self.fail(
                 node.start,
-                f"expected a condition, found the value {self.text(node.start, node.end)}; "
+                f"expected a condition, found the value {self.snippet(node.start, node.end)}; "
                 "compare something with it, e.g. trait('plan') = 'pro'",
             )
         typed = self.chain(node, level)
@@ -172,7 +172,7 @@ class _Checker:
             )
             self.fail(
                 node.end,
-                f"expected a condition (true or false), but {self.text(node.start, node.end)} is "
+                f"expected a condition (true or false), but {self.snippet(node.start, node.end)} is "
                 f"{_what(typed)}; end it with {ending}",
             )
         return typed
@@ -183,7 +183,7 @@ class _Checker:
             self.fail(
                 node.start,
                 f"a comparison starts with what it compares, not a value: write e.g. trait('plan') {node.op} "
-                f"{self.text(node.left.start, node.left.end)}",
+                f"{self.snippet(node.left.start, node.left.end)}",
             )
         if not isinstance(node.left, SChain):
             self.fail(node.op_start, f"{node.op!r} compares a value, not a condition")
@@ -199,7 +199,7 @@ class _Checker:
         if isinstance(typed, _Stream):
             self.fail(
                 at,
-                f"{what} compares a value, but {self.text(node.start, node.end)} is an event stream; "
+                f"{what} compares a value, but {self.snippet(node.start, node.end)} is an event stream; "
                 "reduce it first, e.g. .count()",
             )
         if isinstance(typed, _List):
@@ -218,10 +218,10 @@ class _Checker:
             if isinstance(typed, _Stream | _List | Compare):
                 self.fail(
                     node.start,
-                    f"expected a value to compare with, but {self.text(node.start, node.end)} is {_what(typed)}",
+                    f"expected a value to compare with, but {self.snippet(node.start, node.end)} is {_what(typed)}",
                 )
             return typed
-        self.fail(node.start, f"expected a value to compare with, found {self.text(node.start, node.end)}")
+        self.fail(node.start, f"expected a value to compare with, found {self.snippet(node.start, node.end)}")
 
     def value(self, node: SValue, purpose: str) -> Value:
         if node.kind == "null":
@@ -235,7 +235,7 @@ class _Checker:
 
     def chain(self, node: SExpr, level: int) -> _Typed:
         if not isinstance(node, SChain):
-            self.fail(node.start, f"expected a function call, found {self.text(node.start, node.end)}")
+            self.fail(node.start, f"expected a function call, found {self.snippet(node.start, node.end)}")
         typed = self.extractor(node.calls[0], level)
         for call in node.calls[1:]:
             typed = self.step(typed, call, level)
@@ -390,7 +390,7 @@ class _Checker:
         if not isinstance(value, SDuration):
             self.fail(
                 argument.start,
-                f"expected a duration such as '30 days', found {self.text(argument.start, argument.end)}",
+                f"expected a duration such as '30 days', found {self.snippet(argument.start, argument.end)}",
             )
         unit = _UNITS.get(value.unit.lower())
         if unit is None:
@@ -529,7 +529,7 @@ def check_query(source: str, kind: QueryKind | None = None) -> CheckedQuery:
         elif isinstance(typed, _Stream):
             checker.fail(
                 tree.end,
-                f"{checker.text(tree.start, tree.end)} is an event stream; end it with a reducer "
+                f"{checker.snippet(tree.start, tree.end)} is an event stream; end it with a reducer "
                 "(e.g. .count()) and, for an audience, a comparison (e.g. >= 1)",
             )
         elif isinstance(typed, _List):

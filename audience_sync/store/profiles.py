@@ -36,8 +36,9 @@ from audience_sync.identity import (
     lookup_keys,
     observe,
 )
-from audience_sync.store.engine import bind_value, is_sqlite, write_transaction
+from audience_sync.store.dialect import bind_value, is_sqlite, write_transaction
 from audience_sync.store.profile_tables import profiles
+from audience_sync.timestamps import iso, utcnow
 
 __all__ = [
     "DEFAULT_RETENTION",
@@ -371,7 +372,7 @@ def record_messages(
     recorded (no usable id or timestamp) raises ValueError: ingestion never accepts one.
     """
     observations = [observe(message) for message in messages]
-    return _record_batch(conn, observations, query_audiences, now or datetime.now(UTC))
+    return _record_batch(conn, observations, query_audiences, now or utcnow())
 
 
 def import_messages(
@@ -391,7 +392,7 @@ def import_messages(
     ``on_batch`` gets the running totals after each commit.
     """
     result = ImportResult()
-    stamp = now or datetime.now(UTC)
+    stamp = now or utcnow()
     for observations in _batches(messages, batch_size, result):
         with write_transaction(engine) as conn:
             done = _record_batch(conn, observations, query_audiences, stamp)
@@ -563,8 +564,7 @@ def _decode(conn: Connection, value: Any) -> Any:
 
 
 def _iso_ms(ms: int) -> str:
-    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms))
 
 
 def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> dict[str, Any] | None:

@@ -167,7 +167,7 @@ def test_history_shows_each_runs_duration_and_error(project: Project) -> None:
     header, failed, succeeded = project.cli("history").stdout.splitlines()
     assert header.split() == [
         "id", "audience", "mode", "trigger", "status", "started_at", "duration",
-        "members", "entered", "exited", "invalid", "sent", "failed", "requests", "error",
+        "members", "entered", "exited", "invalid", "sent", "failed", "quarantined", "requests", "error",
     ]  # fmt: skip
     assert failed.split()[4] == "failed" and failed.split()[6].endswith("s")
     assert "source query of audience" in failed and failed.endswith("...")  # cut to fit, whole in show

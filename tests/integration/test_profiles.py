@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import Engine, text
 
 from audience_sync.store import migrate
-from audience_sync.store.engine import make_engine, write_transaction
+from audience_sync.store.dialect import write_transaction
+from audience_sync.store.engine import make_engine
 from audience_sync.store.profiles import (
     RecordResult,
     find_profile,

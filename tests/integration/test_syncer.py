@@ -498,6 +498,9 @@ def test_an_unforeseen_failure_fails_its_run_with_the_cause_and_returns_its_reco
         record = syncer.sync(audience)
     finally:
         syncer.close()
-    assert (record.status, record.error) == ("failed", "RuntimeError: the driver crashed")
+    assert (record.status, record.error) == (
+        "failed",
+        "RuntimeError: the driver crashed; the next run sends what was not acknowledged",
+    )
     assert getattr(run_store.get_run(h.engine, record.id), "status", None) == "failed"
     assert h.emulator.requests() == []

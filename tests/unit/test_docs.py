@@ -45,7 +45,7 @@ PENDING_KEYS: dict[str, str] = {}
 """Keys the documentation describes (from product.md) before they are built. Once a key exists, its
 entry here must go (the test says so), and so must the ``pending`` tag of the blocks that use it."""
 
-PENDING_LINKS: dict[str, str] = {"query-language.md": "issue 11 (Segment's query language)"}
+PENDING_LINKS: dict[str, str] = {}
 """Pages linked before they are written; an entry must go once its page exists."""
 
 
