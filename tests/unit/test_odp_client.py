@@ -706,9 +706,12 @@ def test_pacing_spaces_request_starts_across_threads(harness: Harness) -> None:
 
     assert totals.acknowledged == 10
     assert elapsed >= 0.44  # 9 gaps of 1/20 s
+    # The pacer hands out start slots began, began + 1/20, ...; a thread may reach the handler late (the
+    # scheduler decides), never early, so the k-th earliest start is no earlier than the k-th slot. Gaps
+    # between neighbours are not asserted: one late thread shortens the gap after it.
     starts.sort()
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert min(gaps) >= 0.04
+    for k, started in enumerate(starts):
+        assert started - began >= k / 20 - 0.001, (k, [round(s - began, 3) for s in starts])
 
 
 # --------------------------------------------------------------------------------- laziness, stop
