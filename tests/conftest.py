@@ -41,14 +41,45 @@ class Database:
     url: str
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+FULL_MATRIX = os.environ.get("AUDIENCE_SYNC_FULL_MATRIX") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test on the PostgreSQL store ``postgres``, also one that chooses its database with
     ``@pytest.mark.parametrize("database", ["postgresql"], indirect=True)`` (such a parameter replaces
-    the fixture's own, marks included), so that ``-m 'not postgres'`` leaves them all out."""
-    for item in items:
+    the fixture's own, marks included), so that ``-m 'not postgres'`` leaves them all out.
+
+    Acceptance tests drive the CLI and the daemon in subprocesses; the store under them is tested on
+    both databases by the integration tests. So an acceptance test that runs on both stores keeps its
+    PostgreSQL run only when it is marked ``both_stores`` (crashes, replicas, in-doubt sends: what the
+    server's concurrency changes), unless ``AUDIENCE_SYNC_FULL_MATRIX=1`` asks for every one.
+    """
+    def store(item: pytest.Item) -> str | None:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("database") == "postgresql":
+        return None if callspec is None else callspec.params.get("database")
+
+    def twin(item: pytest.Item) -> str:
+        return item.nodeid.replace("[postgresql", "[sqlite", 1)
+
+    ids = {item.nodeid for item in items}
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        if store(item) == "postgresql":
             item.add_marker(pytest.mark.postgres)
+            reduced = (
+                not FULL_MATRIX
+                and item.nodeid.startswith("tests/acceptance/")
+                and item.get_closest_marker("both_stores") is None
+                and twin(item) in ids
+            )
+            if reduced:
+                dropped.append(item)
+                continue
+        keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

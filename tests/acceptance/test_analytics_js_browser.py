@@ -70,7 +70,7 @@ def analytics_js() -> Path:
             pytest.skip("npm is not installed: the analytics.js test needs Node.js and npm")
         try:
             result = subprocess.run(
-                [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+                [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--prefer-offline"],
                 cwd=JS_DIR,
                 capture_output=True,
                 text=True,

@@ -205,6 +205,7 @@ def test_admin_api(project: Project, daemons: list[Daemon]) -> None:
     assert TOKEN not in daemon.process.stderr.read()  # type: ignore[union-attr]
 
 
+@pytest.mark.both_stores
 def test_sigterm_during_a_large_run_exits_cleanly_and_the_next_run_finishes(
     project: Project, daemons: list[Daemon]
 ) -> None:

@@ -52,6 +52,7 @@ def assert_in_step(project: Project, key: str, members: set[int]) -> None:
     assert (wrong_in, wrong_out) == ([], []), f"{key}: members not true in ODP / non-members not false"
 
 
+@pytest.mark.both_stores
 def test_a_timeout_after_odp_applied_the_request_is_corrected_by_the_next_run(project: Project) -> None:
     """ODP applies each request but answers after the client's timeout: nothing is acknowledged, every
     member is in doubt. Members removed from the source meanwhile get their exit, members who stay get
@@ -91,6 +92,7 @@ def test_a_timeout_after_odp_applied_the_request_is_corrected_by_the_next_run(pr
     assert odp_values(project, "doubt")["u1000"] is False
 
 
+@pytest.mark.both_stores
 @pytest.mark.timeout(900)
 def test_random_kills_never_leave_odp_out_of_step(project: Project) -> None:
     """Trials on a churning source: several `sync` processes in a row, each against a slow emulator

@@ -116,6 +116,7 @@ def test_the_segment_library_through_a_running_daemon(runner: Runner, emulator: 
     assert code == 0 and seconds < 30
 
 
+@pytest.mark.both_stores
 def test_a_daemon_killed_after_its_200s_delivers_everything_after_a_restart(runner: Runner, emulator: Emulator) -> None:
     emulator.faults(status=503)  # ODP is down: nothing can be delivered before the kill
     daemon = runner.start()
