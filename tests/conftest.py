@@ -54,6 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     PostgreSQL run only when it is marked ``both_stores`` (crashes, replicas, in-doubt sends: what the
     server's concurrency changes), unless ``AUDIENCE_SYNC_FULL_MATRIX=1`` asks for every one.
     """
+
     def store(item: pytest.Item) -> str | None:
         callspec = getattr(item, "callspec", None)
         return None if callspec is None else callspec.params.get("database")
