@@ -114,14 +114,14 @@ class ProfileRecorder:
     """Records accepted messages into profiles: :meth:`run` in a thread of the daemon;
     :meth:`process_once` and :meth:`purge` for tests and one-shot use."""
 
-    batch: int = 500
+    batch: int = 1000
     """Messages recorded per transaction."""
     poll_seconds: float = 0.2
     """Idle wait between looks for new messages."""
     purge_every_seconds: float = 3600.0
-    light_ingest_rate: float = 2000.0
+    light_ingest_rate: float = 1000.0
     """Events/s of ingestion in this process below which the recorder never holds back."""
-    min_share: float = 0.2
+    min_share: float = 0.05
     """The least share of the time the recorder works however heavy ingestion is."""
     behind_seconds: float = 300.0
     """A backlog whose oldest message waited longer than this is logged as a warning (every time this
@@ -170,7 +170,7 @@ class ProfileRecorder:
                     continue
                 try:
                     self._periodic()
-                    cpu = time.thread_time()
+                    started = time.monotonic()
                     taken = self.process_once()
                 except Exception as exc:
                     log.error(
@@ -181,10 +181,9 @@ class ProfileRecorder:
                     )
                     stop.wait(1.0)
                     continue
+                self._yield_to_ingestion(time.monotonic() - started, stop)
                 if taken < self.batch:
                     stop.wait(self.poll_seconds)
-                else:
-                    self._yield_to_ingestion(time.thread_time() - cpu, stop)
         finally:
             self.running = False
             log.info("profile recorder stopped")
@@ -250,9 +249,10 @@ class ProfileRecorder:
 
     def _yield_to_ingestion(self, seconds: float, stop: threading.Event) -> None:
         """Under heavy ingestion in this process, work only a share of the time (``seconds``: how long
-        the last batch took): recording costs more CPU per message than accepting it, and in one process
-        they share the GIL. Up to ``light_ingest_rate`` events/s nothing is held back; above it the share
-        falls in proportion, down to ``min_share``."""
+        the last batch took, its write included): recording costs as much CPU per message as accepting
+        it, in one process they share the GIL, and on SQLite ingestion's commits wait while a batch is
+        written. Up to ``light_ingest_rate`` events/s nothing is held back; above it the share falls in
+        proportion, down to ``min_share``; the backlog is recorded once the burst is over."""
         rate = self.ingest_rate()
         if rate <= self.light_ingest_rate or seconds <= 0:
             return
