@@ -144,6 +144,15 @@ def test_a_daemon_killed_after_its_200s_has_every_message_in_the_profiles_once_a
     assert len(one["events"]) == 16  # its 16 track calls of 400 messages, the anonymous ones merged in
     assert metric(third, "audience_sync_profiles_enabled") == 1
     assert third.http.get("/readyz").json()["checks"]["profiles"] == "ok"
+
+    runner.profiles(enabled=False)  # a reload switches the recorder off, and on again
+    assert third.http.post("/api/reload").json()["status"] == "reloaded"
+    assert metric(third, "audience_sync_profiles_enabled") == 0
+    post(third, messages(400, 20))
+    runner.profiles(enabled=True)
+    assert third.http.post("/api/reload").json()["status"] == "reloaded"
+    wait_for(lambda: len(recorded(database)) >= 420, 60, "the messages accepted while off to be recorded")
+    assert recorded(database) == sorted(m["messageId"] for m in messages(0, 420))
     assert third.stop()[0] == 0
 
 
