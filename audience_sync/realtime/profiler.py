@@ -122,7 +122,10 @@ class ProfileRecorder:
     light_ingest_rate: float = 1000.0
     """Events/s of ingestion in this process below which the recorder never holds back."""
     min_share: float = 0.05
-    """The least share of the time the recorder works however heavy ingestion is."""
+    """The share of the time the recorder works under heavy ingestion while it is not behind."""
+    max_share: float = 0.5
+    """The share it works under heavy ingestion once it is :attr:`catch_up_seconds` behind."""
+    catch_up_seconds: float = 60.0
     behind_seconds: float = 300.0
     """A backlog whose oldest message waited longer than this is logged as a warning (every time this
     long passes while it lasts)."""
@@ -150,6 +153,7 @@ class ProfileRecorder:
         self._last_check: float | None = None
         self.running = False
         """True while :meth:`run` works (``/readyz`` reports the recorder otherwise)."""
+        self._behind = 0.0  # seconds: how long the first message of the last batch had waited
 
     def reconfigure(self, options: ProfileOptions) -> None:
         """Use ``options`` from the next batch on (a reload: profiles switched on or off, query
@@ -197,6 +201,7 @@ class ProfileRecorder:
         done = profile_queue.record_pending(
             self.engine, limit=self.batch, query_audiences=options.query_audiences, now=self.now()
         )
+        self._behind = 0.0 if done.oldest is None else max(0.0, (self.now() - done.oldest).total_seconds())
         for message_id, reason in done.skipped:
             log.error("message %s cannot be recorded into profiles and is skipped: %s", message_id, reason)
         if self.metrics is not None:
@@ -249,12 +254,15 @@ class ProfileRecorder:
 
     def _yield_to_ingestion(self, seconds: float, stop: threading.Event) -> None:
         """Under heavy ingestion in this process, work only a share of the time (``seconds``: how long
-        the last batch took, its write included): recording costs as much CPU per message as accepting
-        it, in one process they share the GIL, and on SQLite ingestion's commits wait while a batch is
-        written. Up to ``light_ingest_rate`` events/s nothing is held back; above it the share falls in
-        proportion, down to ``min_share``; the backlog is recorded once the burst is over."""
-        rate = self.ingest_rate()
-        if rate <= self.light_ingest_rate or seconds <= 0:
+        the last batch took, its write included): recording costs about as much CPU per message as
+        accepting it, in one process they share the GIL, and on SQLite ingestion's commits wait while a
+        batch is written. Up to ``light_ingest_rate`` events/s nothing is held back. Above it the
+        recorder works ``min_share`` of the time while it is not behind, so that a burst is accepted at
+        full speed and recorded after it, and more the longer its messages waited, up to ``max_share``
+        once they waited ``catch_up_seconds``: sustained ingestion is then recorded too, at some cost
+        to the rate it is accepted at."""
+        if seconds <= 0 or self.ingest_rate() <= self.light_ingest_rate:
             return
-        share = max(self.min_share, self.light_ingest_rate / rate)
+        behind = min(1.0, self._behind / self.catch_up_seconds)
+        share = self.min_share + (self.max_share - self.min_share) * behind
         stop.wait(seconds * (1.0 - share) / share)

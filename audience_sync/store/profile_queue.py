@@ -39,13 +39,14 @@ class ProfiledBatch:
     """What one call of :func:`record_pending` did: ``messages`` taken from the queue and marked
     profiled; of them ``recorded`` new, ``duplicates`` (a ``messageId`` already in the profiles, e.g.
     imported), and ``skipped`` ones that cannot be recorded, as (message id, reason); ``merges`` of
-    profiles it made."""
+    profiles it made; ``oldest``: when the first of them was received."""
 
     messages: int = 0
     recorded: int = 0
     duplicates: int = 0
     merges: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    oldest: datetime | None = None
 
 
 def record_pending(
@@ -83,12 +84,14 @@ def record_pending(
         batch.duplicates = result.duplicates
         batch.merges = len(result.merges)
         batch.skipped = [unusable[i] for i in still if i in unusable]
+        batch.oldest = next(as_utc(row.received_at) for row in rows if row.id == still[0])
         return batch
     return batch
 
 
 def _unprofiled(engine: Engine, limit: int) -> list[Any]:
-    query = select(m.c.id, m.c.message_id, m.c.payload).where(m.c.profiled_at.is_(None)).order_by(m.c.id).limit(limit)
+    columns = (m.c.id, m.c.message_id, m.c.received_at, m.c.payload)
+    query = select(*columns).where(m.c.profiled_at.is_(None)).order_by(m.c.id).limit(limit)
     with engine.connect() as conn:
         return list(conn.execute(query).all())
 
