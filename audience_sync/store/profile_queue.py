@@ -21,10 +21,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, select, text
 
 from audience_sync.identity import Observation, observe
-from audience_sync.store.dialect import is_sqlite, write_transaction
+from audience_sync.store.dialect import (
+    bind_value,
+    driver_execute,
+    driver_rows,
+    id_list,
+    in_id_list,
+    is_sqlite,
+    write_transaction,
+)
 from audience_sync.store.profiles import RECORD_LOCK_KEY, record_observations
 from audience_sync.store.tables import rt_messages
 from audience_sync.timestamps import as_utc, utcnow
@@ -72,13 +80,18 @@ def record_pending(
         with write_transaction(engine) as conn:
             if not is_sqlite(conn):
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RECORD_LOCK_KEY})
-            still = sorted(conn.scalars(select(m.c.id).where(m.c.id.in_(ids), m.c.profiled_at.is_(None))))
+            pending = f"{in_id_list(conn, 'id')} AND profiled_at IS NULL"
+            listed = id_list(conn, ",".join(map(str, ids)))
+            still = sorted(
+                int(row[0]) for row in driver_rows(conn, f"SELECT id FROM rt_messages WHERE {pending}", [listed])
+            )
             if not still:
                 continue
             result = record_observations(
                 conn, [observed[i] for i in still if i in observed], query_audiences=query_audiences, now=now
             )
-            conn.execute(update(m).where(m.c.id.in_(still)).values(profiled_at=now))
+            stamp = bind_value(conn, m, "profiled_at", now)
+            driver_execute(conn, f"UPDATE rt_messages SET profiled_at = ? WHERE {pending}", [stamp, listed])
         batch.messages = len(still)
         batch.recorded = result.recorded
         batch.duplicates = result.duplicates
