@@ -328,6 +328,24 @@ class RealtimeSettings(_Section):
         return self
 
 
+class ProfilesSettings(_Section):
+    """Profiles recorded from accepted messages (``profiles.md`` 1, 2).
+
+    - ``enabled``: record profiles; unset, they are recorded when any audience has a query source;
+    - ``retention``: recorded events older than this (by their timestamp) are deleted.
+    """
+
+    enabled: bool | None = None
+    retention: Duration = timedelta(days=400)
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: timedelta) -> timedelta:
+        if value < timedelta(days=1):
+            raise ValueError("must be at least 1d")
+        return value
+
+
 _LOOPBACK = re.compile(r"^http://(localhost|127(?:\.\d{1,3}){3}|\[::1\])(?::\d+)?(?:/|$)", re.I)
 
 
@@ -375,6 +393,7 @@ class Settings(BaseSettings):
     presets: PresetSettings = PresetSettings()
     realtime: RealtimeSettings = RealtimeSettings()
     alerts: list[AlertSettings] = Field(default_factory=list)
+    profiles: ProfilesSettings = ProfilesSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -396,6 +415,17 @@ class Settings(BaseSettings):
         values = [token.get_secret_value() for token in tokens if token is not None]
         urls = [self.database.url, *(a.source.url for a in self.audiences)]
         return values + [password for url in urls for password in url_passwords(url)]
+
+    def query_audiences(self) -> list[str]:
+        """The keys of the audiences whose source is a query (``source.type = "query"``)."""
+        return [a.key for a in self.audiences if str(a.source.type) == "query"]
+
+    def profiles_enabled(self) -> bool:
+        """Whether profiles are recorded: ``profiles.enabled``, or, unset, when any audience has a query
+        source."""
+        if self.profiles.enabled is not None:
+            return self.profiles.enabled
+        return bool(self.query_audiences())
 
     @model_validator(mode="after")
     def _unique_keys(self) -> Settings:

@@ -26,6 +26,7 @@ from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.odp.target import Target, reach
 from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
 from audience_sync.realtime.metrics import RealtimeMetrics
+from audience_sync.realtime.profiler import ProfileOptions
 from audience_sync.realtime.routing import ResolvedMapping, Router, all_mappings
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
@@ -206,6 +207,16 @@ def delivery_options(settings: Settings) -> DeliveryOptions:
         retention=settings.realtime.retention,
         retry_delay=settings.realtime.retry_delay,
         retry_max_delay=settings.realtime.retry_max_delay,
+        keep_unprofiled=settings.profiles_enabled(),
+    )
+
+
+def profile_options(settings: Settings) -> ProfileOptions:
+    """``[profiles]`` for the profile recorder: on when enabled or when any audience has a query source."""
+    return ProfileOptions(
+        enabled=settings.profiles_enabled(),
+        retention=settings.profiles.retention,
+        query_audiences=tuple(settings.query_audiences()),
     )
 
 

@@ -46,6 +46,7 @@ from audience_sync.odp.client import OdpClient
 from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
 from audience_sync.realtime.ingest import IngestLoad, MessageRows, WriteKeys, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
+from audience_sync.realtime.profiler import ProfileOptions, ProfileRecorder, register_profile_metrics
 from audience_sync.realtime.routing import ResolvedMapping, Router
 from audience_sync.store import migrate, outbox
 from audience_sync.store import runs as run_store
@@ -174,6 +175,7 @@ class Configured:
     write_keys: list[str]
     admin_token: str | None
     webhooks: list[Webhook]
+    profiles: ProfileOptions
 
     @classmethod
     def of(cls, settings: Settings) -> Configured:
@@ -189,6 +191,7 @@ class Configured:
             write_keys=wiring.write_keys(settings),
             admin_token=token.get_secret_value() if token else None,
             webhooks=wiring.webhooks(settings),
+            profiles=wiring.profile_options(settings),
         )
 
     def summary(self) -> str:
@@ -228,6 +231,7 @@ class Daemon:
         alerts: Alerts,
         sender: AlertSender,
         delivery: list[threading.Thread],
+        profiler: ProfileRecorder,
     ) -> None:
         self.configured = configured
         self.syncer = syncer
@@ -244,6 +248,7 @@ class Daemon:
         self.alerts = alerts
         self.sender = sender
         self.delivery = delivery  # the worker's thread, once started
+        self.profiler = profiler
         self._reloading = asyncio.Lock()
         if load is not None:
             state.reload = self.reload
@@ -287,6 +292,8 @@ class Daemon:
         )
         sender = AlertSender(alerts, check=functools.partial(_fire_stalled, scheduler, alerts))
         delivery: list[threading.Thread] = []
+        profiler = ProfileRecorder(engine, configured.profiles, ingest_rate=ingest_load.rate)
+        profiler.metrics = register_profile_metrics(registry, engine, lambda: profiler.options.enabled)
         head = migrate.head_revision()
 
         def readiness() -> dict[str, str]:
@@ -303,6 +310,7 @@ class Daemon:
             if not (delivery and delivery[0].is_alive()):
                 checks["delivery"] = "the delivery worker is not running"
             checks["alerts"] = "ok" if sender.alive() else "the alert sender is not running"
+            checks["profiles"] = "ok" if profiler.running else "the profile recorder is not running"
             return checks
 
         base_url = client.options.base_url
@@ -336,17 +344,19 @@ class Daemon:
             alerts=alerts,
             sender=sender,
             delivery=delivery,
+            profiler=profiler,
         )
 
     def apply(self, configured: Configured) -> None:
         """Swap ``configured``'s pieces in, each in one assignment (on the event loop, so no request or
         tick sees half of one): the scheduler's plan, the worker's router and options, the write keys, the
-        alerts' webhooks,
+        alerts' webhooks, the profile recorder's options,
         what the admin API and the page show, the admin token."""
         self.scheduler.reschedule(configured.schedules, lease=configured.settings.schedule.lease)
         self.worker.reconfigure(configured.router, configured.delivery)
         self.keys.replace(configured.write_keys)
         self.alerts.replace(configured.webhooks)
+        self.profiler.reconfigure(configured.profiles)
         self.state.configure(
             audiences=configured.audiences,
             mappings=[m.to_json(self.base_url) for m in configured.mappings],
@@ -450,6 +460,8 @@ async def _serve(
     daemon.delivery.append(delivery)
     if daemon.sender is not None:
         daemon.sender.start(stop)
+    profiling = threading.Thread(target=daemon.profiler.run, args=(stop,), name="profile-recorder", daemon=True)
+    profiling.start()
 
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
@@ -460,6 +472,7 @@ async def _serve(
     daemon.scheduler.shutdown()
     await daemon.tracker.wait(timeout=deadline.remaining())
     await asyncio.to_thread(delivery.join, deadline.remaining())
+    await asyncio.to_thread(profiling.join, deadline.remaining())
     server.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(serving, timeout=deadline.remaining())

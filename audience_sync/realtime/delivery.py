@@ -66,6 +66,8 @@ class DeliveryOptions:
     retention: timedelta
     retry_delay: timedelta
     retry_max_delay: timedelta
+    keep_unprofiled: bool = False
+    """Profiles are on: the purge keeps messages the profile recorder has not recorded yet."""
 
 
 class DeliveryWorker:
@@ -129,6 +131,7 @@ class DeliveryWorker:
         self.retention = options.retention
         self.retry_delay = options.retry_delay.total_seconds()
         self.retry_max_delay = options.retry_max_delay.total_seconds()
+        self.keep_unprofiled = options.keep_unprofiled
 
     # --- the loop ----------------------------------------------------------------------------------------
 
@@ -166,7 +169,10 @@ class DeliveryWorker:
         window; returns (items, messages)."""
         now = now or self.now()
         items, messages = outbox.purge(
-            self.engine, items_before=now - self.retention, messages_before=now - DEDUP_WINDOW
+            self.engine,
+            items_before=now - self.retention,
+            messages_before=now - DEDUP_WINDOW,
+            keep_unprofiled=self.keep_unprofiled,
         )
         if items or messages:
             log.info("purged %d delivery items and %d messages", items, messages)

@@ -348,9 +348,17 @@ def replay(engine: Engine, status: str = DEAD, now: datetime | None = None) -> i
 # --- retention ------------------------------------------------------------------------------------------
 
 
-def purge(engine: Engine, *, items_before: datetime, messages_before: datetime, chunk: int = 5000) -> tuple[int, int]:
+def purge(
+    engine: Engine,
+    *,
+    items_before: datetime,
+    messages_before: datetime,
+    keep_unprofiled: bool = False,
+    chunk: int = 5000,
+) -> tuple[int, int]:
     """Delete delivered and invalid items last changed before ``items_before`` and routed messages routed
-    before ``messages_before``, in chunks (short transactions). Returns (items, messages) deleted."""
+    before ``messages_before``, in chunks (short transactions). Returns (items, messages) deleted.
+    ``keep_unprofiled`` (profiles are on): a message the profile recorder has not recorded yet stays."""
     items = messages = 0
     while True:
         with engine.begin() as conn:
@@ -365,7 +373,10 @@ def purge(engine: Engine, *, items_before: datetime, messages_before: datetime, 
             break
     while True:
         with engine.begin() as conn:
-            ids = select(m.c.id).where(m.c.routed_at.is_not(None), m.c.routed_at < messages_before).limit(chunk)
+            done = [m.c.routed_at.is_not(None), m.c.routed_at < messages_before]
+            if keep_unprofiled:
+                done.append(m.c.profiled_at.is_not(None))
+            ids = select(m.c.id).where(*done).limit(chunk)
             deleted = int(conn.execute(delete(m).where(m.c.id.in_(ids))).rowcount)
         messages += deleted
         if deleted < chunk:

@@ -51,6 +51,7 @@ __all__ = [
     "profile_summary",
     "purge_events",
     "record_messages",
+    "record_observations",
 ]
 
 DEFAULT_RETENTION: Final = timedelta(days=400)
@@ -372,6 +373,18 @@ def record_messages(
     recorded (no usable id or timestamp) raises ValueError: ingestion never accepts one.
     """
     observations = [observe(message) for message in messages]
+    return _record_batch(conn, observations, query_audiences, now or utcnow())
+
+
+def record_observations(
+    conn: Connection,
+    observations: Sequence[Observation],
+    *,
+    query_audiences: Sequence[str] = (),
+    now: datetime | None = None,
+) -> RecordResult:
+    """:func:`record_messages` of messages already observed (``identity.observe``), so that a caller can
+    read and check them before it opens its write transaction."""
     return _record_batch(conn, observations, query_audiences, now or utcnow())
 
 

@@ -160,7 +160,9 @@ run_changes = Table(
 # Accepted Segment messages, as stored before ingestion answers 200 (the JSON after validation, envelope
 # merge and timestamps). ``message_id`` is unique: a repeated id is acknowledged but not stored again.
 # ``routed_at`` is set when the delivery worker has turned the message into delivery items; routed
-# messages are kept for the de-duplication window (24 h), then purged.
+# messages are kept for the de-duplication window (24 h), then purged. ``profiled_at`` is set when the
+# profile recorder has recorded the message into profiles; while profiles are on, a message is purged only
+# once it is also profiled.
 rt_messages = Table(
     "rt_messages",
     metadata,
@@ -169,6 +171,7 @@ rt_messages = Table(
     Column("received_at", UTCDateTime(), nullable=False),
     Column("payload", Text, nullable=False),
     Column("routed_at", UTCDateTime(), nullable=True),
+    Column("profiled_at", UTCDateTime(), nullable=True),
     UniqueConstraint("message_id", name="uq_rt_messages_message_id"),
     Index(
         "ix_rt_messages_unrouted",
@@ -181,6 +184,12 @@ rt_messages = Table(
         "routed_at",
         sqlite_where=text("routed_at IS NOT NULL"),
         postgresql_where=text("routed_at IS NOT NULL"),
+    ),
+    Index(
+        "ix_rt_messages_unprofiled",
+        "id",
+        sqlite_where=text("profiled_at IS NULL"),
+        postgresql_where=text("profiled_at IS NULL"),
     ),
 )
 

@@ -46,6 +46,15 @@ def test_defaults_and_derived_values(tmp_path: Path) -> None:
     assert s.database.url == f"sqlite:///{tmp_path / 'audience_sync.db'}"
 
 
+def test_profiles_are_on_with_a_query_audience_or_when_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_config(write(tmp_path, MINIMAL)).settings
+    assert (s.profiles.retention, s.profiles_enabled(), s.query_audiences()) == (timedelta(days=400), False, [])
+    s = load_config(write(tmp_path, MINIMAL + '[profiles]\nenabled = true\nretention = "30d"\n')).settings
+    assert (s.profiles.retention, s.profiles_enabled()) == (timedelta(days=30), True)
+    monkeypatch.setenv("AUDIENCE_SYNC_PROFILES__ENABLED", "false")
+    assert load_config(write(tmp_path, MINIMAL)).settings.profiles_enabled() is False
+
+
 def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUDIENCE_SYNC_ODP__REGION", "eu")
     monkeypatch.setenv("AUDIENCE_SYNC_ODP__BATCH_SIZE", "250")
@@ -106,6 +115,10 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ('[odp]\napi_key = " \\n"\n', "odp.api_key: is empty"),
         ('[server]\nadmin_token = "tab\\tinside"\n', "server.admin_token: may only hold printable ASCII"),
         ('[server]\nwrite_keys = ["wk-good", "wk bad"]\n', "server.write_keys[1]: may only hold printable ASCII"),
+        ('[profiles]\nretention = "forever"\n', "profiles.retention: 'forever' is not a duration"),
+        ('[profiles]\nretention = "12h"\n', "profiles.retention: must be at least 1d"),
+        ('[profiles]\nenabled = "sometimes"\n', "profiles.enabled: Input should be a valid boolean"),
+        ('[profiles]\nretain = "30d"\n', "profiles.retain: unknown key"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
