@@ -2,7 +2,7 @@
 interrupted run is resumed in, quarantined counts of runs, and the alerts that fired.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-11-30
 """
 
