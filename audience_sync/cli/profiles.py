@@ -1,0 +1,218 @@
+"""The profiles' commands (profiles.md 5): ``events import``, ``query``, ``profiles show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from array import array
+from collections.abc import Iterator
+from typing import IO, Any
+
+from audience_sync import wiring
+from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, Progress, UsageError, emit_json, table
+from audience_sync.config import Config, computed_queries
+from audience_sync.errors import AudienceSyncError
+from audience_sync.query.checker import check_query
+from audience_sync.query.syntax import QueryError
+from audience_sync.realtime.messages import MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES, RequestError, prepare
+from audience_sync.store.profile_reports import profile_view, query_preview
+from audience_sync.store.profiles import ImportResult, import_messages
+from audience_sync.timestamps import utcnow
+
+MAX_REJECTS_PRINTED = 20
+"""Rejected lines the text output lists (``--json`` lists every one)."""
+
+
+# --- events import -----------------------------------------------------------------------------------------
+
+
+class _Lines:
+    """Validated messages of a JSON-lines input, in order: each line is checked as ingestion checks a
+    message of ``/v1/batch`` (``segment-ingest.md``: the type, an id, the timestamp, sizes, nesting),
+    and completed the same way (``messageId``, ``receivedAt``). Rejected lines are kept as (line number
+    from 1, reason); :attr:`lines` holds the line number of every message handed on (by position)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.rejected: list[tuple[int, str]] = []
+        self.lines = array("L")
+
+    def _chunks(self) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+        chunk: list[tuple[int, dict[str, Any]]] = []
+        for number, line in enumerate(self.stream, 1):
+            if not line.strip():
+                continue
+            if len(line.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+                self.rejected.append((number, f"the message is over 32 KB ({MAX_MESSAGE_BYTES} bytes)"))
+                continue
+            try:
+                message = json.loads(line)
+            except ValueError as exc:
+                self.rejected.append((number, f"not valid JSON: {exc}"))
+                continue
+            except RecursionError:
+                self.rejected.append((number, "objects or arrays nested too deeply"))
+                continue
+            if not isinstance(message, dict):
+                self.rejected.append((number, "a message must be a JSON object"))
+                continue
+            chunk.append((number, message))
+            if len(chunk) >= MAX_BATCH_MESSAGES:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for chunk in self._chunks():
+            try:
+                prepared = prepare({"batch": [m for _, m in chunk]}, None, utcnow())
+            except RequestError as exc:  # not foreseen: sizes are checked per line above
+                self.rejected += [(number, exc.message) for number, _ in chunk]
+                continue
+            refused = {r["index"]: r["message"] for r in prepared.rejected}
+            self.rejected += [(chunk[i][0], reason) for i, reason in refused.items()]
+            numbers = [number for i, (number, _) in enumerate(chunk) if i not in refused]
+            for number, accepted in zip(numbers, prepared.accepted, strict=True):
+                self.lines.append(number)
+                yield json.loads(accepted.payload)
+
+
+def events(args: argparse.Namespace, config: Config) -> int:
+    """``events import FILE|-``: bulk-load Segment messages (JSON lines) into profiles."""
+    settings = config.settings
+    engine = wiring.open_store(settings)
+    progress = Progress(not args.json)
+    query_audiences = list(computed_queries(settings))
+    try:
+        stream: IO[str] = sys.stdin if args.file == "-" else _open(args.file)
+        try:
+            lines = _Lines(stream)
+
+            def on_batch(done: ImportResult) -> None:
+                progress(f"imported {done.accepted:,} messages ({done.duplicates:,} duplicates)")
+
+            result = import_messages(engine, lines, query_audiences=query_audiences, on_batch=on_batch)
+        finally:
+            progress.done()
+            if stream is not sys.stdin:
+                stream.close()
+    finally:
+        engine.dispose()
+    rejected = sorted(lines.rejected + [(lines.lines[position], reason) for position, reason in result.rejected])
+    if args.json:
+        emit_json(
+            {
+                "accepted": result.accepted,
+                "duplicates": result.duplicates,
+                "rejected": [{"line": line, "message": reason} for line, reason in rejected],
+            }
+        )
+    else:
+        print(f"accepted {result.accepted:,}, duplicates {result.duplicates:,}, rejected {len(rejected):,}")
+        for line, reason in rejected[:MAX_REJECTS_PRINTED]:
+            print(f"line {line}: {reason}", file=sys.stderr)
+        if len(rejected) > MAX_REJECTS_PRINTED:
+            print(f"... and {len(rejected) - MAX_REJECTS_PRINTED:,} more (--json lists every one)", file=sys.stderr)
+        if rejected:
+            print(
+                f"error: {len(rejected):,} lines were rejected and not imported; the others were. Fix them and "
+                "import the file again (lines already imported count as duplicates)",
+                file=sys.stderr,
+            )
+    return EXIT_FAILED if rejected else EXIT_OK
+
+
+def _open(path: str) -> IO[str]:
+    try:
+        return open(path, encoding="utf-8-sig")
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror or exc}; nothing was imported") from None
+
+
+# --- query -------------------------------------------------------------------------------------------------
+
+
+def _checked(expression: str) -> Any:
+    try:
+        return check_query(expression)
+    except QueryError as exc:
+        caret = ""
+        if "\n" not in expression.strip():
+            caret = f"\n  {expression}\n  {' ' * (exc.column - 1)}^"
+        raise UsageError(f"{exc}{caret}") from None
+
+
+def query(args: argparse.Namespace, config: Config) -> int:
+    """``query 'EXPR'``: evaluate a definition now without saving it."""
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 or more")
+    checked = _checked(args.expression)
+    settings = config.settings
+    engine = wiring.open_store(settings)
+    try:
+        found = query_preview(engine, checked, utcnow(), limit=args.limit, computed=computed_queries(settings))
+    finally:
+        engine.dispose()
+    if args.json:
+        emit_json(found)
+        return EXIT_OK
+    count = found["count"]
+    if found["result"] == "boolean":
+        what = "member" if count == 1 else "members"
+    else:
+        what = "profile with a value" if count == 1 else "profiles with a value"
+    print(f"{count:,} {what}")
+    if found["samples"]:
+        rows = [{**s, "value": json.dumps(s["value"])} for s in found["samples"]]
+        print(table(rows, ("user_id", "email", "anonymous_id", "value")))
+    return EXIT_OK
+
+
+# --- profiles show -----------------------------------------------------------------------------------------
+
+
+def profiles(args: argparse.Namespace, config: Config) -> int:
+    """``profiles show ID``: why is this person true (or not) in ODP."""
+    settings = config.settings
+    engine = wiring.open_store(settings)
+    try:
+        view = profile_view(
+            engine,
+            args.id,
+            wiring.computed_audiences(settings),
+            utcnow(),
+            computed=computed_queries(settings),
+        )
+    finally:
+        engine.dispose()
+    if view is None:
+        raise AudienceSyncError(
+            f"no profile has the user_id, email, anonymous_id or profile id {args.id!r}; nothing to show "
+            "(profiles are recorded from ingested and imported events)"
+        )
+    if args.json:
+        emit_json(view)
+        return EXIT_OK
+    print(f"profile       {view['profile']}")
+    print(f"user_id       {view['user_id'] or ''}")
+    print(f"email         {view['email'] or ''}")
+    print(f"anonymous_ids {', '.join(view['anonymous_ids'])}")
+    print("\ntraits")
+    traits = [{"trait": k, "value": json.dumps(v)} for k, v in view["traits"].items()]
+    print(table(traits, ("trait", "value")))
+    print("\ncomputed audiences and traits")
+    audiences = [
+        {
+            **a,
+            "value": json.dumps(a["value"]),
+            "acknowledged": "" if a["acknowledged_at"] is None else json.dumps(a["acknowledged"]),
+        }
+        for a in view["audiences"]
+    ]
+    print(table(audiences, ("key", "kind", "value", "acknowledged", "acknowledged_at")))
+    print("\nlatest events (newest first)")
+    events_rows = [{**e, "properties": json.dumps(e["properties"])} for e in view["events"]]
+    print(table(events_rows, ("timestamp", "event", "properties")))
+    return EXIT_OK
