@@ -1,0 +1,301 @@
+"""Computed audiences and traits end to end (profiles.md): `events import`, then `sync` through the real
+CLI in subprocesses, the real emulator over HTTP, the store on SQLite and PostgreSQL. Time passing is
+the events' timestamps moved back in the store (what the query sees is the same as a later now)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from itertools import count
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.acceptance.test_daemon import Daemon, daemons, start_daemon, wait_for  # noqa: F401 - a fixture
+from tests.conftest import Project
+
+AUDIENCE = "order_completed_last_30days"
+TRAIT = "spend_last_90_days"
+ORDERED = "event('Order Completed').within(30 days).count() >= 1"
+SPEND = "event('Order Completed').within(90 days).sum(property('revenue'))"
+_ids = count(1)
+
+
+def ago(days: float) -> str:
+    return (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def track(who: dict[str, str], days_ago: float, revenue: Any = None, event: str = "Order Completed") -> dict[str, Any]:
+    properties = {} if revenue is None else {"revenue": revenue}
+    return {
+        "type": "track",
+        "event": event,
+        **who,
+        "properties": properties,
+        "messageId": f"m{next(_ids)}",
+        "timestamp": ago(days_ago),
+    }
+
+
+def identify(who: dict[str, str], days_ago: float = 0, **traits: Any) -> dict[str, Any]:
+    return {"type": "identify", **who, "traits": traits, "messageId": f"m{next(_ids)}", "timestamp": ago(days_ago)}
+
+
+def computed_project(project: Project) -> None:
+    project.audiences = [
+        {"name": "Order Completed Last 30days", "source": {"type": "query", "query": ORDERED}},
+        {"name": "Spend Last 90 Days", "kind": "trait", "source": {"type": "query", "query": SPEND}},
+    ]
+
+
+def import_events(project: Project, *messages: dict[str, Any], expect: int = 0) -> dict[str, Any]:
+    path = project.dir / f"events-{next(_ids)}.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in messages))
+    result: dict[str, Any] = project.cli_json("events", "import", str(path), expect=expect)
+    return result
+
+
+def sync(project: Project) -> dict[str, dict[str, Any]]:
+    """One `sync --json` of both computed audiences: the run records by audience key."""
+    return {r["audience"]: r for r in project.cli_json("sync")}
+
+
+def sent(project: Project, key: str) -> list[tuple[dict[str, Any], Any]]:
+    """(identifiers, value) of every item of ``key`` the emulator acknowledged since its last reset."""
+    return [(i["user_identifiers"], i[key]) for i in project.emulator.items() if key in i]
+
+
+def by_user(items: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
+    return {ids.get("userId") or ids["anonymousId"]: value for ids, value in items}
+
+
+def test_a_computed_audience_and_trait_from_import_to_odp(project: Project) -> None:
+    computed_project(project)
+    imported = import_events(
+        project,
+        identify({"userId": "u1"}, 5, email="u1@example.com", plan="pro"),
+        track({"userId": "u1"}, 3, "40"),  # a numeric string counts as a number
+        track({"userId": "u2"}, 29, 10),  # leaves the 30-day window when time passes two days
+        track({"anonymousId": "a3"}, 2, 20),  # anonymous: sent with its anonymousId
+        identify({"userId": "u4"}, 1, email="u4@example.com"),  # no order: not a member, no trait value
+        track({"userId": "u5"}, 60, 7),  # an order too old for the audience, in the trait's 90 days
+    )
+    assert imported == {"accepted": 6, "duplicates": 0, "rejected": []}
+
+    runs = sync(project)
+    assert {k: (r["mode"], r["status"], r["members"]) for k, r in runs.items()} == {
+        AUDIENCE: ("initial", "succeeded", 3),
+        TRAIT: ("initial", "succeeded", 4),
+    }
+    assert by_user(sent(project, AUDIENCE)) == {"u1": True, "u2": True, "a3": True}
+    assert by_user(sent(project, TRAIT)) == {"u1": 40, "u2": 10, "a3": 20, "u5": 7}
+    [u1] = [ids for ids, _ in sent(project, AUDIENCE) if ids.get("userId") == "u1"]
+    assert u1["email"] == "u1@example.com"
+
+    # An imported event enters a member and changes a trait.
+    project.emulator.reset()
+    import_events(project, track({"userId": "u4"}, 0.5, 5), track({"userId": "u1"}, 1, 2.5))
+    runs = sync(project)
+    assert (runs[AUDIENCE]["entered"], runs[AUDIENCE]["exited"]) == (1, 0)
+    assert by_user(sent(project, AUDIENCE)) == {"u4": True}
+    assert by_user(sent(project, TRAIT)) == {"u4": 5, "u1": 42.5}
+
+    # Two days pass: u2's only order leaves the 30-day window (its trait value stays: 90 days).
+    project.emulator.reset()
+    project.sql("UPDATE profile_events SET ts = ts - :d", {"d": 2 * 86_400_000})
+    runs = sync(project)
+    assert (runs[AUDIENCE]["entered"], runs[AUDIENCE]["exited"], runs[AUDIENCE]["members"]) == (0, 1, 3)
+    assert by_user(sent(project, AUDIENCE)) == {"u2": False}
+    assert sent(project, TRAIT) == []
+
+    # Nothing changed: nothing is sent.
+    project.emulator.reset()
+    runs = sync(project)
+    assert [r["sent"] for r in runs.values()] == [0, 0] and project.emulator.requests() == []
+
+
+def test_merges_never_send_false_for_a_member(project: Project) -> None:
+    computed_project(project)
+    import_events(
+        project,
+        track({"anonymousId": "a1"}, 3, 10),  # an anonymous member ...
+        identify({"userId": "u1"}, 3, email="u1@example.com"),  # ... and a known user without orders
+        track({"anonymousId": "a2"}, 4, 10),  # two members ...
+        track({"userId": "u2"}, 5, 10),  # ... who turn out to be one person
+        track({"anonymousId": "a3"}, 6, 10),  # a member who identifies: the same profile, a user id appears
+    )
+    sync(project)
+    assert by_user(sent(project, AUDIENCE)) == {"a1": True, "a2": True, "u2": True, "a3": True}
+
+    project.emulator.reset()
+    import_events(
+        project,
+        identify({"userId": "u1", "anonymousId": "a1"}, 0.1),  # merges a1's profile with u1's
+        {"type": "alias", "userId": "u2", "previousId": "a2", "messageId": f"m{next(_ids)}", "timestamp": ago(0.1)},
+        identify({"userId": "u3", "anonymousId": "a3"}, 0.1, email="u3@example.com"),
+    )
+    runs = sync(project)
+    items = sent(project, AUDIENCE)
+    assert all(value is True for _, value in items), items  # never false for someone still a member
+    assert runs[AUDIENCE]["exited"] == 0 and runs[AUDIENCE]["members"] == 3
+    linked = {ids.get("userId"): ids for ids, _ in items}
+    assert linked["u1"]["anonymousId"] == "a1" and linked["u1"]["email"] == "u1@example.com"
+    assert linked["u3"] == {
+        "userId": "u3",
+        "fs_user_id": "u3",
+        "web_user_id": "u3",
+        "email": "u3@example.com",
+        "anonymousId": "a3",
+    }
+    # u2 and a2 were both members: whichever acknowledged state survived, ODP keeps seeing true (re-sent
+    # with u2 when a2's state survived, which had no user id).
+    assert set(linked) <= {"u1", "u2", "u3"} and {"u1", "u3"} <= set(linked)
+    shown = project.cli_json("profiles", "show", "a2")
+    assert shown["user_id"] == "u2" and shown["anonymous_ids"] == ["a2"]
+    [ordered] = [a for a in shown["audiences"] if a["key"] == AUDIENCE]
+    assert (ordered["value"], ordered["acknowledged"]) == (True, True)
+
+
+def test_events_import_reports_bad_lines_and_imports_the_rest(project: Project) -> None:
+    computed_project(project)
+    good = track({"userId": "u1"}, 1, 10)
+    lines = [
+        json.dumps(good),
+        "{not json",
+        "",
+        json.dumps({"type": "track", "userId": "u2", "messageId": "x"}),  # a track without event
+        json.dumps([1, 2]),
+        json.dumps({**track({"userId": "u3"}, 1), "timestamp": "yesterday"}),
+        json.dumps(good),  # the same messageId again
+        json.dumps(track({"anonymousId": "a4"}, 1, 3)),
+    ]
+    path = project.dir / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = project.cli("events", "import", str(path), "--json")
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout) == {
+        "accepted": 2,
+        "duplicates": 1,
+        "rejected": [
+            {"line": 2, "message": json.loads(result.stdout)["rejected"][0]["message"]},
+            {"line": 4, "message": "a track message needs an 'event'"},
+            {"line": 5, "message": "a message must be a JSON object"},
+            {"line": 6, "message": "'timestamp' must be an ISO 8601 date-time"},
+        ],
+    }
+    assert json.loads(result.stdout)["rejected"][0]["message"].startswith("not valid JSON")
+    text = project.cli("events", "import", str(path))
+    assert text.returncode == 1
+    assert text.stdout == "accepted 0, duplicates 3, rejected 4\n"
+    assert "line 4: a track message needs an 'event'" in text.stderr
+    assert "4 lines were rejected and not imported; the others were" in text.stderr
+    assert project.cli_json("query", ORDERED)["count"] == 2
+
+    stdin = subprocess.run(
+        [sys.executable, "-m", "audience_sync", "events", "import", "-", "--json", "--config", str(project.write())],
+        input=json.dumps(track({"userId": "u9"}, 1, 1)) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=project.dir,
+        timeout=120,
+    )
+    assert (stdin.returncode, json.loads(stdin.stdout)["accepted"]) == (0, 1), stdin.stderr
+
+
+def test_query_and_profiles_show(project: Project) -> None:
+    computed_project(project)
+    import_events(
+        project,
+        identify({"userId": "u1", "anonymousId": "a1"}, 2, email="u1@example.com", plan="pro"),
+        track({"userId": "u1"}, 1, 30, event="Order Completed"),
+        track({"userId": "u1"}, 0.5, event="Product Viewed"),
+        track({"userId": "u2"}, 40, 12),
+    )
+    found = project.cli_json("query", ORDERED)
+    assert found == {
+        "result": "boolean",
+        "count": 1,
+        "samples": [{"user_id": "u1", "email": "u1@example.com", "anonymous_id": "a1", "value": True}],
+    }
+    spend = project.cli_json("query", SPEND, "--limit", "1")
+    assert (spend["result"], spend["count"], len(spend["samples"])) == ("scalar", 2, 1)
+    text = project.cli("query", ORDERED)
+    assert text.returncode == 0 and text.stdout.startswith("1 member\n") and "u1@example.com" in text.stdout
+    bad = project.cli("query", "event('Order Completed').within(30 days.count() >= 1")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: column 40: expected ')' after '30 days'\n")
+
+    sync(project)
+    shown = project.cli_json("profiles", "show", "u1@example.com")
+    assert shown["user_id"] == "u1" and shown["email"] == "u1@example.com" and shown["anonymous_ids"] == ["a1"]
+    assert shown["traits"] == {"email": "u1@example.com", "plan": "pro"}
+    assert [(e["event"], e["properties"]) for e in shown["events"]] == [
+        ("Product Viewed", {}),
+        ("Order Completed", {"revenue": 30}),
+    ]
+    audiences = {a["key"]: a for a in shown["audiences"]}
+    assert {k: (a["kind"], a["value"], a["acknowledged"]) for k, a in audiences.items()} == {
+        AUDIENCE: ("audience", True, True),
+        TRAIT: ("trait", 30, 30),
+    }
+    assert all(a["acknowledged_at"] for a in audiences.values())
+    assert project.cli_json("profiles", "show", shown["profile"])["user_id"] == "u1"
+    plain = project.cli("profiles", "show", "a1")
+    assert plain.returncode == 0 and "order_completed_last_30days  audience  true" in plain.stdout
+    unknown = project.cli("profiles", "show", "nobody")
+    assert unknown.returncode == 1 and "no profile has the user_id, email, anonymous_id" in unknown.stderr
+
+
+def test_the_api_and_the_page(project: Project, daemons: list[Daemon]) -> None:  # noqa: F811 - the fixture
+    computed_project(project)
+    import_events(project, identify({"userId": "u1"}, 1, email="u1@example.com"), track({"userId": "u1"}, 1, 8))
+    daemon = start_daemon(project)
+    daemons.append(daemon)
+    wait_for(
+        lambda: len([r for r in daemon.http.get("/api/runs").json() if r["status"] == "succeeded"]) == 2,
+        30,
+        "the daemon's first runs of both computed audiences",
+    )
+
+    profile = daemon.http.get("/api/profiles/u1@example.com")
+    assert profile.status_code == 200
+    assert profile.json() == project.cli_json("profiles", "show", "u1@example.com")
+    assert daemon.http.get("/api/profiles/nobody").status_code == 404
+    assert httpx.get(daemon.url + "/api/profiles/u1").status_code == 401
+
+    found = daemon.http.post("/api/query", json={"query": ORDERED, "limit": 5})
+    assert found.status_code == 200 and found.json() == project.cli_json("query", ORDERED, "--limit", "5")
+    bad = daemon.http.post("/api/query", json={"query": "event('Order Completed').within(30 days.count() >= 1"})
+    assert bad.status_code == 400
+    assert bad.json() == {
+        "code": "invalid_query",
+        "message": "column 40: expected ')' after '30 days'",
+        "line": 1,
+        "column": 40,
+    }
+    assert daemon.http.post("/api/query", json={"limit": 5}).status_code == 400
+    assert daemon.http.post("/api/query", json={"query": ORDERED, "limit": -1}).status_code == 400
+
+    page = daemon.http.get("/").text
+    assert 'data-testid="computed-order_completed_last_30days"' in page
+    assert "event(&#x27;Order Completed&#x27;).within(30 days).count() &gt;= 1" in page
+    code, _ = daemon.stop()
+    assert code == 0
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_check_understands_query_sources(project: Project) -> None:
+    computed_project(project)
+    import_events(project, track({"userId": "u1"}, 1, 8))
+    result = project.cli_json("check", expect=None)
+    sources = {r["audience"]: r for r in result if r["check"] == "source"}
+    assert sources[AUDIENCE]["ok"] and sources[AUDIENCE]["detail"] == (
+        f"{AUDIENCE}: query (a condition) over the profiles of the store: 1 member now"
+    )
+    assert (
+        sources[TRAIT]["detail"]
+        == f"{TRAIT}: query (a value) over the profiles of the store: 1 profile with a value now"
+    )
