@@ -5,14 +5,11 @@ the events' timestamps moved back in the store (what the query sees is the same 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.acceptance.test_daemon import Daemon, daemons, start_daemon, wait_for  # noqa: F401 - a fixture
 from tests.conftest import Project
@@ -159,96 +156,6 @@ def test_merges_never_send_false_for_a_member(project: Project) -> None:
     assert (ordered["value"], ordered["acknowledged"]) == (True, True)
 
 
-def test_events_import_reports_bad_lines_and_imports_the_rest(project: Project) -> None:
-    computed_project(project)
-    good = track({"userId": "u1"}, 1, 10)
-    lines = [
-        json.dumps(good),
-        "{not json",
-        "",
-        json.dumps({"type": "track", "userId": "u2", "messageId": "x"}),  # a track without event
-        json.dumps([1, 2]),
-        json.dumps({**track({"userId": "u3"}, 1), "timestamp": "yesterday"}),
-        json.dumps(good),  # the same messageId again
-        json.dumps(track({"anonymousId": "a4"}, 1, 3)),
-    ]
-    path = project.dir / "mixed.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    result = project.cli("events", "import", str(path), "--json")
-    assert result.returncode == 1, result.stderr
-    assert json.loads(result.stdout) == {
-        "accepted": 2,
-        "duplicates": 1,
-        "rejected": [
-            {"line": 2, "message": json.loads(result.stdout)["rejected"][0]["message"]},
-            {"line": 4, "message": "a track message needs an 'event'"},
-            {"line": 5, "message": "a message must be a JSON object"},
-            {"line": 6, "message": "'timestamp' must be an ISO 8601 date-time"},
-        ],
-    }
-    assert json.loads(result.stdout)["rejected"][0]["message"].startswith("not valid JSON")
-    text = project.cli("events", "import", str(path))
-    assert text.returncode == 1
-    assert text.stdout == "accepted 0, duplicates 3, rejected 4\n"
-    assert "line 4: a track message needs an 'event'" in text.stderr
-    assert "4 lines were rejected and not imported; the others were" in text.stderr
-    assert project.cli_json("query", ORDERED)["count"] == 2
-
-    stdin = subprocess.run(
-        [sys.executable, "-m", "audience_sync", "events", "import", "-", "--json", "--config", str(project.write())],
-        input=json.dumps(track({"userId": "u9"}, 1, 1)) + "\n",
-        capture_output=True,
-        text=True,
-        cwd=project.dir,
-        timeout=120,
-    )
-    assert (stdin.returncode, json.loads(stdin.stdout)["accepted"]) == (0, 1), stdin.stderr
-
-
-def test_query_and_profiles_show(project: Project) -> None:
-    computed_project(project)
-    import_events(
-        project,
-        identify({"userId": "u1", "anonymousId": "a1"}, 2, email="u1@example.com", plan="pro"),
-        track({"userId": "u1"}, 1, 30, event="Order Completed"),
-        track({"userId": "u1"}, 0.5, event="Product Viewed"),
-        track({"userId": "u2"}, 40, 12),
-    )
-    found = project.cli_json("query", ORDERED)
-    assert found == {
-        "result": "boolean",
-        "count": 1,
-        "samples": [{"user_id": "u1", "email": "u1@example.com", "anonymous_id": "a1", "value": True}],
-    }
-    spend = project.cli_json("query", SPEND, "--limit", "1")
-    assert (spend["result"], spend["count"], len(spend["samples"])) == ("scalar", 2, 1)
-    text = project.cli("query", ORDERED)
-    assert text.returncode == 0 and text.stdout.startswith("1 member\n") and "u1@example.com" in text.stdout
-    bad = project.cli("query", "event('Order Completed').within(30 days.count() >= 1")
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("error: column 40: expected ')' after '30 days'\n")
-
-    sync(project)
-    shown = project.cli_json("profiles", "show", "u1@example.com")
-    assert shown["user_id"] == "u1" and shown["email"] == "u1@example.com" and shown["anonymous_ids"] == ["a1"]
-    assert shown["traits"] == {"email": "u1@example.com", "plan": "pro"}
-    assert [(e["event"], e["properties"]) for e in shown["events"]] == [
-        ("Product Viewed", {}),
-        ("Order Completed", {"revenue": 30}),
-    ]
-    audiences = {a["key"]: a for a in shown["audiences"]}
-    assert {k: (a["kind"], a["value"], a["acknowledged"]) for k, a in audiences.items()} == {
-        AUDIENCE: ("audience", True, True),
-        TRAIT: ("trait", 30, 30),
-    }
-    assert all(a["acknowledged_at"] for a in audiences.values())
-    assert project.cli_json("profiles", "show", shown["profile"])["user_id"] == "u1"
-    plain = project.cli("profiles", "show", "a1")
-    assert plain.returncode == 0 and "order_completed_last_30days  audience  true" in plain.stdout
-    unknown = project.cli("profiles", "show", "nobody")
-    assert unknown.returncode == 1 and "no profile has the user_id, email, anonymous_id" in unknown.stderr
-
-
 def test_the_api_and_the_page(project: Project, daemons: list[Daemon]) -> None:  # noqa: F811 - the fixture
     computed_project(project)
     import_events(project, identify({"userId": "u1"}, 1, email="u1@example.com"), track({"userId": "u1"}, 1, 8))
@@ -284,18 +191,3 @@ def test_the_api_and_the_page(project: Project, daemons: list[Daemon]) -> None: 
     assert "event(&#x27;Order Completed&#x27;).within(30 days).count() &gt;= 1" in page
     code, _ = daemon.stop()
     assert code == 0
-
-
-@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
-def test_check_understands_query_sources(project: Project) -> None:
-    computed_project(project)
-    import_events(project, track({"userId": "u1"}, 1, 8))
-    result = project.cli_json("check", expect=None)
-    sources = {r["audience"]: r for r in result if r["check"] == "source"}
-    assert sources[AUDIENCE]["ok"] and sources[AUDIENCE]["detail"] == (
-        f"{AUDIENCE}: query (a condition) over the profiles of the store: 1 member now"
-    )
-    assert (
-        sources[TRAIT]["detail"]
-        == f"{TRAIT}: query (a value) over the profiles of the store: 1 profile with a value now"
-    )
