@@ -140,7 +140,7 @@ def test_query_and_profiles_show(project: Project, cli: Any) -> None:
 @pytest.mark.parametrize("database", ["sqlite"], indirect=True)
 def test_check_understands_query_sources(project: Project, cli: Any) -> None:
     computed_project(project)
-    code, out, _ = cli("check", "--json")
+    _, out, _ = cli("check", "--json")
     sources = {r["audience"]: r for r in json.loads(out) if r["check"] == "source"}
     assert (
         sources[AUDIENCE]["detail"]
