@@ -116,9 +116,10 @@ def events(args: argparse.Namespace, config: Config) -> int:
         if len(rejected) > MAX_REJECTS_PRINTED:
             print(f"... and {len(rejected) - MAX_REJECTS_PRINTED:,} more (--json lists every one)", file=sys.stderr)
         if rejected:
+            lines_were = "1 line was" if len(rejected) == 1 else f"{len(rejected):,} lines were"
             print(
-                f"error: {len(rejected):,} lines were rejected and not imported; the others were. Fix them and "
-                "import the file again (lines already imported count as duplicates)",
+                f"error: {lines_were} rejected and not imported; the others were. Fix them and import the file "
+                "again (lines already imported count as duplicates)",
                 file=sys.stderr,
             )
     return EXIT_FAILED if rejected else EXIT_OK
