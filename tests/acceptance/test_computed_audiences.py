@@ -78,7 +78,7 @@ def test_a_computed_audience_and_trait_from_import_to_odp(project: Project) -> N
         track({"userId": "u2"}, 29, 10),  # leaves the 30-day window when time passes two days
         track({"anonymousId": "a3"}, 2, 20),  # anonymous: sent with its anonymousId
         identify({"userId": "u4"}, 1, email="u4@example.com"),  # no order: not a member, no trait value
-        track({"userId": "u5"}, 60, 7),  # an order too old for the audience, in the trait's 90 days
+        track({"userId": "u5"}, 89, 7),  # too old for the audience; in the trait's 90 days until time passes
     )
     assert imported == {"accepted": 6, "duplicates": 0, "rejected": []}
 
@@ -100,13 +100,14 @@ def test_a_computed_audience_and_trait_from_import_to_odp(project: Project) -> N
     assert by_user(sent(project, AUDIENCE)) == {"u4": True}
     assert by_user(sent(project, TRAIT)) == {"u4": 5, "u1": 42.5}
 
-    # Two days pass: u2's only order leaves the 30-day window (its trait value stays: 90 days).
+    # Two days pass: u2's only order leaves the 30-day window (its trait value stays: 90 days), and u5's
+    # leaves the trait's 90 days: u5 no longer has a value, and is sent null.
     project.emulator.reset()
     project.sql("UPDATE profile_events SET ts = ts - :d", {"d": 2 * 86_400_000})
     runs = sync(project)
     assert (runs[AUDIENCE]["entered"], runs[AUDIENCE]["exited"], runs[AUDIENCE]["members"]) == (0, 1, 3)
     assert by_user(sent(project, AUDIENCE)) == {"u2": False}
-    assert sent(project, TRAIT) == []
+    assert (runs[TRAIT]["exited"], by_user(sent(project, TRAIT))) == (1, {"u5": None})
 
     # Nothing changed: nothing is sent.
     project.emulator.reset()
