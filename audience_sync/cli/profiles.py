@@ -15,7 +15,7 @@ from audience_sync.config import Config, computed_queries
 from audience_sync.errors import AudienceSyncError
 from audience_sync.query.checker import check_query
 from audience_sync.query.syntax import QueryError
-from audience_sync.realtime.messages import MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES, RequestError, prepare
+from audience_sync.realtime.messages import MAX_BATCH_MESSAGES, MAX_MESSAGE_BYTES, complete_messages
 from audience_sync.store.profile_reports import profile_view, query_preview
 from audience_sync.store.profiles import ImportResult, import_messages
 from audience_sync.timestamps import utcnow
@@ -66,17 +66,13 @@ class _Lines:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for chunk in self._chunks():
-            try:
-                prepared = prepare({"batch": [m for _, m in chunk]}, None, utcnow())
-            except RequestError as exc:  # not foreseen: sizes are checked per line above
-                self.rejected += [(number, exc.message) for number, _ in chunk]
-                continue
-            refused = {r["index"]: r["message"] for r in prepared.rejected}
-            self.rejected += [(chunk[i][0], reason) for i, reason in refused.items()]
-            numbers = [number for i, (number, _) in enumerate(chunk) if i not in refused]
-            for number, accepted in zip(numbers, prepared.accepted, strict=True):
-                self.lines.append(number)
-                yield json.loads(accepted.payload)
+            completed = complete_messages([m for _, m in chunk], utcnow())
+            for (number, _), message in zip(chunk, completed, strict=True):
+                if isinstance(message, str):
+                    self.rejected.append((number, message))
+                else:
+                    self.lines.append(number)
+                    yield message
 
 
 def events(args: argparse.Namespace, config: Config) -> int:
