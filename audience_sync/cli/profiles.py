@@ -33,21 +33,26 @@ class _Lines:
     and completed the same way (``messageId``, ``receivedAt``). Rejected lines are kept as (line number
     from 1, reason); :attr:`lines` holds the line number of every message handed on (by position)."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self.rejected: list[tuple[int, str]] = []
         self.lines = array("L")
 
     def _chunks(self) -> Iterator[list[tuple[int, dict[str, Any]]]]:
         chunk: list[tuple[int, dict[str, Any]]] = []
-        for number, line in enumerate(self.stream, 1):
-            if not line.strip():
+        for number, raw in enumerate(self.stream, 1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte order mark
+            if not raw.strip():
                 continue
-            if len(line.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+            if len(raw.rstrip(b"\r\n")) > MAX_MESSAGE_BYTES:
                 self.rejected.append((number, f"the message is over 32 KB ({MAX_MESSAGE_BYTES} bytes)"))
                 continue
             try:
-                message = json.loads(line)
+                message = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                self.rejected.append((number, "the line is not UTF-8 text"))
+                continue
             except ValueError as exc:
                 self.rejected.append((number, f"not valid JSON: {exc}"))
                 continue
@@ -78,24 +83,24 @@ class _Lines:
 def events(args: argparse.Namespace, config: Config) -> int:
     """``events import FILE|-``: bulk-load Segment messages (JSON lines) into profiles."""
     settings = config.settings
-    engine = wiring.open_store(settings)
+    stream: IO[bytes] = sys.stdin.buffer if args.file == "-" else _open(args.file)
     progress = Progress(not args.json)
     query_audiences = list(computed_queries(settings))
+    lines = _Lines(stream)
+
+    def on_batch(done: ImportResult) -> None:
+        progress(f"imported {done.accepted:,} messages ({done.duplicates:,} duplicates)")
+
     try:
-        stream: IO[str] = sys.stdin if args.file == "-" else _open(args.file)
+        engine = wiring.open_store(settings)
         try:
-            lines = _Lines(stream)
-
-            def on_batch(done: ImportResult) -> None:
-                progress(f"imported {done.accepted:,} messages ({done.duplicates:,} duplicates)")
-
             result = import_messages(engine, lines, query_audiences=query_audiences, on_batch=on_batch)
         finally:
-            progress.done()
-            if stream is not sys.stdin:
-                stream.close()
+            engine.dispose()
     finally:
-        engine.dispose()
+        progress.done()
+        if args.file != "-":
+            stream.close()
     rejected = sorted(lines.rejected + [(lines.lines[position], reason) for position, reason in result.rejected])
     if args.json:
         emit_json(
@@ -121,9 +126,9 @@ def events(args: argparse.Namespace, config: Config) -> int:
     return EXIT_FAILED if rejected else EXIT_OK
 
 
-def _open(path: str) -> IO[str]:
+def _open(path: str) -> IO[bytes]:
     try:
-        return open(path, encoding="utf-8-sig")
+        return open(path, "rb")
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror or exc}; nothing was imported") from None
 

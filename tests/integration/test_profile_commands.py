@@ -58,14 +58,19 @@ def test_events_import_reports_bad_lines_and_imports_the_rest(
         json.dumps(good),  # the same messageId again
         json.dumps(track({"anonymousId": "a4"}, 1, 3)),
     ]
-    code, out, err = cli("events", "import", events_file(project, "mixed.jsonl", lines))
+    path = events_file(project, "mixed.jsonl", lines)
+    with open(path, "ab") as fh:  # a line that is not UTF-8, and a line over 32 KB
+        fh.write(b'{"type": "track", "event": "\xff"}\n' + json.dumps({"x": "y" * 33_000}).encode() + b"\n")
+    code, out, err = cli("events", "import", path)
     assert code == 1
-    assert out == "accepted 2, duplicates 1, rejected 4\n"
+    assert out == "accepted 2, duplicates 1, rejected 6\n"
+    assert "line 9: the line is not UTF-8 text\nline 10: the message is over 32 KB (32768 bytes)\n" in err
     assert "line 2: not valid JSON" in err and "line 4: a track message needs an 'event'\n" in err
-    assert "4 lines were rejected and not imported; the others were" in err
+    assert "6 lines were rejected and not imported; the others were" in err
     assert project.sql("SELECT count(*) FROM profile_events")[0][0] == 2
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    stdin = io.TextIOWrapper(io.BytesIO(("\n".join(lines) + "\n").encode()), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", stdin)
     code, out, _ = cli("events", "import", "-", "--json")
     result = json.loads(out)
     assert code == 1
