@@ -293,9 +293,9 @@ class Syncer:
         with member_store.Planning(self.engine) as planning:
             try:
                 if isinstance(source, QuerySource):  # evaluated by the store at the run's start
-                    members = planning.stage_profiles(source.query, started, dict(source.computed))
-                    stats.rows = members
-                    staged(members)
+                    members, stats.invalid = planning.stage_profiles(source.query, started, dict(source.computed))
+                    stats.rows = members + stats.invalid
+                    staged(stats.rows)
                 else:
                     chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
                     members = planning.stage(chunks, staged)

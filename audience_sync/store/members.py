@@ -16,7 +16,7 @@ from json.encoder import encode_basestring
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
-from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.audiences.rules import MAX_IDENTIFIER_LENGTH, QUARANTINE_AFTER, MemberRow, Mode
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.statuses import Outcome
 from audience_sync.store.dialect import (
@@ -153,14 +153,18 @@ def stage_snapshot(conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk
 
 def stage_profiles(
     conn: Connection, query: CheckedQuery, now: datetime, computed: Mapping[str, CheckedQuery] | None = None
-) -> int:
+) -> tuple[int, int]:
     """Stage a query source's snapshot at ``now``: the database evaluates ``query`` over every profile
     straight into the staging table (:func:`~audience_sync.store.evaluate.stage_query`); no member
-    passes through Python. Returns the members (profiles in the audience, or with a trait value)."""
+    passes through Python. Returns (members, invalid): profiles in the audience (or with a trait value),
+    and those left out because an identifier is longer than the store's identifier columns hold (as a
+    source row would be)."""
     create_stage(conn, STAGE, _STAGE_COLUMNS)
     staged = stage_query(conn, query, now, table=STAGE, computed=computed)
+    too_long = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH}" for c in IDENTIFIER_COLUMNS)
+    invalid = int(conn.exec_driver_sql(f"DELETE FROM {STAGE} WHERE {too_long}").rowcount)
     analyze(conn, STAGE)
-    return staged
+    return staged - invalid, invalid
 
 
 def drop_snapshot(conn: Connection) -> None:
@@ -286,15 +290,15 @@ class Planning:
 
     def stage_profiles(
         self, query: CheckedQuery, now: datetime, computed: Mapping[str, CheckedQuery] | None = None
-    ) -> int:
-        """Stage a query source's snapshot (:func:`stage_profiles`); returns the members."""
+    ) -> tuple[int, int]:
+        """Stage a query source's snapshot (:func:`stage_profiles`); returns (members, invalid)."""
         try:
-            members = stage_profiles(self._conn, query, now, computed)
+            staged = stage_profiles(self._conn, query, now, computed)
         except BaseException:
             self._conn.rollback()
             raise
         self._conn.commit()
-        return members
+        return staged
 
     def plan(
         self, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool, identifiers_due: bool = False

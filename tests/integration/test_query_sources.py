@@ -123,3 +123,16 @@ def test_a_new_user_id_or_email_makes_a_member_due_and_a_new_anonymous_id_does_n
 
     store.emulator.reset()
     assert store.sync(config)["sent"] == 0  # acknowledged with the new identifiers: nothing is due
+
+
+def test_a_profile_with_an_identifier_too_long_for_the_store_is_invalid_not_fatal(store: Harness) -> None:
+    long_email = "x" * 600 + "@example.com"  # profiles keep any length; members and changes hold 512
+    record(
+        store,
+        message("identify", userId="u1", traits={"email": long_email}),
+        message("track", userId="u1"),
+        message("track", userId="u2"),
+    )
+    run = store.sync(store.config(query_audience("Buyers")))
+    assert (run["status"], run["members"], run["invalid"], run["sent"]) == ("succeeded", 1, 1, 1)
+    assert [i["user_identifiers"]["userId"] for i in store.emulator.items()] == ["u2"]
