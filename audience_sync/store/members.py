@@ -15,8 +15,10 @@ from json.encoder import encode_basestring
 
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from audience_sync.audiences.rules import MAX_IDENTIFIER_LENGTH, QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.errors import SourceError, first_line
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.statuses import Outcome
 from audience_sync.store.dialect import (
@@ -160,7 +162,10 @@ def stage_profiles(
     and those left out because an identifier is longer than the store's identifier columns hold (as a
     source row would be)."""
     create_stage(conn, STAGE, _STAGE_COLUMNS)
-    staged = stage_query(conn, query, now, table=STAGE, computed=computed)
+    try:
+        staged = stage_query(conn, query, now, table=STAGE, computed=computed)
+    except DBAPIError as exc:  # the database refused the compiled query: the run fails with its word
+        raise SourceError(f"the query failed in the database: {first_line(exc.orig or exc)}") from None
     too_long = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH}" for c in IDENTIFIER_COLUMNS)
     invalid = int(conn.exec_driver_sql(f"DELETE FROM {STAGE} WHERE {too_long}").rowcount)
     analyze(conn, STAGE)

@@ -136,3 +136,13 @@ def test_a_profile_with_an_identifier_too_long_for_the_store_is_invalid_not_fata
     run = store.sync(store.config(query_audience("Buyers")))
     assert (run["status"], run["members"], run["invalid"], run["sent"]) == ("succeeded", 1, 1, 1)
     assert [i["user_identifiers"]["userId"] for i in store.emulator.items()] == ["u2"]
+
+
+def test_a_query_the_database_refuses_fails_the_run_with_its_message(store: Harness) -> None:
+    config = store.config(query_audience("Pro", "trait('plan') = 'pro'"))
+    with store.engine.begin() as conn:  # a store whose profile tables are broken
+        conn.execute(text("DROP TABLE profile_traits"))
+    run = store.sync(config)
+    assert run["status"] == "failed" and store.emulator.requests() == []
+    assert run["error"].startswith("the query failed in the database: ")
+    assert "profile_traits" in run["error"] and run["error"].endswith("; nothing was sent")
