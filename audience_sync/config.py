@@ -12,7 +12,7 @@ import re
 import tomllib
 import typing
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -32,12 +32,16 @@ from audience_sync.errors import ConfigError
 from audience_sync.masking import url_passwords
 from audience_sync.naming import trait_key
 from audience_sync.odp.regions import REGIONS
+from audience_sync.query.ast import CheckedQuery
+from audience_sync.query.checker import check_query
+from audience_sync.query.syntax import QueryError
 from audience_sync.realtime.actions import resolve_action
 from audience_sync.realtime.mapping import MappingError, validate_mapping
 from audience_sync.realtime.presets import PRESETS, get_preset
 from audience_sync.realtime.triggers import TriggerError, parse_trigger
 from audience_sync.statuses import ALERT_EVENTS
 from audience_sync.store.engine import url_problem
+from audience_sync.store.evaluate import ComputedReferenceError, compile_query
 
 ENV_PREFIX = "AUDIENCE_SYNC_"
 DEFAULT_CONFIG_PATH = Path("audience-sync.toml")
@@ -187,7 +191,11 @@ class ServerSettings(_Section):
 
 
 class SourceSettings(_Section):
-    type: Literal["sql", "file"]
+    """Where an audience's members come from: a SQL query (``sql``), a CSV / JSONL file (``file``), or
+    a query in Segment's language over the profiles of the store (``query``, profiles.md; checked
+    against the audience's kind by :class:`AudienceSettings`)."""
+
+    type: Literal["sql", "file", "query"]
     url: str | None = None
     query: str | None = None
     path: Path | None = None
@@ -199,8 +207,14 @@ class SourceSettings(_Section):
 
     @model_validator(mode="after")
     def _required(self) -> SourceSettings:
-        if self.type == "sql" and not (self.query and self.query.strip()):
-            raise ValueError("query: required for a sql source")
+        if self.type in ("sql", "query") and not (self.query and self.query.strip()):
+            raise ValueError(f"query: required for a {self.type} source")
+        if self.type == "query":
+            for name in ("url", "path"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}: a query source reads the profiles of the store (database.url); remove it"
+                    )
         if self.type == "file":
             if self.path is None:
                 raise ValueError("path: required for a file source")
@@ -234,6 +248,11 @@ class AudienceSettings(_Section):
             raise ValueError(f"key: {self.key!r} may only hold letters, digits and underscores")
         if self.kind == "trait" and self.delivery == "sync_audience":
             raise ValueError("delivery: sync_audience sends memberships; a trait needs upsert_contact")
+        if self.source.type == "query":
+            try:
+                check_query(self.source.query or "", self.kind)
+            except QueryError as exc:
+                raise ValueError(f"source.query: {exc}") from None
         return self
 
 
@@ -440,6 +459,20 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _computed_references(self) -> Settings:
+        """A query may read another computed audience or trait with ``trait('key')``, at its top level
+        and without a cycle: compiled once here (no database needed) so that a run never finds out."""
+        queries = computed_queries(self)
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        for index, audience in enumerate(self.audiences):
+            if audience.key in queries:
+                try:
+                    compile_query("sqlite", queries[audience.key], epoch, computed=queries)
+                except ComputedReferenceError as exc:
+                    raise ValueError(f"audiences[{index}].source.query: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
     def _unique_mapping_names(self) -> Settings:
         active_presets = {p.name for p in PRESETS} - set(self.presets.disabled)
         names: set[str] = set()
@@ -453,6 +486,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"mappings[{index}].name: {mapping.name!r} is used by two mappings")
             names.add(mapping.name)
         return self
+
+
+def computed_queries(settings: Settings) -> dict[str, CheckedQuery]:
+    """The checked query of every audience whose source is a query, by key (what ``trait('key')`` of
+    another query reads)."""
+    return {a.key: check_query(a.source.query or "", a.kind) for a in settings.audiences if a.source.type == "query"}
 
 
 RESTART_ONLY: Final = ("odp", "database", "server.host", "server.port")
@@ -539,7 +578,7 @@ def _format_error(exc: ValidationError) -> str:
         elif err["type"] == "missing":
             msg = "required"
         # A model validator names its own field first ("query: required ..."): fold it into the path.
-        head = re.match(r"^([a-z_]+): (.*)$", msg, re.S)
+        head = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", msg, re.S)
         if err["type"] == "value_error" and head and loc:
             loc, msg = f"{loc}.{head.group(1)}", head.group(2)
         lines.append(f"{loc}: {msg}" if loc else msg)

@@ -8,7 +8,7 @@ sync, the real-time path and the ODP client take plain objects, and a test build
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -16,20 +16,23 @@ import httpx
 from sqlalchemy import Engine
 
 from audience_sync.alerts import Alerts, Webhook
-from audience_sync.audiences.rules import Audience, FileSource, Source, SqlSource
+from audience_sync.audiences.rules import Audience, FileSource, QuerySource, Source, SqlSource
 from audience_sync.audiences.syncer import Progress, Syncer
-from audience_sync.config import AudienceSettings, OdpSettings, Settings
+from audience_sync.config import AudienceSettings, OdpSettings, Settings, computed_queries
 from audience_sync.daemon.slots import Schedule
 from audience_sync.errors import AudienceSyncError, first_line
 from audience_sync.masking import redact_url
 from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.odp.target import Target, reach
+from audience_sync.query.ast import CheckedQuery
+from audience_sync.query.checker import check_query
 from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
 from audience_sync.realtime.metrics import RealtimeMetrics
 from audience_sync.realtime.profiler import ProfileOptions
 from audience_sync.realtime.routing import ResolvedMapping, Router, all_mappings
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
+from audience_sync.store.profile_reports import ComputedAudience
 from audience_sync.store.runs import mark_interrupted
 from audience_sync.store.sources import SourceDatabases
 from audience_sync.timestamps import Now, utcnow
@@ -60,10 +63,15 @@ def open_store(settings: Settings) -> Engine:
 # --- audiences --------------------------------------------------------------------------------------------
 
 
-def audience(settings: AudienceSettings) -> Audience:
-    """One ``[[audiences]]`` entry as the sync takes it."""
+def audience(settings: AudienceSettings, computed: Mapping[str, CheckedQuery] | None = None) -> Audience:
+    """One ``[[audiences]]`` entry as the sync takes it; ``computed``: every query source's checked
+    query by key (:func:`~audience_sync.config.computed_queries`), which a query source reads."""
     source: Source
-    if settings.source.type == "sql":
+    if settings.source.type == "query":
+        queries = computed if computed is not None else {}
+        query = queries.get(settings.key) or check_query(settings.source.query or "", settings.kind)
+        source = QuerySource(query, tuple(sorted(queries.items())))
+    elif settings.source.type == "sql":
         source = SqlSource(query=settings.source.query or "", url=settings.source.url)
     else:
         assert settings.source.path is not None  # the config requires it
@@ -81,13 +89,21 @@ def audience(settings: AudienceSettings) -> Audience:
 
 def audiences(settings: Settings) -> list[Audience]:
     """Every configured audience, in the config's order."""
-    return [audience(a) for a in settings.audiences]
+    computed = computed_queries(settings)
+    return [audience(a, computed) for a in settings.audiences]
+
+
+def computed_audiences(settings: Settings) -> list[ComputedAudience]:
+    """The audiences and traits whose source is a query, in the config's order (``profiles show``)."""
+    queries = computed_queries(settings)
+    return [ComputedAudience(a.key, a.kind, queries[a.key]) for a in settings.audiences if a.key in queries]
 
 
 def schedules(settings: Settings) -> dict[Audience, Schedule]:
     """Every enabled audience with its effective schedule: its own interval/jitter/cron over
     ``[schedule]``."""
     defaults = settings.schedule
+    computed = computed_queries(settings)
     out: dict[Audience, Schedule] = {}
     for entry in settings.audiences:
         if not entry.enabled:
@@ -98,7 +114,7 @@ def schedules(settings: Settings) -> dict[Audience, Schedule]:
             interval = entry.interval if entry.interval is not None else defaults.interval
             jitter = entry.jitter if entry.jitter is not None else defaults.jitter
             schedule = Schedule(interval, jitter)
-        out[audience(entry)] = schedule
+        out[audience(entry, computed)] = schedule
     return out
 
 

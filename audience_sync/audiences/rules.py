@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from audience_sync.errors import UnknownAudience
 from audience_sync.masking import redact_url
+from audience_sync.query.ast import CheckedQuery
 from audience_sync.statuses import RunStatus
 
 IDENTIFIER_FIELDS = ("user_id", "email", "anonymous_id", "optimizely_vuid")
@@ -55,7 +56,20 @@ class FileSource:
         return {"type": "file", "path": str(self.path)}
 
 
-Source = SqlSource | FileSource
+@dataclass(frozen=True)
+class QuerySource:
+    """A query in Segment's language evaluated over the profiles of the store at each run's start
+    (profiles.md). The member key is the profile id. ``computed``: the other computed audiences and
+    traits by key, which ``trait('key')`` reads."""
+
+    query: CheckedQuery
+    computed: tuple[tuple[str, CheckedQuery], ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "query", "query": self.query.source, "result": self.query.result}
+
+
+Source = SqlSource | FileSource | QuerySource
 
 
 @dataclass(frozen=True)

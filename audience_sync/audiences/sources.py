@@ -20,8 +20,8 @@ from audience_sync.audiences.rules import (
     IDENTIFIER_FIELDS,
     MEMBER_KEY_FIELDS,
     Audience,
-    FileSource,
     MemberRow,
+    QuerySource,
     SqlSource,
     member_rows,
 )
@@ -85,7 +85,9 @@ def stream_members(
                 f"source database of audience {audience.key!r} cannot be opened: {first_line(exc)}"
             ) from None
         yield from _sql(audience, source, stats, engine, chunk_rows)
-    elif isinstance(source, FileSource) and source.path.suffix.lower() == ".csv":
+    elif isinstance(source, QuerySource):
+        raise SourceError(f"audience {audience.key!r} has a query source, which the store evaluates: nothing to read")
+    elif source.path.suffix.lower() == ".csv":
         yield from _csv(audience, source.path, stats, chunk_rows)
     else:
         yield from _jsonl(audience, source.path, stats, chunk_rows)

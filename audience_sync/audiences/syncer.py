@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 
 from audience_sync.audiences import rules
-from audience_sync.audiences.rules import Audience, Mode
+from audience_sync.audiences.rules import Audience, Mode, QuerySource
 from audience_sync.audiences.sources import SourceStats, stream_members
 from audience_sync.errors import SourceError, first_line
 from audience_sync.group_writer import GroupWriter
@@ -289,10 +289,16 @@ class Syncer:
         def staged(count: int) -> None:
             self.progress(f"{audience.key}: staged {count:,} rows")
 
+        source = audience.source
         with member_store.Planning(self.engine) as planning:
             try:
-                chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
-                members = planning.stage(chunks, staged)
+                if isinstance(source, QuerySource):  # evaluated by the store at the run's start
+                    members, stats.invalid = planning.stage_profiles(source.query, started, dict(source.computed))
+                    stats.rows = members + stats.invalid
+                    staged(stats.rows)
+                else:
+                    chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
+                    members = planning.stage(chunks, staged)
             except SourceError as exc:
                 return RunStatus.FAILED, f"{exc}; nothing was sent", {"members": 0, "invalid": stats.invalid}, None
             except _Stopped:
@@ -300,7 +306,12 @@ class Syncer:
                 stopped = f"stopped while reading the source ({_STOP}); nothing was sent, the next run starts {again}"
                 return RunStatus.INTERRUPTED, stopped, {"members": 0, "invalid": stats.invalid}, None
             plan = planning.plan(
-                run_id=run_id, audience=audience.key, mode=mode, exit_value=exit_value, dry_run=options.dry_run
+                run_id=run_id,
+                audience=audience.key,
+                mode=mode,
+                exit_value=exit_value,
+                dry_run=options.dry_run,
+                identifiers_due=isinstance(source, QuerySource),
             )
             entered, exited, quarantined = plan.entered, plan.exited, plan.quarantined
             counts = {

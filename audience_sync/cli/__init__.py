@@ -1,7 +1,8 @@
 """The ``audience-sync`` command line (product.md section 6): the parser and ``main``.
 
 One module per command family does the work: :mod:`~audience_sync.cli.audiences` (sync, history,
-show, audiences), :mod:`~audience_sync.cli.realtime` (test-event, deliveries, replay) and
+show, audiences), :mod:`~audience_sync.cli.realtime` (test-event, deliveries, replay),
+:mod:`~audience_sync.cli.profiles` (events import, query, profiles show) and
 :mod:`~audience_sync.cli.daemon` (run, db, check, emulator); :mod:`~audience_sync.cli.output` writes.
 ``main`` imports only the family of the command it runs, so a quick command does not pay for loading
 the daemon. The CLI is the top of the package: nothing else imports it.
@@ -244,6 +245,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=("test",), help="test: send one test event to every [[alerts]] webhook")
     p.set_defaults(**_command("alerts", "test"))
+
+    p = sub.add_parser(
+        "events",
+        parents=[common, json_flag],
+        help="import Segment messages (JSON lines) into profiles",
+        description="Bulk-load Segment messages (one JSON object a line; - reads stdin), e.g. an export of a "
+        "warehouse's tracks table, into the profiles that query sources evaluate. Each line is validated as "
+        "ingestion validates a message; messages already recorded (by messageId) count as duplicates. Exits 1 "
+        "when any line was rejected (its line number and reason are listed); the valid lines are imported.",
+        **_examples(
+            "audience-sync events import tracks.jsonl",
+            "gunzip -c export.jsonl.gz | audience-sync events import - --json",
+        ),
+    )
+    p.add_argument("action", choices=("import",))
+    p.add_argument("file", metavar="FILE", help="a JSON-lines file, or - for stdin")
+    p.set_defaults(**_command("profiles", "events"))
+
+    p = sub.add_parser(
+        "query",
+        parents=[common, json_flag],
+        help="preview a query definition: its size and samples, saving nothing",
+        description="Evaluate a definition in Segment's query language over the profiles now, without saving "
+        "it: for a condition, the member count and samples; for a value, the profiles with a value and "
+        "samples. An invalid query exits 2 with the position of the error.",
+        **_examples(
+            "audience-sync query \"event('Order Completed').within(30 days).count() >= 1\"",
+            "audience-sync query \"event('Order Completed').within(90 days).sum(property('revenue'))\" --limit 5",
+            "audience-sync query \"trait('plan') = 'pro'\" --json",
+        ),
+    )
+    p.add_argument("expression", metavar="EXPR", help="the query (quote it for the shell)")
+    p.add_argument("--limit", type=int, default=10, metavar="N", help="samples to show (default 10)")
+    p.set_defaults(**_command("profiles", "query"))
+
+    p = sub.add_parser(
+        "profiles",
+        parents=[common, json_flag],
+        help="one profile: identifiers, traits, computed values, what ODP acknowledged, latest events",
+        description="Show the profile of a user_id, email, anonymous_id or profile id: its identifiers and "
+        "traits, every computed audience and trait with its current value and the value ODP acknowledged "
+        "(and when), and its latest 20 events. Exits 1 for an unknown id.",
+        **_examples(
+            "audience-sync profiles show user-123",
+            "audience-sync profiles show jane@example.com --json",
+        ),
+    )
+    p.add_argument("action", choices=("show",))
+    p.add_argument("id", metavar="ID", help="a user_id, email, anonymous_id or profile id")
+    p.set_defaults(**_command("profiles", "profiles"))
 
     p = sub.add_parser(
         "replay",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from audience_sync.audiences.rules import Audience
+from audience_sync.audiences.rules import Audience, QuerySource
 from audience_sync.audiences.sources import PROBE_ROWS, probe
 from audience_sync.cli.output import EXIT_FAILED, EXIT_OK, UsageError, emit_json
 from audience_sync.config import Config, load_config
@@ -17,7 +17,9 @@ from audience_sync.odp.emulator import Faults, serve
 from audience_sync.odp.regions import AUTH, BASE_PATH
 from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine, ping, sqlite_file
+from audience_sync.store.profile_reports import query_preview
 from audience_sync.store.sources import SourceDatabases
+from audience_sync.timestamps import utcnow
 from audience_sync.wiring import audiences, odp_target, open_client, open_store
 
 
@@ -108,8 +110,34 @@ def _check_database(url: str) -> dict[str, Any]:
         engine.dispose()
 
 
+def _check_query(audience: Audience, source: QuerySource, url: str) -> dict[str, Any]:
+    """A query source was checked at load; its size now, when the store exists (``check`` creates
+    nothing)."""
+    what = "a condition" if source.query.result == "boolean" else "a value"
+    detail = f"{audience.key}: query ({what}) over the profiles of the store"
+    result: dict[str, Any] = {"check": "source", "audience": audience.key, "ok": True, "detail": detail}
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        return {**result, "detail": detail + " (not created yet)"}
+    engine = make_engine(url)
+    try:
+        found = query_preview(engine, source.query, utcnow(), limit=0, computed=dict(source.computed))
+    except Exception as exc:
+        return {**result, "ok": False, "detail": f"{detail}: {first_line(exc)} (run `audience-sync db upgrade`?)"}
+    finally:
+        engine.dispose()
+    count = found["count"]
+    if source.query.result == "boolean":
+        size = "1 member" if count == 1 else f"{count:,} members"
+    else:
+        size = "1 profile with a value" if count == 1 else f"{count:,} profiles with a value"
+    return {**result, "detail": f"{detail}: {size} now", "rows": count}
+
+
 def _check_source(audience: Audience, databases: SourceDatabases) -> dict[str, Any]:
     """Read the first rows of ``audience``'s source as a run would."""
+    if isinstance(audience.source, QuerySource):
+        return _check_query(audience, audience.source, databases.default_url)
     result: dict[str, Any] = {"check": "source", "audience": audience.key}
     try:
         stats = probe(audience, databases)

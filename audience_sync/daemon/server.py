@@ -1,6 +1,6 @@
 """The daemon's HTTP server: the admin API (``/api/*``, Bearer ``server.admin_token``: audiences, runs,
-deliveries, mappings, reload), health, metrics, the status page, and the Segment-compatible ingestion
-API it is given."""
+deliveries, mappings, reload, profiles and query previews), health, metrics, the status page, and the
+Segment-compatible ingestion API it is given."""
 
 from __future__ import annotations
 
@@ -22,15 +22,19 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from audience_sync import __version__
-from audience_sync.audiences.rules import Audience, Mode, Trigger, audience_named
+from audience_sync.audiences.rules import Audience, Mode, QuerySource, Trigger, audience_named
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.web import render_run_page, render_status_page
 from audience_sync.errors import ConfigError, RunInProgress, UnknownAudience
 from audience_sync.masking import SECRETS, Secrets
+from audience_sync.query.ast import CheckedQuery
+from audience_sync.query.checker import check_query
+from audience_sync.query.syntax import QueryError
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, RUN_STATUSES, DeliveryStatus, Outcome
 from audience_sync.store import outbox
 from audience_sync.store import runs as run_store
+from audience_sync.store.profile_reports import ComputedAudience, profile_view, query_preview
 from audience_sync.store.reports import audience_views, size_history
 from audience_sync.timestamps import iso, utcnow
 
@@ -277,6 +281,52 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
     async def mappings(request: Request) -> Response:
         return JSONResponse(list(state.mappings))
 
+    def computed() -> tuple[list[ComputedAudience], dict[str, CheckedQuery]]:
+        """The configured query sources (as the last reload left them) and every computed query by key."""
+        listed: list[ComputedAudience] = []
+        queries: dict[str, CheckedQuery] = {}
+        for audience in state.audiences:
+            if isinstance(audience.source, QuerySource):
+                listed.append(ComputedAudience(audience.key, audience.kind, audience.source.query))
+                queries.update(audience.source.computed)
+        return listed, queries
+
+    async def get_profile(request: Request) -> Response:
+        identifier = request.path_params["id"]
+        listed, queries = computed()
+        view = await _db(profile_view, engine, identifier, listed, utcnow(), computed=queries)
+        if view is None:
+            return error(
+                404, "not_found", f"no profile has the user_id, email, anonymous_id or profile id {identifier!r}"
+            )
+        return JSONResponse(view)
+
+    async def post_query(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "invalid_json", "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return error(400, "invalid_json", "the body must be a JSON object")
+        unknown = set(body) - {"query", "limit"}
+        if unknown:
+            return error(400, "invalid_request", f"unknown keys: {', '.join(sorted(unknown))}")
+        source, limit = body.get("query"), body.get("limit", 10)
+        if not isinstance(source, str) or not source.strip():
+            return error(400, "invalid_request", "query must be a non-empty string")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= QUERY_MAX_LIMIT:
+            return error(400, "invalid_request", f"limit must be a whole number from 0 to {QUERY_MAX_LIMIT}")
+        try:
+            checked = check_query(source)
+        except QueryError as exc:
+            return JSONResponse(
+                {"code": "invalid_query", "message": str(exc), "line": exc.line, "column": exc.column},
+                status_code=400,
+            )
+        _, queries = computed()
+        found = await _db(query_preview, engine, checked, utcnow(), limit=limit, computed=queries)
+        return JSONResponse(found)
+
     async def reload(request: Request) -> Response:
         if state.reload is None:
             return error(404, "not_found", "this server cannot reload its configuration")
@@ -324,10 +374,14 @@ def build_routes(state: DaemonState) -> list[BaseRoute]:
         Route("/api/runs/{run_id}", get_run),
         Route("/api/runs/{run_id}/changes", run_changes),
         Route("/api/mappings", mappings),
+        Route("/api/profiles/{id:path}", get_profile),
+        Route("/api/query", post_query, methods=["POST"]),
         Route("/api/reload", reload, methods=["POST"]),
     ]
 
 
+QUERY_MAX_LIMIT = 1000
+"""The most samples ``POST /api/query`` returns."""
 RUN_PAGE_LIMIT = 1000
 """Changes a run's page lists by default (``?limit=`` for more, ``?outcome=`` to filter)."""
 DELIVERIES_DEFAULT_LIMIT = 50

@@ -345,6 +345,37 @@ def _audiences_section(audiences: Sequence[Mapping[str, Any]], now: datetime | N
     return head + table + "</section>"
 
 
+def _computed_section(audiences: Sequence[Mapping[str, Any]]) -> str:
+    """The audiences and traits computed from profiles (a query source), each with its definition;
+    empty (no section) when there is none."""
+    computed = [
+        (a, source)
+        for a in audiences
+        if isinstance(source := a.get("source"), Mapping) and source.get("type") == "query"
+    ]
+    if not computed:
+        return ""
+    head = _section_head("computed", f'Computed audiences <span class="count">({len(computed)})</span>')
+    rows = [
+        f'<tr data-testid="computed-{_e(a.get("key"))}">'
+        f'<td class="audience">{_e(a.get("name") or a.get("key"))}</td>'
+        f'<td><code class="key">{_e(a.get("key"))}</code></td>'
+        f"<td>{_e(a.get('kind'))}</td>"
+        f'<td><code class="definition">{_e(source.get("query"))}</code></td></tr>'
+        for a, source in computed
+    ]
+    table = (
+        '<div class="table-wrap"><table data-testid="computed">'
+        "<thead><tr><th>Name</th><th>Key</th><th>Kind</th><th>Definition</th></tr></thead>"
+        "<tbody>" + "".join(rows) + "</tbody></table></div>"
+    )
+    note = (
+        '<p class="muted">Evaluated over the profiles at each run\'s start. Why is someone in or out: '
+        "<code>audience-sync profiles show ID</code>.</p>"
+    )
+    return head + table + note + "</section>"
+
+
 def _audience_members_cell(audience: Mapping[str, Any]) -> str:
     """Members acknowledged, with those in doubt and quarantined noted under it when there are any."""
     notes = [
@@ -582,6 +613,7 @@ def render_status_page(
         _summary(audiences, runs, deliveries, len(attention)),
         _attention_section(attention),
         _audiences_section(audiences, now),
+        _computed_section(audiences),
         _charts_section(audiences, history),
         _runs_section(runs, names, now),
     ]

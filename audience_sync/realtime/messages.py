@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -28,6 +28,7 @@ __all__ = [
     "AcceptedMessage",
     "Prepared",
     "RequestError",
+    "complete_messages",
     "prepare",
 ]
 
@@ -244,6 +245,10 @@ class _Request:
 
     def prepare_one(self, original: dict[str, Any], what: str) -> AcceptedMessage:
         """Validate and complete one message (a copy: ``original`` stays as received)."""
+        return self.complete_one(original, what)[1]
+
+    def complete_one(self, original: dict[str, Any], what: str) -> tuple[dict[str, Any], AcceptedMessage]:
+        """:meth:`prepare_one`, with the completed copy of the message as well."""
         message = dict(original)
         try:
             _check(message)
@@ -270,7 +275,7 @@ class _Request:
             raise _Invalid(f"objects and arrays may nest at most {MAX_NESTING} levels deep")
         if len(payload) > MAX_MESSAGE_BYTES - _SIZE_SLACK:
             self.check_size(original, what)
-        return AcceptedMessage(message_id, self.received_at, payload)
+        return message, AcceptedMessage(message_id, self.received_at, payload)
 
 
 _UNFORESEEN: Final = (ArithmeticError, LookupError, RecursionError, TypeError, ValueError)
@@ -286,6 +291,25 @@ def _too_large(what: str, size: int) -> RequestError:
     return RequestError(
         400, "too_large", f"{what} is {size} bytes; a message may have at most 32 KB ({MAX_MESSAGE_BYTES} bytes)"
     )
+
+
+def complete_messages(messages: Sequence[Any], received_at: datetime) -> list[dict[str, Any] | str]:
+    """Messages of a bulk import (``events import``: each read on its own, at most 32 KB, checked by the
+    caller), validated and completed as messages of ``/v1/batch`` without an envelope: for each, the
+    completed copy, or the reason it is refused (the message ingestion answers)."""
+    request = _Request(None, received_at, 0)
+    out: list[dict[str, Any] | str] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            out.append("a message must be a JSON object")
+            continue
+        try:
+            out.append(request.complete_one(message, "the message")[0])
+        except _Invalid as exc:
+            out.append(str(exc))
+        except _UNFORESEEN as exc:
+            out.append(_unreadable(exc))
+    return out
 
 
 def prepare(body: Any, kind: str | None, received_at: datetime, body_bytes: int = 0) -> Prepared:

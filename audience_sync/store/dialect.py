@@ -263,6 +263,20 @@ def stage_distinct(
     analyze(conn, table)
 
 
+def create_stage(conn: Connection, table: str, columns: Sequence[str]) -> None:
+    """A fresh, empty temporary ``table`` of text ``columns`` keyed by the first, for an
+    ``INSERT ... SELECT`` (the snapshot of a query source, computed by the database)."""
+    key = columns[0]
+    typed = ", ".join(f"{c} TEXT PRIMARY KEY" if c == key else f"{c} TEXT" for c in columns)
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {table} ({typed})" + (" WITHOUT ROWID" if is_sqlite(conn) else ""))
+
+
+def distinct_from(conn: Connection, left: str, right: str) -> str:
+    """SQL true when ``left`` and ``right`` differ, NULL counting as a value (never NULL itself)."""
+    return f"({left} IS NOT {right})" if is_sqlite(conn) else f"({left} IS DISTINCT FROM {right})"
+
+
 def analyze(conn: Connection, table: str) -> None:
     """Refresh the planner's statistics of ``table`` (PostgreSQL); SQLite needs nothing here."""
     if not is_sqlite(conn):

@@ -7,7 +7,7 @@ it back by keyset pages. Python never holds a whole audience.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -15,13 +15,18 @@ from json.encoder import encode_basestring
 
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
-from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.audiences.rules import MAX_IDENTIFIER_LENGTH, QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.errors import SourceError, first_line
+from audience_sync.query.ast import CheckedQuery
 from audience_sync.statuses import Outcome
 from audience_sync.store.dialect import (
     analyze,
     begin_write,
     bind_value,
+    create_stage,
+    distinct_from,
     driver_execute,
     driver_rows,
     id_list,
@@ -31,6 +36,7 @@ from audience_sync.store.dialect import (
     string_agg,
     upsert,
 )
+from audience_sync.store.evaluate import stage_query
 from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, audiences, members, run_changes
 from audience_sync.timestamps import utcnow
 
@@ -147,12 +153,38 @@ def stage_snapshot(conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk
     return int(conn.exec_driver_sql(f"SELECT count(*) FROM {STAGE}").scalar_one())
 
 
+def stage_profiles(
+    conn: Connection, query: CheckedQuery, now: datetime, computed: Mapping[str, CheckedQuery] | None = None
+) -> tuple[int, int]:
+    """Stage a query source's snapshot at ``now``: the database evaluates ``query`` over every profile
+    straight into the staging table (:func:`~audience_sync.store.evaluate.stage_query`); no member
+    passes through Python. Returns (members, invalid): profiles in the audience (or with a trait value),
+    and those left out because an identifier is longer than the store's identifier columns hold (as a
+    source row would be)."""
+    create_stage(conn, STAGE, _STAGE_COLUMNS)
+    try:
+        staged = stage_query(conn, query, now, table=STAGE, computed=computed)
+    except DBAPIError as exc:  # the database refused the compiled query: the run fails with its word
+        raise SourceError(f"the query failed in the database: {first_line(exc.orig or exc)}") from None
+    too_long = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH}" for c in IDENTIFIER_COLUMNS)
+    invalid = int(conn.exec_driver_sql(f"DELETE FROM {STAGE} WHERE {too_long}").rowcount)
+    analyze(conn, STAGE)
+    return staged - invalid, invalid
+
+
 def drop_snapshot(conn: Connection) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
 
 
 def write_plan(
-    conn: Connection, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool
+    conn: Connection,
+    *,
+    run_id: int,
+    audience: str,
+    mode: Mode,
+    exit_value: str,
+    dry_run: bool,
+    identifiers_due: bool = False,
 ) -> tuple[int, int, int]:
     """Diff the staged snapshot against acknowledged state into ``run_changes``.
 
@@ -164,6 +196,9 @@ def write_plan(
     recorded as quarantined, with ODP's last message, and not sent. full: every current member, plus the
     exits. reconcile: full, plus the exit value again for every known non-member (every member ever
     sent anything: acknowledged, rejected or in doubt).
+
+    ``identifiers_due`` (a query source, whose member key is a profile id): a member whose ``user_id``
+    or ``email`` differs from those it was acknowledged with is due too, so that ODP can link them.
     """
     analyze(conn, "members")  # fresh statistics: a big first sync is not planned as if members were empty
     pending = Outcome.PLANNED if dry_run else Outcome.PENDING
@@ -178,6 +213,8 @@ def write_plan(
     error = "NULL" if manual else f"CASE WHEN {is_quarantined} THEN :qmsg || m.last_error END"
     params = {"run": run_id, "a": audience, "x": exit_value, "qmsg": QUARANTINE_NOTE}
     due = "" if manual else "WHERE m.member IS NULL OR m.acked IS NULL OR m.acked <> s.value OR m.sent IS NOT NULL"
+    if due and identifiers_due:
+        due += "".join(f" OR {distinct_from(conn, f'm.{c}', f's.{c}')}" for c in ("user_id", "email"))
     entered = conn.execute(
         text(
             f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome, error) "
@@ -256,13 +293,33 @@ class Planning:
         self._conn.commit()
         return members
 
-    def plan(self, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool) -> Plan:
+    def stage_profiles(
+        self, query: CheckedQuery, now: datetime, computed: Mapping[str, CheckedQuery] | None = None
+    ) -> tuple[int, int]:
+        """Stage a query source's snapshot (:func:`stage_profiles`); returns (members, invalid)."""
+        try:
+            staged = stage_profiles(self._conn, query, now, computed)
+        except BaseException:
+            self._conn.rollback()
+            raise
+        self._conn.commit()
+        return staged
+
+    def plan(
+        self, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool, identifiers_due: bool = False
+    ) -> Plan:
         """Write the run's plan (:func:`write_plan`) in a write transaction left open for
         :meth:`hold` or :meth:`commit`."""
         begin_write(self._conn)
         acknowledged = acknowledged_count(self._conn, audience, exit_value)
         entered, exited, quarantined = write_plan(
-            self._conn, run_id=run_id, audience=audience, mode=mode, exit_value=exit_value, dry_run=dry_run
+            self._conn,
+            run_id=run_id,
+            audience=audience,
+            mode=mode,
+            exit_value=exit_value,
+            dry_run=dry_run,
+            identifiers_due=identifiers_due,
         )
         removals = exited
         if exited:  # only exits of members ODP holds as in: re-sending an exit, or one in doubt, removes no one

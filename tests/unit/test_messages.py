@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from audience_sync.realtime.messages import RequestError, prepare
+from audience_sync.realtime.messages import RequestError, complete_messages, prepare
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, 500000, tzinfo=UTC)
 
@@ -188,3 +188,25 @@ def test_receive_time_is_the_server_time() -> None:
     later = NOW + timedelta(seconds=3)
     [message] = [json.loads(m.payload) for m in prepare({"userId": "u"}, "page", later).accepted]
     assert message["receivedAt"] == "2026-03-01T12:00:03.500Z"
+
+
+def test_complete_messages_validates_as_a_batch_does() -> None:
+    received = datetime(2024, 5, 2, 12, 0, tzinfo=UTC)
+    ok = {
+        "type": "track",
+        "event": "E",
+        "userId": 7,
+        "timestamp": "2024-05-01T00:00:00Z",
+        "sentAt": "2024-05-02T12:00:01Z",
+    }
+    completed = complete_messages([ok, {"type": "track", "userId": "u"}, [1], {"type": "nope"}], received)
+    first = completed[0]
+    assert isinstance(first, dict) and first["userId"] == "7" and first["messageId"]
+    assert first["receivedAt"] == "2024-05-02T12:00:00.000Z"
+    assert first["timestamp"] == "2024-04-30T23:59:59.000Z"  # corrected by sentAt, as ingestion does
+    assert completed[1:] == [
+        "a track message needs an 'event'",
+        "a message must be a JSON object",
+        "unknown type 'nope': must be one of identify, track, page, screen, group, alias",
+    ]
+    assert ok["userId"] == 7  # the input is not changed

@@ -534,3 +534,25 @@ def test_a_run_page_lists_its_changes_with_odps_message() -> None:
     assert "partial" in tree.by_testid("run-record").all_text()
     empty = parse(render_run_page(run=run(1, "a", "planned"), changes=[], limit=10, outcome="sent", version="1"))
     assert "No changes" in empty.by_testid("changes-empty").all_text()
+
+
+def test_computed_audiences_are_listed_with_their_definition() -> None:
+    definition = "event('Order Completed').where(property('total') > 100 AND context('x') = '<b>').count() >= 1"
+    computed = [
+        *AUDIENCES,
+        audience("big_orders", "Big Orders", 7, None, source={"type": "query", "query": definition}),
+        audience("spend", "Spend", 3, None, kind="trait", source={"type": "query", "query": "trait('x')"}),
+    ]
+    document = page(audiences=computed)
+    tree = parse(document)
+    rows = tree.by_testid("computed").iter("tbody")[0].iter("tr")
+    assert [r.attrs["data-testid"] for r in rows] == ["computed-big_orders", "computed-spend"]
+    big = tree.by_testid("computed-big_orders").all_text()
+    assert "Big Orders" in big and "big_orders" in big and definition in big  # escaped, read back as text
+    assert "<b>" not in document
+    assert "trait" in tree.by_testid("computed-spend").all_text()
+    assert "query" in tree.by_testid("audience-big_orders").all_text()  # the audiences table's source
+
+
+def test_no_computed_section_without_query_sources(document: str) -> None:
+    assert 'data-testid="computed' not in document
