@@ -459,6 +459,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _profiles_for_queries(self) -> Settings:
+        """A query audience is computed from the profiles: turning their recording off would freeze it."""
+        if self.profiles.enabled is False:
+            for index, audience in enumerate(self.audiences):
+                if str(audience.source.type) == "query":
+                    raise ValueError(
+                        f"profiles.enabled: false, but audiences[{index}] ({audience.name!r}) has a query "
+                        "source, computed from the profiles; remove profiles.enabled or that audience"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _computed_references(self) -> Settings:
         """A query may read another computed audience or trait with ``trait('key')``, at its top level
         and without a cycle: compiled once here (no database needed) so that a run never finds out."""

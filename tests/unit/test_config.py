@@ -51,8 +51,16 @@ def test_profiles_are_on_with_a_query_audience_or_when_enabled(tmp_path: Path, m
     assert (s.profiles.retention, s.profiles_enabled(), s.query_audiences()) == (timedelta(days=400), False, [])
     s = load_config(write(tmp_path, MINIMAL + '[profiles]\nenabled = true\nretention = "30d"\n')).settings
     assert (s.profiles.retention, s.profiles_enabled()) == (timedelta(days=30), True)
+    query = (
+        '[[audiences]]\nname = "Buyers"\n[audiences.source]\ntype = "query"\n'
+        "query = \"event('Order Completed').count() >= 1\"\n"
+    )
+    s = load_config(write(tmp_path, MINIMAL + query)).settings
+    assert (s.profiles_enabled(), s.query_audiences()) == (True, ["buyers"])
     monkeypatch.setenv("AUDIENCE_SYNC_PROFILES__ENABLED", "false")
     assert load_config(write(tmp_path, MINIMAL)).settings.profiles_enabled() is False
+    with pytest.raises(ConfigError, match=r"profiles\.enabled: false, but audiences\[1\] \('Buyers'\) has a query"):
+        load_config(write(tmp_path, MINIMAL + query))
 
 
 def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
