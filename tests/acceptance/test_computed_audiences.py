@@ -69,6 +69,7 @@ def by_user(items: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
     return {ids.get("userId") or ids["anonymousId"]: value for ids, value in items}
 
 
+@pytest.mark.both_stores
 def test_a_computed_audience_and_trait_from_import_to_odp(project: Project) -> None:
     computed_project(project)
     imported = import_events(
@@ -115,6 +116,7 @@ def test_a_computed_audience_and_trait_from_import_to_odp(project: Project) -> N
     assert [r["sent"] for r in runs.values()] == [0, 0] and project.emulator.requests() == []
 
 
+@pytest.mark.both_stores
 def test_merges_never_send_false_for_a_member(project: Project) -> None:
     computed_project(project)
     import_events(

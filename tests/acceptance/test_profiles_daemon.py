@@ -119,6 +119,7 @@ def killed(daemon: Daemon) -> None:
     daemon.http.close()
 
 
+@pytest.mark.both_stores
 def test_a_daemon_killed_after_its_200s_has_every_message_in_the_profiles_once_after_a_restart(
     runner: ProfileRunner, database: Database
 ) -> None:
