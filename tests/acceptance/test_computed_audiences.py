@@ -10,6 +10,7 @@ from itertools import count
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.acceptance.test_daemon import Daemon, daemons, start_daemon, wait_for  # noqa: F401 - a fixture
 from tests.conftest import Project
