@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -157,7 +160,7 @@ def floor_rows(scale: float) -> Iterator[tuple[Any, ...]]:
 
 
 def _emit(result: dict[str, Any]) -> None:
-    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["peak_rss_mb"] = round(max(peak_rss_mb(), result.get("command_rss_mb", 0.0)), 1)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -167,16 +170,49 @@ def _engine(url: str) -> Any:
     return make_engine(url)
 
 
-def phase_import(url: str, scale: float) -> None:
+def _import_command(url: str, scale: float) -> tuple[int, float, float, float]:
+    """``audience-sync events import FILE --json`` in its own process: (accepted, seconds, CPU seconds,
+    peak RSS MB of that process). Writing the JSON lines file is not timed."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench_profiles_import_"))
+    try:
+        lines = workdir / "events.jsonl"
+        with lines.open("w") as fh:
+            for message in messages(scale):
+                fh.write(json.dumps(message, separators=(",", ":")) + "\n")
+        config = workdir / "audience-sync.toml"
+        config.write_text(f'[database]\nurl = "{url}"\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIENCE_SYNC_")}
+        argv = [sys.executable, "-m", "audience_sync", "events", "import", str(lines), "--json"]
+        argv += ["--config", str(config)]
+        started = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=workdir)
+        stdout, stderr = process.communicate(timeout=CHILD_TIMEOUT_SECONDS)
+        seconds = time.perf_counter() - started
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if process.returncode != 0:
+            raise SystemExit(f"events import exited {process.returncode}: {stderr.decode()[-2000:]}")
+        accepted = int(json.loads(stdout)["accepted"])
+        return accepted, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def phase_import(url: str, scale: float, via: str) -> None:
     from audience_sync.store import migrate
     from audience_sync.store.profiles import import_messages
 
     engine = _engine(url)
     migrate.upgrade(engine)
-    cpu, started = cpu_seconds(), time.perf_counter()
-    result = import_messages(engine, messages(scale), batch_size=BATCH)
-    seconds = time.perf_counter() - started
-    cpu = cpu_seconds() - cpu
+    command_rss = 0.0
+    if via == "command":
+        accepted, seconds, cpu, command_rss = _import_command(url, scale)
+        duplicates = 0
+    else:
+        cpu, started = cpu_seconds(), time.perf_counter()
+        result = import_messages(engine, messages(scale), batch_size=BATCH)
+        seconds = time.perf_counter() - started
+        cpu = cpu_seconds() - cpu
+        accepted, duplicates = result.accepted, result.duplicates
     from sqlalchemy import text
 
     with engine.connect() as conn:
@@ -186,11 +222,13 @@ def phase_import(url: str, scale: float) -> None:
     _emit(
         {
             "phase": "import",
+            "via": via,
             "seconds": round(seconds, 3),
             "cpu_seconds": round(cpu, 3),
             "messages": rows,
-            "accepted": result.accepted,
-            "duplicates": result.duplicates,
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "command_rss_mb": round(command_rss, 1),
             "profiles": profiles,
             "rate": round(rows / seconds),
         }
@@ -425,7 +463,9 @@ def bench_database(kind: str, args: argparse.Namespace, workdir: Path) -> dict[s
         product, floor, ratios = [], [], []
         for rep in range(1, args.repeat + 1):
             url = store.fresh()
-            product.append(run_child(["--phase", "import", "--url", url, "--scale", str(args.scale)]))
+            product.append(
+                run_child(["--phase", "import", "--url", url, "--scale", str(args.scale), "--via", args.via])
+            )
             floor.append(run_child(["--phase", "import-floor", "--url", url, "--scale", str(args.scale)]))
             ratios.append(round(product[-1]["rate"] / floor[-1]["rate"], 3))
             print(
@@ -549,12 +589,19 @@ def main() -> int:
     parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; medians are reported")
     parser.add_argument("--workdir", help="where the SQLite store goes (default: a temp dir, removed at the end)")
+    parser.add_argument(
+        "--via",
+        choices=("command", "library"),
+        default="command",
+        help="import with `audience-sync events import FILE` (default; reading the JSON lines is timed, "
+        "writing them is not) or by calling store.profiles.import_messages with the messages as dicts",
+    )
     parser.add_argument("--phase", choices=("import", "import-floor", "evaluate"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--query", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase == "import":
-        phase_import(args.url, args.scale)
+        phase_import(args.url, args.scale, args.via)
         return 0
     if args.phase == "import-floor":
         phase_import_floor(args.url, args.scale)
