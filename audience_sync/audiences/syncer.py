@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from audience_sync.audiences import rules
 from audience_sync.audiences.rules import Audience, Mode
-from audience_sync.audiences.sources import SourceStats, stream_members
+from audience_sync.audiences.sources import SourceStats, stage_in_store, stream_members
 from audience_sync.errors import SourceError, first_line
 from audience_sync.group_writer import GroupWriter
 from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
@@ -291,8 +291,15 @@ class Syncer:
 
         with member_store.Planning(self.engine) as planning:
             try:
-                chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
-                members = planning.stage(chunks, staged)
+                # In the store's database when the source lives there (one INSERT ... SELECT), else read.
+                members = None if self.should_stop() else stage_in_store(audience, stats, self.sources, planning)
+                if members is not None:
+                    staged(members)
+                    if self.should_stop():  # it came while the one statement ran: stop before planning
+                        raise _Stopped
+                else:
+                    chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
+                    members = planning.stage(chunks, staged)
             except SourceError as exc:
                 return RunStatus.FAILED, f"{exc}; nothing was sent", {"members": 0, "invalid": stats.invalid}, None
             except _Stopped:

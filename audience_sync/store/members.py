@@ -7,28 +7,44 @@ it back by keyset pages. Python never holds a whole audience.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from json.encoder import encode_basestring
+from typing import Any
 
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
-from audience_sync.audiences.rules import QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.audiences.rules import MAX_IDENTIFIER_LENGTH, QUARANTINE_AFTER, TRUE, MemberRow, Mode, text_value
 from audience_sync.statuses import Outcome
 from audience_sync.store.dialect import (
     analyze,
+    attach_readonly,
     begin_write,
     bind_value,
+    can_stage_in_database,
+    detach,
     driver_execute,
     driver_rows,
+    has_nul,
     id_list,
     in_id_list,
+    is_sqlite,
     json_string,
+    query_columns,
+    quote_name,
+    raw_rows,
+    read_only,
+    schema_names,
     stage_distinct,
+    stage_selected,
     string_agg,
+    text_of,
     upsert,
 )
 from audience_sync.store.tables import IDENTIFIER_COLUMNS, UTCDateTime, audiences, members, run_changes
@@ -149,6 +165,7 @@ def stage_snapshot(conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk
 
 def drop_snapshot(conn: Connection) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}_raw")
 
 
 def write_plan(
@@ -212,6 +229,116 @@ def write_plan(
 
 
 @dataclass(frozen=True)
+class InStore:
+    """A SQL source the store's own connection can read (see :func:`store.sources.in_store`):
+    ``attach``: the SQLite file attached read-only for it (None: the store's own database)."""
+
+    attach: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotColumns:
+    """Which of a query's columns hold user_id, email, anonymous_id, optimizely_vuid (None: absent), and
+    whether a member needs a user_id or anonymous_id (``sync_audience`` delivery)."""
+
+    identifiers: tuple[str | None, str | None, str | None, str | None]
+    needs_user_or_anonymous: bool = False
+
+
+SOURCE_SCHEMA = "audience_sync_source"
+TEXT_FUNCTION = "audience_sync_text"
+_SQLITE_RESERVED = ("main", "temp", SOURCE_SCHEMA, STAGE, f"{STAGE}_raw")
+
+
+def _words(sql: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", sql)}
+
+
+def _shadowed(conn: Connection, source: InStore, query: str) -> bool:
+    """Whether a name in ``query`` could mean something else on the store's connection than on the
+    source's own: a table or view of the store (searched before an attached file), a temporary table of
+    the planning, ``main``/``temp``, SQLite's own tables. Then the source is read through its engine."""
+    words = _words(query)
+    reserved = {STAGE, f"{STAGE}_raw", "pg_temp"}
+    if not is_sqlite(conn):
+        return bool(words & reserved)
+    if any(w.startswith("sqlite_") for w in words):
+        return True
+    reserved |= set(_SQLITE_RESERVED)
+    if source.attach is not None:
+        reserved |= {name.lower() for name, _sql in schema_names(conn, "main")}
+        # A view of the source file names its own tables: none of them may be one of the store's either.
+        for _name, sql in schema_names(conn, SOURCE_SCHEMA):
+            if sql and _words(sql) & reserved:
+                return True
+    return bool(words & reserved)
+
+
+def stage_in_store(
+    conn: Connection, source: InStore, query: str, pick: Callable[[list[str]], SnapshotColumns | None]
+) -> tuple[int, int] | None:
+    """Stage the user's ``query`` with one ``INSERT ... SELECT`` in the store's database, no row passing
+    through Python: the same snapshot as the Python normaliser (``rules.member_rows``) makes of the rows,
+    for audiences (the value is ``true``). SQLite: the source file is ATTACHed read-only (``mode=ro``);
+    PostgreSQL: the query runs in a read-only transaction. None when it cannot be done so (an old
+    SQLite, a name the store shadows, duplicate column names, a column type SQL cannot turn into
+    Python's text, or the query fails here)."""
+    if not can_stage_in_database(conn):
+        return None
+    query = query.strip().rstrip(";").strip()
+    try:
+        if source.attach is not None and not attach_readonly(conn, source.attach, SOURCE_SCHEMA):
+            return None
+        if _shadowed(conn, source, query):
+            return None
+        read_only(conn)  # even reading no row, the user's query runs as it would on the source
+        described = query_columns(conn, query)
+        conn.rollback()
+    except DBAPIError:
+        return None
+    names = [name for name, _type in described]
+    if len({n.lower() for n in names}) != len(names):
+        return None  # the Python normaliser takes the first of two same-named columns: SQL cannot say which
+    chosen = pick(names)
+    if chosen is None:
+        return None
+    types = dict(described)
+    if is_sqlite(conn):
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.create_function(TEXT_FUNCTION, 1, text_value, deterministic=True)
+    texts: list[str] = []
+    for field, column in zip(IDENTIFIER_COLUMNS, chosen.identifiers, strict=True):
+        expr = "NULL" if column is None else text_of(conn, "q." + quote_name(column), types[column], TEXT_FUNCTION)
+        if expr is None:
+            return None
+        texts.append(f"{expr} AS {field}")
+    user, email, anonymous, _vuid = IDENTIFIER_COLUMNS
+    key = f"COALESCE({user}, {email}, {anonymous})"
+    if chosen.needs_user_or_anonymous:
+        key = f"CASE WHEN {user} IS NULL AND {anonymous} IS NULL THEN NULL ELSE {key} END"
+    unstorable = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH} OR {has_nul(conn, c)}" for c in IDENTIFIER_COLUMNS)
+    select = (
+        f"WITH normalised AS MATERIALIZED (SELECT {', '.join(texts)} FROM (\n{query}\n) AS q) "
+        f"SELECT CASE WHEN {unstorable} THEN NULL ELSE {key} END AS member, {_IDS}, '{TRUE}' AS value "
+        "FROM normalised"
+    )
+    try:
+        return stage_selected(conn, STAGE, _STAGE_COLUMNS, select, query)
+    except DBAPIError:
+        return None
+
+
+def _detach_quietly(conn: Connection) -> None:
+    """Detach the source file, if it is attached (the connection goes back to the pool without it)."""
+    conn.rollback()
+    attached = {row[1] for row in raw_rows(conn, "PRAGMA database_list")}
+    if SOURCE_SCHEMA in attached:
+        detach(conn, SOURCE_SCHEMA)
+    conn.commit()
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a run's plan holds: changes entered (the member value) and exited (the exit value), those of
     them quarantined, and the members ODP held as in the audience before the run."""
@@ -234,6 +361,7 @@ class Planning:
     """
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._conn = engine.connect()
 
     def __enter__(self) -> Planning:
@@ -255,6 +383,36 @@ class Planning:
             raise
         self._conn.commit()
         return members
+
+    def stage_in_database(
+        self, source: InStore, query: str, pick: Callable[[list[str]], SnapshotColumns | None]
+    ) -> tuple[int, int] | None:
+        """Stage the rows of the user's ``query`` inside the store's database (:func:`stage_in_store`);
+        returns (distinct members, invalid rows), or None when this cannot be done in SQL: the
+        caller then reads the source through its own engine (which also reports any error the query has).
+        ``pick`` sees the query's columns and says which hold the identifiers (None: not in SQL); it
+        raises :class:`~audience_sync.errors.SourceError` as the Python path would."""
+        try:
+            staged = stage_in_store(self._conn, source, query, pick)
+            if staged is None:
+                self._conn.rollback()
+                drop_snapshot(self._conn)
+            self._conn.commit()
+        except BaseException:
+            self._conn.rollback()
+            with contextlib.suppress(DBAPIError):
+                drop_snapshot(self._conn)
+                self._conn.commit()
+            raise
+        finally:
+            if source.attach is not None:
+                _detach_quietly(self._conn)
+        return staged
+
+    def staged(self) -> list[tuple[Any, ...]]:
+        """The staged snapshot's rows (member, identifiers, value), by member: what a plan diffs."""
+        sql = f"SELECT {', '.join(_STAGE_COLUMNS)} FROM {STAGE} ORDER BY member"
+        return [tuple(row) for row in self._conn.exec_driver_sql(sql)]
 
     def plan(self, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool) -> Plan:
         """Write the run's plan (:func:`write_plan`) in a write transaction left open for

@@ -7,16 +7,20 @@ store's own database, and never modified.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from audience_sync.errors import SourceError
-from audience_sync.store.engine import make_source_engine
+from audience_sync.store.engine import make_source_engine, sqlite_file
+from audience_sync.store.members import InStore
 
 __all__ = ["SourceDatabases", "stream_query"]
 
@@ -37,6 +41,32 @@ class SourceDatabases:
             if url not in self._engines:
                 self._engines[url] = make_source_engine(url)
             return self._engines[url]
+
+    def in_store(self, store: Engine, url: str | None) -> InStore | None:
+        """Whether the store's own connection can read the source at ``url`` (None: ``default_url``)
+        as the source's engine would: a SQLite file (the store's own, or another one, attached
+        read-only) when the store is SQLite; the same PostgreSQL server, database, user and options
+        when the store is PostgreSQL (the user's query then runs with the rights it has on the source).
+        None: it is read through its own engine."""
+        source = self.engine(url).url  # as the source's engine opens it (not connected yet)
+        home = store.url
+        if source.get_backend_name() != home.get_backend_name():
+            return None
+        if home.get_backend_name() == "sqlite":
+            path, own = sqlite_file(source.render_as_string(hide_password=False)), home.database
+            if path is None or not own or own == ":memory:" or own.startswith("file:"):
+                return None
+            path = Path(unquote(str(path)))  # the source engine's URI quotes the path
+            if not path.is_file():
+                return None
+            if os.path.realpath(path) == os.path.realpath(own):
+                return InStore(None)
+            return InStore(str(path))
+        if home.get_backend_name() == "postgresql" and source.get_driver_name() == home.get_driver_name():
+            same = ("host", "port", "database", "username", "password", "query")
+            if all(getattr(source, f) == getattr(home, f) for f in same):
+                return InStore(None)
+        return None
 
     def close(self) -> None:
         with self._lock:
