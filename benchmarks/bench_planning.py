@@ -44,6 +44,7 @@ CHILD_TIMEOUT_SECONDS = 3600
 DELTA_SECONDS_TARGET = 10.0
 FLOOR_RATIO_TARGET = 3.0
 DEFAULT_CHURN = 0.005
+DESTINATION = "emulator"  # rules.EMULATOR_DESTINATION: the config has no [odp] section
 
 
 def rss_target_mb(members: int) -> float | None:
@@ -142,7 +143,7 @@ def phase_sync(name: str, config_path: str, profile: bool) -> None:
 _FLOOR_MEMBERS = (
     "CREATE TABLE members (audience VARCHAR(200) NOT NULL, member VARCHAR(512) NOT NULL, "
     "user_id VARCHAR(512), email VARCHAR(512), anonymous_id VARCHAR(512), optimizely_vuid VARCHAR(512), "
-    "acked TEXT, acked_at DATETIME, rejections INTEGER NOT NULL DEFAULT 0, last_error TEXT, "
+    "acked TEXT, acked_at DATETIME, rejections INTEGER NOT NULL DEFAULT 0, last_error TEXT, sent TEXT, "
     "PRIMARY KEY (audience, member))"
 )
 _FLOOR_RESULT = (
@@ -169,7 +170,10 @@ def phase_floor(name: str, source: str, store: str | None, floor_db: str) -> Non
     if store:  # untimed setup: the same acknowledged members as the store holds
         conn.execute("ATTACH DATABASE ? AS st", (store,))
         conn.execute("BEGIN")
-        conn.execute("INSERT INTO members SELECT * FROM st.members WHERE audience = ?", (AUDIENCE_KEY,))
+        columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(members)"))
+        conn.execute(
+            f"INSERT INTO members ({columns}) SELECT {columns} FROM st.members WHERE audience = ?", (AUDIENCE_KEY,)
+        )
         conn.execute("COMMIT")
         conn.execute("DETACH DATABASE st")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -280,6 +284,8 @@ def fill_members(store: Path, source: Path) -> tuple[int, float]:
             "SELECT ?, user_id, user_id, email, 'true', 0 FROM src.customers",
             (AUDIENCE_KEY,),
         ).rowcount
+        # ... sent to the destination the config names (else the next run is a full one, product.md 5.5)
+        conn.execute("UPDATE audiences SET destination = ? WHERE key = ?", (DESTINATION, AUDIENCE_KEY))
         conn.execute("COMMIT")
         conn.execute("DETACH DATABASE src")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

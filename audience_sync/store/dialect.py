@@ -380,9 +380,9 @@ def stage_selected(conn: Connection, table: str, columns: Sequence[str], select:
     key the first is kept (as :func:`stage_distinct`). ``source``: the query ``select`` reads (its rows
     are counted). Returns (distinct keys, invalid rows).
 
-    SQLite: ``INSERT OR IGNORE`` into the ``WITHOUT ROWID`` table (NOT NULL skips invalid rows); rows
-    of a key already staged only count in ``dups``, and the source's rows are counted in the same
-    transaction, so invalid = rows - distinct - duplicates. PostgreSQL: into an unkeyed table in a
+    SQLite: ``INSERT OR IGNORE`` into the ``WITHOUT ROWID`` table (NOT NULL skips invalid rows, a
+    later row of a key is a no-op upsert), and the source's rows are counted in the same transaction,
+    so invalid = rows - changes. PostgreSQL: into an unkeyed table in a
     read-only transaction (only temporary tables can be written), then ``DISTINCT ON`` in load order.
     """
     key = columns[0]
@@ -390,15 +390,15 @@ def stage_selected(conn: Connection, table: str, columns: Sequence[str], select:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
     if is_sqlite(conn):
         typed = ", ".join(f"{c} TEXT NOT NULL PRIMARY KEY" if c == key else f"{c} TEXT" for c in columns)
-        raw_execute(conn, f"CREATE TEMP TABLE {table} ({typed}, dups INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID")
-        raw_execute(
+        raw_execute(conn, f"CREATE TEMP TABLE {table} ({typed}) WITHOUT ROWID")
+        # A row of a key already staged is a no-op update: it counts as a change, as an inserted row does.
+        valid = raw_execute(
             conn,
             f"INSERT OR IGNORE INTO {table} ({names}) SELECT {names} FROM ({select}) AS n WHERE true "
-            f"ON CONFLICT ({key}) DO UPDATE SET dups = dups + 1",
+            f"ON CONFLICT ({key}) DO UPDATE SET {key} = excluded.{key}",
         )
-        distinct, dups = raw_rows(conn, f"SELECT count(*), coalesce(sum(dups), 0) FROM {table}")[0]
         rows = raw_rows(conn, f"SELECT count(*) FROM (\n{source}\n) AS q")[0][0]
-        return int(distinct), int(rows) - int(distinct) - int(dups)
+        return int(raw_rows(conn, f"SELECT count(*) FROM {table}")[0][0]), int(rows) - valid
     raw = f"{table}_raw"
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {raw}")
     conn.exec_driver_sql(f"CREATE TEMP TABLE {raw} (seq BIGSERIAL, {', '.join(f'{c} TEXT' for c in columns)})")

@@ -317,7 +317,8 @@ def stage_in_store(
     key = f"COALESCE({user}, {email}, {anonymous})"
     if chosen.needs_user_or_anonymous:
         key = f"CASE WHEN {user} IS NULL AND {anonymous} IS NULL THEN NULL ELSE {key} END"
-    unstorable = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH} OR {has_nul(conn, c)}" for c in IDENTIFIER_COLUMNS)
+    present = [c for c, column in zip(IDENTIFIER_COLUMNS, chosen.identifiers, strict=True) if column is not None]
+    unstorable = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH} OR {has_nul(conn, c)}" for c in present)
     select = (
         f"WITH normalised AS MATERIALIZED (SELECT {', '.join(texts)} FROM (\n{query}\n) AS q) "
         f"SELECT CASE WHEN {unstorable} THEN NULL ELSE {key} END AS member, {_IDS}, '{TRUE}' AS value "
