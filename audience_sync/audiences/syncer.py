@@ -417,7 +417,7 @@ class Syncer:
         finally:
             writer.close()  # every acknowledgement is written before the run is recorded
         # Not in a finally: if sending raised, complete() settles (best effort) and records the failure.
-        settled = member_store.settle(self.engine, run_id, key, started)
+        settled = member_store.settle(self.engine, run_id, key, started, any_rejected=done.rejected > 0)
         done.gave_up = totals.gave_up
         return done, settled
 

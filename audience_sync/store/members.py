@@ -605,10 +605,10 @@ def record_batch(
     may have applied all the same (a timeout, a lost connection), joined by commas: their members are
     left in doubt with the value sent.
 
-    Acknowledged items become the members' acknowledged state (one set-based upsert); rejected items
-    count towards quarantine; items that failed retryably leave acknowledged state alone (the next run
-    sends them again). Rejected and failed items get their outcome in the change log at once; sent
-    ones are marked by :func:`settle` when the run ends.
+    Acknowledged items become the members' acknowledged state (one set-based upsert) and ``sent`` in
+    the change log; rejected items count towards quarantine; items that failed retryably leave
+    acknowledged state alone (the next run sends them again). Rejected and failed items get their
+    outcome in the change log at once.
     """
     with engine.begin() as conn:
         # Driver-level statements: this runs once per batch while sending, and SQLAlchemy's
@@ -616,8 +616,14 @@ def record_batch(
         stamp = bind_value(conn, members, "acked_at", now)
         sent = 0
         if acknowledged:
-            # Only the members' state here; the change log learns "sent" from it in settle().
-            driver_execute(conn, _acknowledge_sql(conn), (audience, stamp, id_list(conn, acknowledged)))
+            ids = id_list(conn, acknowledged)
+            driver_execute(conn, _acknowledge_sql(conn), (audience, stamp, ids))
+            # The change log learns "sent" here, while the next batches are in flight (this runs in the
+            # send's writer thread), not in one big update when the run ends; settle() catches up on
+            # anything left (a run marked interrupted by another process).
+            driver_execute(
+                conn, f"UPDATE run_changes SET outcome = '{Outcome.SENT}' WHERE {in_id_list(conn, 'id')}", (ids,)
+            )
             sent = acknowledged.count(",") + 1
         if rejected or failed:
             conn.execute(
@@ -678,15 +684,32 @@ class Settled:
 
 
 def settle(
-    engine: Engine, run_id: int, audience: str, started: datetime, *, unanswered_in_doubt: bool = False
+    engine: Engine,
+    run_id: int,
+    audience: str,
+    started: datetime,
+    *,
+    unanswered_in_doubt: bool = False,
+    any_rejected: bool = True,
 ) -> Settled:
     """End a run's sending in one transaction (:func:`settle_in`). ``unanswered_in_doubt``: the send
-    phase did not end normally, so a pending change may have been in flight."""
+    phase did not end normally, so a pending change may have been in flight; ``any_rejected=False``:
+    ODP rejected nothing in this run, so it quarantined no one (the count is not looked for)."""
     with engine.begin() as conn:
-        return settle_in(conn, run_id, audience, started, unanswered_in_doubt=unanswered_in_doubt)
+        return settle_in(
+            conn, run_id, audience, started, unanswered_in_doubt=unanswered_in_doubt, any_rejected=any_rejected
+        )
 
 
-def settle_in(conn: Connection, run_id: int, audience: str, started: datetime, *, unanswered_in_doubt: bool) -> Settled:
+def settle_in(
+    conn: Connection,
+    run_id: int,
+    audience: str,
+    started: datetime,
+    *,
+    unanswered_in_doubt: bool,
+    any_rejected: bool = True,
+) -> Settled:
     """Set-based, in ``conn``'s transaction: mark the run's changes ``sent`` where ODP acknowledged them
     (a change is sent when its member now holds its value, acknowledged since the run began; runs of one
     audience never overlap); with ``unanswered_in_doubt``, leave the member of every change still
@@ -694,7 +717,7 @@ def settle_in(conn: Connection, run_id: int, audience: str, started: datetime, *
     interrupted; idempotent."""
     sent = conn.execute(_SETTLE, {"r": run_id, "a": audience, "started": started}).rowcount
     in_doubt = conn.execute(_IN_DOUBT, {"r": run_id, "a": audience}).rowcount if unanswered_in_doubt else 0
-    count, error = conn.execute(_NEWLY_QUARANTINED, {"r": run_id, "a": audience}).one()
+    count, error = conn.execute(_NEWLY_QUARANTINED, {"r": run_id, "a": audience}).one() if any_rejected else (0, None)
     return Settled(int(sent), int(in_doubt), int(count or 0), error)
 
 
