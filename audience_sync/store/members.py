@@ -230,7 +230,7 @@ def write_plan(
 
 @dataclass(frozen=True)
 class InStore:
-    """A SQL source the store's own connection can read (see :func:`store.sources.in_store`):
+    """A SQL source the store's own connection can read (see ``SourceDatabases.in_store``):
     ``attach``: the SQLite file attached read-only for it (None: the store's own database)."""
 
     attach: str | None = None
