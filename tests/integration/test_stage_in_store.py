@@ -21,7 +21,7 @@ from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
 from audience_sync.store.members import Planning
 from audience_sync.store.sources import SourceDatabases
-from tests.conftest import Database, Emulator, render_toml
+from tests.conftest import Database, render_toml
 
 # Rows as a warehouse holds them: padding of every kind Python's strip() removes, empty strings,
 # duplicates (first wins), identifiers too long or holding a NUL, numbers, mixed case, non-ASCII.
@@ -191,7 +191,40 @@ def test_names_the_store_shadows_are_read_through_the_source(h: Harness) -> None
     assert (run.status, run.members, run.entered) == ("planned", 5, 5)
 
 
-def test_a_query_that_fails_in_the_database_is_reported_as_the_source_would(h: Harness, emulator: Emulator) -> None:
+def test_a_query_that_fails_in_the_database_is_left_to_the_source_s_own_read(h: Harness) -> None:
+    """None: the caller reads through the source's engine, whose error the run reports as ever."""
     with Planning(h.engine) as planning:
         assert stage_in_store(audience("SELECT nope FROM nowhere"), SourceStats(), h.databases, planning) is None
         assert stage_in_store(audience("SELECT 1 AS user_id WHERE ? = 1"), SourceStats(), h.databases, planning) is None
+
+
+def test_a_stop_during_the_statement_stops_the_run_before_anything_is_planned(h: Harness) -> None:
+    """Staging in the database is one statement: a stop that comes meanwhile is honoured right after
+    it, before the plan: the run is interrupted, nothing sent or planned, no member changed."""
+    from audience_sync.audiences.syncer import SyncOptions
+    from audience_sync.config import load_config
+    from audience_sync.odp.client import ClientOptions, OdpClient
+
+    h.table("people", [(f"p{i}", None, None, None) for i in range(50)])
+    config = h.tmp_path / "audience-sync.toml"
+    people = {"name": "People", "source": {"type": "sql", "query": "SELECT user_id FROM people"}}
+    config.write_text(render_toml({"database": {"url": h.database.url}, "audiences": [people]}))
+    settings = load_config(config).settings
+    stop = {"set": False}
+
+    def progress(message: str) -> None:
+        if "staged" in message:
+            stop["set"] = True  # a stop signal arrives while the statement runs
+
+    client = OdpClient(ClientOptions(base_url="http://127.0.0.1:9/none", api_key="x"))
+    syncer = wiring.syncer(settings, h.engine, client, progress=progress, should_stop=lambda: stop["set"])
+    try:
+        run = syncer.sync(wiring.audiences(settings)[0], SyncOptions()).to_json()
+    finally:
+        syncer.close()
+        client.close()
+    assert run["status"] == "interrupted" and "stopped while reading the source" in run["error"]
+    assert (run["sent"], run["requests"], run["entered"]) == (0, 0, 0)
+    with h.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM run_changes")).scalar_one() == 0
+        assert conn.execute(text("SELECT count(*) FROM members")).scalar_one() == 0
