@@ -74,6 +74,7 @@ def write_config(
     source: Path,
     odp: dict[str, Any] | None = None,
     max_exit_ratio: float = 1.0,
+    query: str = "SELECT user_id, email FROM customers",
 ) -> None:
     """A config TOML: the store, one SQL-sourced audience, optionally an ``[odp]`` section."""
     lines: list[str] = []
@@ -92,7 +93,7 @@ def write_config(
         "[audiences.source]",
         'type = "sql"',
         f"url = {json.dumps(sqlite_url(source))}",
-        'query = "SELECT user_id, email FROM customers"',
+        f"query = {json.dumps(query)}",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -42,15 +42,14 @@ from _common import (
 RESULT_PREFIX = "RESULT "
 CHILD_TIMEOUT_SECONDS = 3600
 DELTA_SECONDS_TARGET = 10.0
-FLOOR_RATIO_TARGET = 3.0
+FLOOR_RATIO_TARGET = 1.5  # issue 13 (was 3x)
 DEFAULT_CHURN = 0.005
+DESTINATION = "emulator"  # rules.EMULATOR_DESTINATION: the config has no [odp] section
 
 
 def rss_target_mb(members: int) -> float | None:
-    if members <= 1_000_000:
-        return 300.0
     if members <= 5_000_000:
-        return 400.0
+        return 300.0  # issue 13: at 1M and at 5M (was 400 MB at 5M)
     return None
 
 
@@ -142,7 +141,7 @@ def phase_sync(name: str, config_path: str, profile: bool) -> None:
 _FLOOR_MEMBERS = (
     "CREATE TABLE members (audience VARCHAR(200) NOT NULL, member VARCHAR(512) NOT NULL, "
     "user_id VARCHAR(512), email VARCHAR(512), anonymous_id VARCHAR(512), optimizely_vuid VARCHAR(512), "
-    "acked TEXT, acked_at DATETIME, rejections INTEGER NOT NULL DEFAULT 0, last_error TEXT, "
+    "acked TEXT, acked_at DATETIME, rejections INTEGER NOT NULL DEFAULT 0, last_error TEXT, sent TEXT, "
     "PRIMARY KEY (audience, member))"
 )
 _FLOOR_RESULT = (
@@ -169,7 +168,10 @@ def phase_floor(name: str, source: str, store: str | None, floor_db: str) -> Non
     if store:  # untimed setup: the same acknowledged members as the store holds
         conn.execute("ATTACH DATABASE ? AS st", (store,))
         conn.execute("BEGIN")
-        conn.execute("INSERT INTO members SELECT * FROM st.members WHERE audience = ?", (AUDIENCE_KEY,))
+        columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(members)"))
+        conn.execute(
+            f"INSERT INTO members ({columns}) SELECT {columns} FROM st.members WHERE audience = ?", (AUDIENCE_KEY,)
+        )
         conn.execute("COMMIT")
         conn.execute("DETACH DATABASE st")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -280,6 +282,8 @@ def fill_members(store: Path, source: Path) -> tuple[int, float]:
             "SELECT ?, user_id, user_id, email, 'true', 0 FROM src.customers",
             (AUDIENCE_KEY,),
         ).rowcount
+        # ... sent to the destination the config names (else the next run is a full one, product.md 5.5)
+        conn.execute("UPDATE audiences SET destination = ? WHERE key = ?", (DESTINATION, AUDIENCE_KEY))
         conn.execute("COMMIT")
         conn.execute("DETACH DATABASE src")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -360,7 +364,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     try:
         _remove_db(store)
         setup["build_source_s"] = round(build_source_db(source, n), 2)
-        write_config(config, store=store, source=source, max_exit_ratio=1.0)
+        query = "SELECT user_id, email FROM customers"
+        if args.read_through:  # a query naming ``main`` is read through the source's engine (see docs)
+            query += " /* read through: main */"
+        write_config(config, store=store, source=source, max_exit_ratio=1.0, query=query)
         print(f"source db built: {n:,} rows in {setup['build_source_s']:.1f}s")
         run_child(["--phase", "migrate", "--config", str(config)])
 
@@ -463,6 +470,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "churn": args.churn,
         "churn_members_each_way": churn,
         "repeat": args.repeat,
+        "staging": "read through the source's engine" if args.read_through else "in the store's database",
         "machine": machine(),
         "load_average_before": load_before,
         "load_average_after": load_after,
@@ -481,6 +489,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     }
     suffix = "" if args.churn == DEFAULT_CHURN else f"_churn{args.churn:g}"
     suffix += "_profiled" if args.profile else ""
+    suffix += "_read_through" if args.read_through else ""
     out = write_json(f"bench_planning_{n}{suffix}", payload)
     print(f"\nJSON written to {out}")
     return 0 if all(t["pass"] for t in targets) else 1
@@ -499,6 +508,11 @@ def main() -> int:
     parser.add_argument("--skip-floor", action="store_true", help="skip the raw sqlite3 floor")
     parser.add_argument("--repeat", type=int, default=3, help="runs per phase; the median is reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the Syncer phases (to stderr)")
+    parser.add_argument(
+        "--read-through",
+        action="store_true",
+        help="stage by reading the source through its own engine (Python), not in the store's database",
+    )
     # internal: one measured phase in a child process
     parser.add_argument("--phase", choices=("migrate", "initial", "delta", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)

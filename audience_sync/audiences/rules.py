@@ -123,6 +123,12 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+def text_value(value: Any) -> str | None:
+    """An identifier's text as the normaliser makes it: trimmed (empty: None), an integral float as
+    its integer. Staging in the database calls it for the values SQL cannot turn into the same text."""
+    return _text(value)
+
+
 def encode_value(value: Any) -> str:
     """The canonical JSON text of a trait value (what is stored and compared)."""
     if isinstance(value, Decimal):

@@ -26,6 +26,7 @@ from audience_sync.audiences.rules import (
     member_rows,
 )
 from audience_sync.errors import SourceError, first_line
+from audience_sync.store.members import Planning, SnapshotColumns
 from audience_sync.store.sources import SourceDatabases, stream_query
 
 CHUNK_ROWS = 10_000
@@ -109,6 +110,36 @@ def probe(audience: Audience, databases: SourceDatabases, rows: int = PROBE_ROWS
     if stats.rows and not stats.identifiers:  # a JSONL file's fields are only known from its lines
         raise SourceError(f"its first rows have none of the identifier fields {', '.join(MEMBER_KEY_FIELDS)}")
     return stats
+
+
+def stage_in_store(
+    audience: Audience, stats: SourceStats, databases: SourceDatabases, planning: Planning
+) -> int | None:
+    """Stage an audience's SQL source inside the store's database when it lives there (a SQLite file,
+    a query on the store's PostgreSQL database), in the database itself: the same snapshot and
+    counts as :func:`stream_members`, no row passing through Python. Returns the distinct members, or
+    None when the source must be read through its own engine (another database, a trait audience, a
+    column type SQL cannot match, or a query that fails there: its error then comes from that read)."""
+    source = audience.source
+    if not isinstance(source, SqlSource) or audience.kind != "audience":
+        return None
+    place = databases.in_store(planning.engine, source.url)
+    if place is None:
+        return None
+
+    def pick(columns: list[str]) -> SnapshotColumns:
+        stats.columns = list(columns)
+        normalise = _Normaliser(audience, columns, "the source query")
+        ids = [None if p is None else columns[p] for p in normalise.positions[: len(IDENTIFIER_FIELDS)]]
+        return SnapshotColumns((ids[0], ids[1], ids[2], ids[3]), normalise.needs)
+
+    staged = planning.stage_in_database(place, source.query, pick)
+    if staged is None:
+        stats.columns = []
+        return None
+    members, invalid = staged
+    stats.rows, stats.invalid = members + invalid, invalid  # rows: without duplicates (not counted here)
+    return members
 
 
 def _chunks(

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from audience_sync.audiences import rules
 from audience_sync.audiences.rules import Audience, Mode, QuerySource
-from audience_sync.audiences.sources import SourceStats, stream_members
+from audience_sync.audiences.sources import SourceStats, stage_in_store, stream_members
 from audience_sync.errors import SourceError, first_line
 from audience_sync.group_writer import GroupWriter
 from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
@@ -297,8 +297,16 @@ class Syncer:
                     stats.rows = members + stats.invalid
                     staged(stats.rows)
                 else:
-                    chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
-                    members = planning.stage(chunks, staged)
+                    # In the store's database when the source lives there (one INSERT ... SELECT), else read.
+                    in_store = None if self.should_stop() else stage_in_store(audience, stats, self.sources, planning)
+                    if in_store is not None:
+                        members = in_store
+                        staged(members)
+                        if self.should_stop():  # it came while the one statement ran: stop before planning
+                            raise _Stopped
+                    else:
+                        chunks = _until_stopped(stream_members(audience, stats, self.sources), self.should_stop)
+                        members = planning.stage(chunks, staged)
             except SourceError as exc:
                 return RunStatus.FAILED, f"{exc}; nothing was sent", {"members": 0, "invalid": stats.invalid}, None
             except _Stopped:
@@ -421,7 +429,7 @@ class Syncer:
         finally:
             writer.close()  # every acknowledgement is written before the run is recorded
         # Not in a finally: if sending raised, complete() settles (best effort) and records the failure.
-        settled = member_store.settle(self.engine, run_id, key, started)
+        settled = member_store.settle(self.engine, run_id, key, started, any_rejected=done.rejected > 0)
         done.gave_up = totals.gave_up
         return done, settled
 

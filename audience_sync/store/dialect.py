@@ -7,6 +7,7 @@ Nothing outside ``store/`` imports this module; nothing else in ``store/`` asks 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -281,3 +282,148 @@ def analyze(conn: Connection, table: str) -> None:
     """Refresh the planner's statistics of ``table`` (PostgreSQL); SQLite needs nothing here."""
     if not is_sqlite(conn):
         conn.exec_driver_sql(f"ANALYZE {table}")
+
+
+# --- staging a source that lives in the store's own database (INSERT ... SELECT, no row through Python) ---
+
+STRIPPED = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+"""The characters Python's ``str.strip()`` removes (what the Python normaliser trims)."""
+
+# PostgreSQL column types whose text is what Python's ``str()`` of the driver's value gives: text types
+# (trimmed) and integers. Any other type (numeric, float, dates, ...) is read through the driver instead.
+_PG_TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705})  # text, varchar, bpchar, name, unknown
+_PG_INTEGER_TYPES = frozenset({20, 21, 23})  # int8, int2, int4
+
+
+def can_stage_in_database(conn: Connection) -> bool:
+    """Whether the database can stage a source with one ``INSERT ... SELECT`` (SQLite: 3.35 or newer for
+    ``MATERIALIZED``, and URI file names for a read-only ``ATTACH``)."""
+    if not is_sqlite(conn):
+        return True
+    import sqlite3
+
+    if sqlite3.sqlite_version_info < (3, 35, 0):
+        return False
+    return bool(raw_rows(conn, "SELECT sqlite_compileoption_used('USE_URI')")[0][0])
+
+
+def raw_rows(conn: Connection, sql: str) -> list[Any]:
+    """Rows of ``sql`` run as it is (no parameter: ``?``, ``%`` and ``:name`` in a user's query are left
+    alone), in ``conn``'s transaction."""
+    return list(conn.exec_driver_sql(sql, execution_options={"no_parameters": True}).fetchall())
+
+
+def raw_execute(conn: Connection, sql: str) -> int:
+    """Run ``sql`` as it is (see :func:`raw_rows`); returns its rowcount."""
+    return int(conn.exec_driver_sql(sql, execution_options={"no_parameters": True}).rowcount)
+
+
+def query_columns(conn: Connection, query: str) -> list[tuple[str, Any]]:
+    """The (name, driver type code) of each column of ``query``, without reading its rows."""
+    result = conn.exec_driver_sql(
+        f"SELECT * FROM (\n{query}\n) AS q LIMIT 0", execution_options={"no_parameters": True}
+    )
+    try:
+        return [(d[0], d[1]) for d in result.cursor.description]
+    finally:
+        result.close()
+
+
+def quote_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def attach_readonly(conn: Connection, path: str, schema: str) -> bool:
+    """ATTACH the SQLite file ``path`` read-only (``mode=ro`` URI) as ``schema``; False (and nothing
+    attached) when SQLite did not open that very file."""
+    from urllib.parse import quote
+
+    raw_execute(conn, f"ATTACH DATABASE 'file:{quote(path)}?mode=ro' AS {schema}")
+    opened = {row[1]: row[2] for row in raw_rows(conn, "PRAGMA database_list")}.get(schema)
+    if opened and os.path.realpath(opened) == os.path.realpath(path):
+        return True
+    detach(conn, schema)
+    return False
+
+
+def detach(conn: Connection, schema: str) -> None:
+    raw_execute(conn, f"DETACH DATABASE {schema}")
+
+
+def schema_names(conn: Connection, schema: str) -> list[tuple[str, str | None]]:
+    """SQLite: (name, sql) of every table, view, index and trigger of ``schema``."""
+    return [(r[0], r[1]) for r in raw_rows(conn, f"SELECT name, sql FROM {schema}.sqlite_master")]
+
+
+def text_of(conn: Connection, expr: str, type_code: Any, fallback: str) -> str | None:
+    """SQL giving what the Python normaliser makes of a source value (``rules._text``): text trimmed of
+    whitespace (empty: NULL), integers as their digits, NULL as NULL. SQLite types values one by one:
+    a real or a blob goes to the registered Python function ``fallback``. PostgreSQL types columns: None
+    when the column's type is not a text or integer type (the caller reads through the driver then)."""
+    if is_sqlite(conn):
+        chars = "char(" + ", ".join(str(ord(c)) for c in STRIPPED) + ")"
+        return (
+            f"CASE WHEN typeof({expr}) IN ('real', 'blob') THEN {fallback}({expr}) "
+            f"ELSE NULLIF(trim({expr}, {chars}), '') END"
+        )
+    if type_code in _PG_TEXT_TYPES:
+        chars = " || ".join(f"chr({ord(c)})" for c in STRIPPED)
+        return f"NULLIF(btrim(CAST({expr} AS TEXT), {chars}), '')"
+    if type_code in _PG_INTEGER_TYPES:
+        return f"CAST({expr} AS TEXT)"
+    return None
+
+
+def has_nul(conn: Connection, expr: str) -> str:
+    """SQL true when the text ``expr`` holds a NUL character (PostgreSQL text never does)."""
+    return f"instr(CAST({expr} AS BLOB), x'00') > 0" if is_sqlite(conn) else "FALSE"
+
+
+def read_only(conn: Connection) -> None:
+    """PostgreSQL: make the transaction ``conn`` is beginning read-only (temporary tables stay writable),
+    as a source's engine makes its every transaction. SQLite: nothing (a source file is attached
+    read-only, and a query in a FROM clause cannot write)."""
+    if not is_sqlite(conn):
+        conn.commit()
+        raw_execute(conn, "SET TRANSACTION READ ONLY")
+
+
+def stage_selected(conn: Connection, table: str, columns: Sequence[str], select: str, source: str) -> tuple[int, int]:
+    """Stage the rows of ``select`` (its columns: ``columns``, the first the key; a NULL key marks an
+    invalid row) into a fresh temporary ``table`` in the database, in one statement: of rows with one
+    key the first is kept (as :func:`stage_distinct`). ``source``: the query ``select`` reads (its rows
+    are counted). Returns (distinct keys, invalid rows).
+
+    SQLite: ``INSERT OR IGNORE`` into the ``WITHOUT ROWID`` table (NOT NULL skips invalid rows, a
+    later row of a key is a no-op upsert), and the source's rows are counted in the same transaction,
+    so invalid = rows - changes. PostgreSQL: into an unkeyed table in a
+    read-only transaction (only temporary tables can be written), then ``DISTINCT ON`` in load order.
+    """
+    key = columns[0]
+    names = ", ".join(columns)
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+    if is_sqlite(conn):
+        typed = ", ".join(f"{c} TEXT NOT NULL PRIMARY KEY" if c == key else f"{c} TEXT" for c in columns)
+        raw_execute(conn, f"CREATE TEMP TABLE {table} ({typed}) WITHOUT ROWID")
+        # A row of a key already staged is a no-op update: it counts as a change, as an inserted row does.
+        valid = raw_execute(
+            conn,
+            f"INSERT OR IGNORE INTO {table} ({names}) SELECT {names} FROM ({select}) AS n WHERE true "
+            f"ON CONFLICT ({key}) DO UPDATE SET {key} = excluded.{key}",
+        )
+        rows = raw_rows(conn, f"SELECT count(*) FROM (\n{source}\n) AS q")[0][0]
+        return int(raw_rows(conn, f"SELECT count(*) FROM {table}")[0][0]), int(rows) - valid
+    raw = f"{table}_raw"
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {raw}")
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {raw} (seq BIGSERIAL, {', '.join(f'{c} TEXT' for c in columns)})")
+    conn.commit()
+    read_only(conn)  # the user's query runs as on the read-only source
+    raw_execute(conn, f"INSERT INTO {raw} ({names}) SELECT {names} FROM ({select}) AS n")
+    conn.commit()
+    invalid = int(raw_rows(conn, f"SELECT count(*) FROM {raw} WHERE {key} IS NULL")[0][0])
+    distinct = f"SELECT DISTINCT ON ({key}) {names} FROM {raw} WHERE {key} IS NOT NULL ORDER BY {key}, seq"
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {table} AS {distinct}")
+    conn.exec_driver_sql(f"DROP TABLE {raw}")
+    conn.exec_driver_sql(f"ALTER TABLE {table} ADD PRIMARY KEY ({key})")
+    analyze(conn, table)
+    return int(raw_rows(conn, f"SELECT count(*) FROM {table}")[0][0]), invalid

@@ -7,33 +7,48 @@ it back by keyset pages. Python never holds a whole audience.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from json.encoder import encode_basestring
+from typing import Any
 
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from audience_sync.audiences.rules import MAX_IDENTIFIER_LENGTH, QUARANTINE_AFTER, MemberRow, Mode
+from audience_sync.audiences.rules import MAX_IDENTIFIER_LENGTH, QUARANTINE_AFTER, TRUE, MemberRow, Mode, text_value
 from audience_sync.errors import SourceError, first_line
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.statuses import Outcome
 from audience_sync.store.dialect import (
     analyze,
+    attach_readonly,
     begin_write,
     bind_value,
+    can_stage_in_database,
     create_stage,
+    detach,
     distinct_from,
     driver_execute,
     driver_rows,
+    has_nul,
     id_list,
     in_id_list,
+    is_sqlite,
     json_string,
+    query_columns,
+    quote_name,
+    raw_rows,
+    read_only,
+    schema_names,
     stage_distinct,
+    stage_selected,
     string_agg,
+    text_of,
     upsert,
 )
 from audience_sync.store.evaluate import stage_query
@@ -174,6 +189,7 @@ def stage_profiles(
 
 def drop_snapshot(conn: Connection) -> None:
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}")
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {STAGE}_raw")
 
 
 def write_plan(
@@ -249,6 +265,117 @@ def write_plan(
 
 
 @dataclass(frozen=True)
+class InStore:
+    """A SQL source the store's own connection can read (see ``SourceDatabases.in_store``):
+    ``attach``: the SQLite file attached read-only for it (None: the store's own database)."""
+
+    attach: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotColumns:
+    """Which of a query's columns hold user_id, email, anonymous_id, optimizely_vuid (None: absent), and
+    whether a member needs a user_id or anonymous_id (``sync_audience`` delivery)."""
+
+    identifiers: tuple[str | None, str | None, str | None, str | None]
+    needs_user_or_anonymous: bool = False
+
+
+SOURCE_SCHEMA = "audience_sync_source"
+TEXT_FUNCTION = "audience_sync_text"
+_SQLITE_RESERVED = ("main", "temp", SOURCE_SCHEMA, STAGE, f"{STAGE}_raw")
+
+
+def _words(sql: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", sql)}
+
+
+def _shadowed(conn: Connection, source: InStore, query: str) -> bool:
+    """Whether a name in ``query`` could mean something else on the store's connection than on the
+    source's own: a table or view of the store (searched before an attached file), a temporary table of
+    the planning, ``main``/``temp``, SQLite's own tables. Then the source is read through its engine."""
+    words = _words(query)
+    reserved = {STAGE, f"{STAGE}_raw", "pg_temp"}
+    if not is_sqlite(conn):
+        return bool(words & reserved)
+    if any(w.startswith("sqlite_") for w in words):
+        return True
+    reserved |= set(_SQLITE_RESERVED)
+    if source.attach is not None:
+        reserved |= {name.lower() for name, _sql in schema_names(conn, "main")}
+        # A view of the source file names its own tables: none of them may be one of the store's either.
+        for _name, sql in schema_names(conn, SOURCE_SCHEMA):
+            if sql and _words(sql) & reserved:
+                return True
+    return bool(words & reserved)
+
+
+def stage_in_store(
+    conn: Connection, source: InStore, query: str, pick: Callable[[list[str]], SnapshotColumns | None]
+) -> tuple[int, int] | None:
+    """Stage the user's ``query`` with one ``INSERT ... SELECT`` in the store's database, no row passing
+    through Python: the same snapshot as the Python normaliser (``rules.member_rows``) makes of the rows,
+    for audiences (the value is ``true``). SQLite: the source file is ATTACHed read-only (``mode=ro``);
+    PostgreSQL: the query runs in a read-only transaction. None when it cannot be done so (an old
+    SQLite, a name the store shadows, duplicate column names, a column type SQL cannot turn into
+    Python's text, or the query fails here)."""
+    if not can_stage_in_database(conn):
+        return None
+    query = query.strip().rstrip(";").strip()
+    try:
+        if source.attach is not None and not attach_readonly(conn, source.attach, SOURCE_SCHEMA):
+            return None
+        if _shadowed(conn, source, query):
+            return None
+        read_only(conn)  # even reading no row, the user's query runs as it would on the source
+        described = query_columns(conn, query)
+        conn.rollback()
+    except DBAPIError:
+        return None
+    names = [name for name, _type in described]
+    if len({n.lower() for n in names}) != len(names):
+        return None  # the Python normaliser takes the first of two same-named columns: SQL cannot say which
+    chosen = pick(names)
+    if chosen is None:
+        return None
+    types = dict(described)
+    if is_sqlite(conn):
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        raw.create_function(TEXT_FUNCTION, 1, text_value, deterministic=True)
+    texts: list[str] = []
+    for field, column in zip(IDENTIFIER_COLUMNS, chosen.identifiers, strict=True):
+        expr = "NULL" if column is None else text_of(conn, "q." + quote_name(column), types[column], TEXT_FUNCTION)
+        if expr is None:
+            return None
+        texts.append(f"{expr} AS {field}")
+    user, email, anonymous, _vuid = IDENTIFIER_COLUMNS
+    key = f"COALESCE({user}, {email}, {anonymous})"
+    if chosen.needs_user_or_anonymous:
+        key = f"CASE WHEN {user} IS NULL AND {anonymous} IS NULL THEN NULL ELSE {key} END"
+    present = [c for c, column in zip(IDENTIFIER_COLUMNS, chosen.identifiers, strict=True) if column is not None]
+    unstorable = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH} OR {has_nul(conn, c)}" for c in present)
+    select = (
+        f"WITH normalised AS MATERIALIZED (SELECT {', '.join(texts)} FROM (\n{query}\n) AS q) "
+        f"SELECT CASE WHEN {unstorable} THEN NULL ELSE {key} END AS member, {_IDS}, '{TRUE}' AS value "
+        "FROM normalised"
+    )
+    try:
+        return stage_selected(conn, STAGE, _STAGE_COLUMNS, select, query)
+    except DBAPIError:
+        return None
+
+
+def _detach_quietly(conn: Connection) -> None:
+    """Detach the source file, if it is attached (the connection goes back to the pool without it)."""
+    conn.rollback()
+    attached = {row[1] for row in raw_rows(conn, "PRAGMA database_list")}
+    if SOURCE_SCHEMA in attached:
+        detach(conn, SOURCE_SCHEMA)
+    conn.commit()
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a run's plan holds: changes entered (the member value) and exited (the exit value), those of
     them quarantined, and the members ODP held as in the audience before the run."""
@@ -271,6 +398,7 @@ class Planning:
     """
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self._conn = engine.connect()
 
     def __enter__(self) -> Planning:
@@ -304,6 +432,36 @@ class Planning:
             raise
         self._conn.commit()
         return staged
+
+    def stage_in_database(
+        self, source: InStore, query: str, pick: Callable[[list[str]], SnapshotColumns | None]
+    ) -> tuple[int, int] | None:
+        """Stage the rows of the user's ``query`` inside the store's database (:func:`stage_in_store`);
+        returns (distinct members, invalid rows), or None when this cannot be done in SQL: the
+        caller then reads the source through its own engine (which also reports any error the query has).
+        ``pick`` sees the query's columns and says which hold the identifiers (None: not in SQL); it
+        raises :class:`~audience_sync.errors.SourceError` as the Python path would."""
+        try:
+            staged = stage_in_store(self._conn, source, query, pick)
+            if staged is None:
+                self._conn.rollback()
+                drop_snapshot(self._conn)
+            self._conn.commit()
+        except BaseException:
+            self._conn.rollback()
+            with contextlib.suppress(DBAPIError):
+                drop_snapshot(self._conn)
+                self._conn.commit()
+            raise
+        finally:
+            if source.attach is not None:
+                _detach_quietly(self._conn)
+        return staged
+
+    def staged(self) -> list[tuple[Any, ...]]:
+        """The staged snapshot's rows (member, identifiers, value), by member: what a plan diffs."""
+        sql = f"SELECT {', '.join(_STAGE_COLUMNS)} FROM {STAGE} ORDER BY member"
+        return [tuple(row) for row in self._conn.exec_driver_sql(sql)]
 
     def plan(
         self, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool, identifiers_due: bool = False
@@ -503,10 +661,10 @@ def record_batch(
     may have applied all the same (a timeout, a lost connection), joined by commas: their members are
     left in doubt with the value sent.
 
-    Acknowledged items become the members' acknowledged state (one set-based upsert); rejected items
-    count towards quarantine; items that failed retryably leave acknowledged state alone (the next run
-    sends them again). Rejected and failed items get their outcome in the change log at once; sent
-    ones are marked by :func:`settle` when the run ends.
+    Acknowledged items become the members' acknowledged state (one set-based upsert) and ``sent`` in
+    the change log; rejected items count towards quarantine; items that failed retryably leave
+    acknowledged state alone (the next run sends them again). Rejected and failed items get their
+    outcome in the change log at once.
     """
     with engine.begin() as conn:
         # Driver-level statements: this runs once per batch while sending, and SQLAlchemy's
@@ -514,8 +672,14 @@ def record_batch(
         stamp = bind_value(conn, members, "acked_at", now)
         sent = 0
         if acknowledged:
-            # Only the members' state here; the change log learns "sent" from it in settle().
-            driver_execute(conn, _acknowledge_sql(conn), (audience, stamp, id_list(conn, acknowledged)))
+            ids = id_list(conn, acknowledged)
+            driver_execute(conn, _acknowledge_sql(conn), (audience, stamp, ids))
+            # The change log learns "sent" here, while the next batches are in flight (this runs in the
+            # send's writer thread), not in one big update when the run ends; settle() catches up on
+            # anything left (a run marked interrupted by another process).
+            driver_execute(
+                conn, f"UPDATE run_changes SET outcome = '{Outcome.SENT}' WHERE {in_id_list(conn, 'id')}", (ids,)
+            )
             sent = acknowledged.count(",") + 1
         if rejected or failed:
             conn.execute(
@@ -576,15 +740,32 @@ class Settled:
 
 
 def settle(
-    engine: Engine, run_id: int, audience: str, started: datetime, *, unanswered_in_doubt: bool = False
+    engine: Engine,
+    run_id: int,
+    audience: str,
+    started: datetime,
+    *,
+    unanswered_in_doubt: bool = False,
+    any_rejected: bool = True,
 ) -> Settled:
     """End a run's sending in one transaction (:func:`settle_in`). ``unanswered_in_doubt``: the send
-    phase did not end normally, so a pending change may have been in flight."""
+    phase did not end normally, so a pending change may have been in flight; ``any_rejected=False``:
+    ODP rejected nothing in this run, so it quarantined no one (the count is not looked for)."""
     with engine.begin() as conn:
-        return settle_in(conn, run_id, audience, started, unanswered_in_doubt=unanswered_in_doubt)
+        return settle_in(
+            conn, run_id, audience, started, unanswered_in_doubt=unanswered_in_doubt, any_rejected=any_rejected
+        )
 
 
-def settle_in(conn: Connection, run_id: int, audience: str, started: datetime, *, unanswered_in_doubt: bool) -> Settled:
+def settle_in(
+    conn: Connection,
+    run_id: int,
+    audience: str,
+    started: datetime,
+    *,
+    unanswered_in_doubt: bool,
+    any_rejected: bool = True,
+) -> Settled:
     """Set-based, in ``conn``'s transaction: mark the run's changes ``sent`` where ODP acknowledged them
     (a change is sent when its member now holds its value, acknowledged since the run began; runs of one
     audience never overlap); with ``unanswered_in_doubt``, leave the member of every change still
@@ -592,7 +773,7 @@ def settle_in(conn: Connection, run_id: int, audience: str, started: datetime, *
     interrupted; idempotent."""
     sent = conn.execute(_SETTLE, {"r": run_id, "a": audience, "started": started}).rowcount
     in_doubt = conn.execute(_IN_DOUBT, {"r": run_id, "a": audience}).rowcount if unanswered_in_doubt else 0
-    count, error = conn.execute(_NEWLY_QUARANTINED, {"r": run_id, "a": audience}).one()
+    count, error = conn.execute(_NEWLY_QUARANTINED, {"r": run_id, "a": audience}).one() if any_rejected else (0, None)
     return Settled(int(sent), int(in_doubt), int(count or 0), error)
 
 

@@ -424,14 +424,14 @@ def test_plans_survive_other_writers_committing_meanwhile(h: Harness) -> None:
 
 def test_a_stop_while_reading_the_source_interrupts_the_run_with_nothing_sent(h: Harness) -> None:
     """A daemon's stop does not wait for a big source to be read to its end: the run stops at the next
-    chunk, is recorded interrupted, sends nothing and changes no member; the next run starts over."""
+    chunk, is recorded interrupted, sends nothing and changes no member; the next run starts over.
+    (A file is read in chunks; a SQL source in the store's database is staged by one statement, see
+    test_stage_in_store.py.)"""
     from audience_sync.audiences import sources
 
     total = sources.CHUNK_ROWS * 3
-    with h.engine.begin() as conn:
-        conn.execute(text("CREATE TABLE people (user_id VARCHAR(20))"))
-        conn.execute(text("INSERT INTO people VALUES (:u)"), [{"u": f"p{i}"} for i in range(total)])
-    config = h.config({"name": "People", "source": {"type": "sql", "query": "SELECT user_id FROM people"}})
+    path = h.csv("people.csv", [f"p{i}" for i in range(total)], header="user_id")
+    config = h.config({"name": "People", "source": {"type": "file", "path": path}})
     [audience] = wiring.audiences(config.settings)
     stop = {"set": False}
     staged: list[str] = []
