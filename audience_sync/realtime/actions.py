@@ -25,7 +25,7 @@ from audience_sync.realtime.fields import (
     or_list,
     parse_date_like,
 )
-from audience_sync.realtime.mapping import UNDEFINED, resolve_fields, validate_mapping
+from audience_sync.realtime.mapping import UNDEFINED, compile_fields, resolve_fields, validate_mapping
 
 __all__ = [
     "ACTIONS",
@@ -66,6 +66,21 @@ class Action:
         values = self.normalise(resolve_fields(fields, event))
         self.validate(values)
         return self._builder(values, event)
+
+    def compile(self, fields: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+        """:meth:`build_item` under ``fields`` as a plain callable of the event, with the field mappings
+        compiled once (:func:`~audience_sync.realtime.mapping.compile_fields`)."""
+        resolve_all = compile_fields(fields)
+        normalise, validate, builder = self.normalise, self.validate, self._builder
+
+        def build(event: Mapping[str, Any]) -> dict[str, Any]:
+            if not isinstance(event, Mapping):
+                raise ValidationError(f"The event must be an object but it was {describe(event)}.")
+            values = normalise(resolve_all(event))
+            validate(values)
+            return builder(values, event)
+
+        return build
 
     def normalise(self, resolved: Mapping[str, Any]) -> dict[str, Any]:
         """Steps 2 and 3 of the normalisation: drop missing values, coerce, strip unknown keys."""

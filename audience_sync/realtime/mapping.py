@@ -19,7 +19,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final, TypeGuard
 
@@ -27,6 +27,9 @@ __all__ = [
     "DIRECTIVES",
     "UNDEFINED",
     "MappingError",
+    "Resolver",
+    "compile_fields",
+    "compile_mapping",
     "describe_mapping",
     "get_path",
     "is_directive",
@@ -250,6 +253,141 @@ def resolve_fields(fields: Mapping[str, Any], payload: Any) -> dict[str, Any]:
         if value is not UNDEFINED:
             resolved[name] = value
     return resolved
+
+
+# --- compiled: the same resolution as plain callables, built once per mapping --------------------------------
+
+Resolver = Callable[[Any], Any]
+"""A compiled mapping: ``resolver(payload)`` is ``resolve(mapping, payload)``."""
+
+
+def _compile_path(path: str) -> Resolver:
+    tokens = _path_tokens(path)
+    if not tokens:
+        return lambda payload: payload
+    if all(type(token) is str for token in tokens):
+        keys: tuple[str, ...] = tokens  # type: ignore[assignment]
+
+        def get_keys(payload: Any) -> Any:
+            current = payload
+            for key in keys:
+                if type(current) is dict:
+                    current = current.get(key, UNDEFINED)
+                    if current is UNDEFINED:
+                        return UNDEFINED
+                elif isinstance(current, Mapping):
+                    if key not in current:
+                        return UNDEFINED
+                    current = current[key]
+                elif isinstance(current, list):
+                    if not key.isdigit() or int(key) >= len(current):
+                        return UNDEFINED
+                    current = current[int(key)]
+                else:
+                    return UNDEFINED
+            return current
+
+        return get_keys
+    return lambda payload: get_path(payload, path)
+
+
+def _compile_list(mapping: list[Any] | tuple[Any, ...]) -> Resolver:
+    parts = [compile_mapping(item) for item in mapping]
+    return lambda payload: [None if (v := part(payload)) is UNDEFINED else v for part in parts]
+
+
+def _compile_if(spec: Mapping[str, Any]) -> Resolver:
+    test = "exists" if "exists" in spec else "blank"
+    subject = compile_mapping(spec[test])
+    then = compile_mapping(spec["then"]) if "then" in spec else None
+    other = compile_mapping(spec["else"]) if "else" in spec else None
+    if test == "exists":
+
+        def exists(payload: Any) -> Any:
+            value = subject(payload)
+            branch = then if value is not UNDEFINED and value is not None else other
+            return UNDEFINED if branch is None else branch(payload)
+
+        return exists
+
+    def blank(payload: Any) -> Any:
+        value = subject(payload)
+        branch = then if value is UNDEFINED or value is None or value == "" else other
+        return UNDEFINED if branch is None else branch(payload)
+
+    return blank
+
+
+def _compile_array_path(spec: Sequence[Any]) -> Resolver:
+    path = spec[0]
+    root_of = _compile_path(path) if isinstance(path, str) else compile_mapping(path)
+    item_mapping = spec[1] if len(spec) == 2 else None
+    if not isinstance(item_mapping, Mapping) or not item_mapping:
+        return root_of
+    each = compile_mapping(item_mapping)
+
+    def array(payload: Any) -> Any:
+        root = root_of(payload)
+        if isinstance(root, Mapping):
+            return [each(root)]
+        if isinstance(root, list):
+            return [each(element) for element in root]
+        return root
+
+    return array
+
+
+def _compile_directive(mapping: Mapping[str, Any]) -> Resolver | None:
+    """The directive compiled, or None when it is malformed (left to :func:`resolve` to raise)."""
+    try:
+        name, argument = _directive(mapping)
+    except MappingError:
+        return None
+    if name == "@literal":
+        return lambda payload: argument
+    if name == "@path":
+        return _compile_path(argument) if isinstance(argument, str) else None
+    if name == "@template":
+        if not isinstance(argument, str):
+            return None
+        return lambda payload: _render_template(argument, payload)
+    if name == "@if":
+        if not isinstance(argument, Mapping) or not ({"exists", "blank"} & set(argument)):
+            return None
+        return _compile_if(argument)
+    if not isinstance(argument, Sequence) or isinstance(argument, str) or not 1 <= len(argument) <= 2:
+        return None
+    return _compile_array_path(argument)
+
+
+def compile_mapping(mapping: Any) -> Resolver:
+    """``mapping`` as a plain callable of the payload, with exactly :func:`resolve`'s result (a malformed
+    directive raises the same :class:`MappingError` when called)."""
+    if isinstance(mapping, Mapping):
+        if is_directive(mapping):
+            compiled = _compile_directive(mapping)
+            if compiled is None:
+                return lambda payload: resolve(mapping, payload)
+            return compiled
+        return compile_fields(mapping)
+    if isinstance(mapping, list | tuple):
+        return _compile_list(mapping)
+    return lambda payload: mapping
+
+
+def compile_fields(fields: Mapping[str, Any]) -> Callable[[Any], dict[str, Any]]:
+    """:func:`resolve_fields` of ``fields`` as a plain callable of the payload."""
+    parts = [(name, compile_mapping(mapping)) for name, mapping in fields.items()]
+
+    def resolve_all(payload: Any) -> dict[str, Any]:
+        resolved: dict[str, Any] = {}
+        for name, part in parts:
+            value = part(payload)
+            if value is not UNDEFINED:
+                resolved[name] = value
+        return resolved
+
+    return resolve_all
 
 
 def validate_mapping(mapping: Any, where: str = "fields") -> None:

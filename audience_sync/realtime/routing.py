@@ -12,7 +12,7 @@ Pure: no I/O, no clock, no configuration lookups beyond what is passed in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -154,10 +154,14 @@ def resolve_mappings(
     return [m for m in all_mappings(disabled_presets, custom) if m.enabled]
 
 
-def _build(mapping: ResolvedMapping, message: Mapping[str, Any]) -> DeliveryItem:
+def _build(
+    mapping: ResolvedMapping,
+    message: Mapping[str, Any],
+    build: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
+) -> DeliveryItem:
     action = mapping.action
     try:
-        body = action.build_item(message, mapping.fields)
+        body = build(message) if build is not None else action.build_item(message, mapping.fields)
     except ValidationError as exc:
         return DeliveryItem(mapping.name, action.name, action.path, error=str(exc), field=exc.field)
     except MappingError as exc:
@@ -170,6 +174,8 @@ class Router:
 
     def __init__(self, mappings: Sequence[ResolvedMapping]) -> None:
         self.mappings = tuple(m for m in mappings if m.enabled)
+        # Triggers and field mappings compiled into plain callables once, not walked for every event.
+        self._compiled = tuple((m.trigger.compile(), m.action.compile(m.fields), m) for m in self.mappings)
 
     @classmethod
     def from_config(cls, disabled_presets: Iterable[str], custom: Sequence[CustomMapping]) -> Router:
@@ -178,7 +184,7 @@ class Router:
 
     def route(self, message: Mapping[str, Any]) -> list[DeliveryItem]:
         """One item per mapping whose trigger matches ``message``, in mapping order (none: no item)."""
-        return [_build(mapping, message) for mapping in self.mappings if mapping.trigger.matches(message)]
+        return [_build(mapping, message, build) for matches, build, mapping in self._compiled if matches(message)]
 
 
 Outcome = Literal["matched", "invalid", "no_match", "disabled"]

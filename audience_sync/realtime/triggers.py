@@ -29,7 +29,7 @@ import difflib
 import json
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, Literal, NoReturn
@@ -79,6 +79,9 @@ class TriggerError(ValueError):
 
 
 _MISSING: Final[Any] = object()
+
+Predicate = Callable[[Mapping[str, Any]], bool]
+"""A compiled trigger (or part of one): whether an event is selected."""
 
 
 def _is_number(value: object) -> bool:
@@ -137,6 +140,10 @@ class _Node:
         """Why this node is false for ``event`` (only asked when it is)."""
         raise NotImplementedError
 
+    def compile(self) -> Predicate:
+        """:meth:`evaluate` as a plain callable (the common shapes without a method call per node)."""
+        return self.evaluate
+
 
 def _shown(value: Any) -> str:
     """An event's value as a reason shows it: JSON, cut short; a missing one as ``missing``."""
@@ -161,6 +168,18 @@ class _Comparison(_Node):
         if self.target.top_level:
             return self._top_level(actual)
         return self._path(actual)
+
+    def compile(self) -> Predicate:
+        simple = self.value.kind != "null" or self.target.root in _NULL_AS_STRING
+        if self.target.top_level and simple and self.op in ("=", "!="):
+            root, text, negate = self.target.root, self.value.text, self.op == "!="
+
+            def compare(event: Mapping[str, Any]) -> bool:
+                actual = event.get(root)
+                return (isinstance(actual, str) and actual == text) != negate
+
+            return compare
+        return self.evaluate
 
     def why_false(self, event: Mapping[str, Any]) -> str:
         actual = _shown(self.target.resolve(event))
@@ -241,6 +260,20 @@ class _And(_Node):
     def evaluate(self, event: Mapping[str, Any]) -> bool:
         return all(child.evaluate(event) for child in self.children)
 
+    def compile(self) -> Predicate:
+        children = tuple(child.compile() for child in self.children)
+        if len(children) == 2:
+            first, second = children
+            return lambda event: first(event) and second(event)
+
+        def every(event: Mapping[str, Any]) -> bool:
+            for child in children:  # noqa: SIM110 (a loop: no generator per event)
+                if not child(event):
+                    return False
+            return True
+
+        return every
+
     def why_false(self, event: Mapping[str, Any]) -> str:
         return next(child.why_false(event) for child in self.children if not child.evaluate(event))
 
@@ -251,6 +284,17 @@ class _Or(_Node):
 
     def evaluate(self, event: Mapping[str, Any]) -> bool:
         return any(child.evaluate(event) for child in self.children)
+
+    def compile(self) -> Predicate:
+        children = tuple(child.compile() for child in self.children)
+
+        def some(event: Mapping[str, Any]) -> bool:
+            for child in children:  # noqa: SIM110 (a loop: no generator per event)
+                if child(event):
+                    return True
+            return False
+
+        return some
 
     def why_false(self, event: Mapping[str, Any]) -> str:
         return "none holds: " + "; ".join(f"({child.why_false(event)})" for child in self.children)
@@ -273,6 +317,11 @@ class Trigger:
         if not isinstance(event, Mapping):
             return False
         return self._root.evaluate(event)
+
+    def compile(self) -> Predicate:
+        """:meth:`matches` as a plain callable, built once (the router calls it for every event)."""
+        root = self._root.compile()
+        return lambda event: isinstance(event, Mapping) and root(event)
 
     def why_not(self, event: Mapping[str, Any]) -> str | None:
         """Why ``event`` is not selected: the first condition that fails, with the event's value, e.g.
