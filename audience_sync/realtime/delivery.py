@@ -38,7 +38,7 @@ from sqlalchemy import Engine
 from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
 from audience_sync.realtime.metrics import RealtimeMetrics
-from audience_sync.realtime.routing import Router
+from audience_sync.realtime.routing import DeliveryItem, Router
 from audience_sync.store import outbox
 from audience_sync.timestamps import Now, utcnow
 
@@ -216,38 +216,23 @@ class DeliveryWorker:
         share = max(self.min_share, self.light_ingest_rate / rate)
         stop.wait(seconds * (1.0 - share) / share)
 
-    def _items_for(self, messages: Sequence[outbox.Message]) -> list[outbox.NewDelivery]:
-        items: list[outbox.NewDelivery] = []
+    def _items_for(self, messages: Sequence[outbox.Message]) -> list[tuple[outbox.Message, list[DeliveryItem]]]:
+        routed: list[tuple[outbox.Message, list[DeliveryItem]]] = []
         invalid = 0
-        router = self.router
+        route = self.router.route
+        loads = json.loads
         for message in messages:
             try:
-                routed = router.route(json.loads(message.payload))
+                items = route(loads(message.payload))
             except Exception as exc:  # a message that breaks routing must not block the ones after it
                 log.exception("routing message %s failed", message.message_id)
-                items.append(
-                    outbox.NewDelivery(
-                        message.message_id, message.received_at, "*", "", "", None, f"routing failed: {exc}"
-                    )
-                )
-                invalid += 1
-                continue
-            for item in routed:
+                items = [DeliveryItem("*", "", "", None, f"routing failed: {exc}")]
+            for item in items:
                 invalid += item.error is not None
-                items.append(
-                    outbox.NewDelivery(
-                        message.message_id,
-                        message.received_at,
-                        item.mapping,
-                        item.action,
-                        item.path,
-                        item.body,
-                        item.error,
-                    )
-                )
+            routed.append((message, items))
         if self.metrics is not None:
             self.metrics.outcome("invalid", invalid)
-        return items
+        return routed
 
     # --- claiming and sending ---------------------------------------------------------------------------
 

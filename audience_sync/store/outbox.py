@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import Engine, bindparam, delete, func, literal_column, select, update
 from sqlalchemy.engine import Connection
@@ -59,6 +59,9 @@ PENDING, SENDING, DELIVERED, INVALID, DEAD = DeliveryStatus
 # use the partial index ``WHERE status = 'pending'``.
 _S: Final[dict[str, ColumnClause[str]]] = {s: literal_column(f"'{s}'") for s in DeliveryStatus}
 
+_PENDING_TEXT: Final = str(PENDING)  # plain text for the driver (psycopg would write an enum's name)
+_INVALID_TEXT: Final = str(INVALID)
+
 _HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
 
@@ -90,28 +93,53 @@ class Message:
     payload: str
 
 
-@dataclass(frozen=True)
-class NewDelivery:
-    """A delivery item made by routing: a ``body`` to send, or the validation ``error`` (invalid)."""
+class NewDelivery(Protocol):
+    """A delivery item made by routing (the router's own items fit): a ``body`` to send, or the
+    validation ``error`` (invalid)."""
 
-    message_id: str
-    received_at: datetime
-    mapping: str
-    action: str
-    path: str
-    body: Mapping[str, Any] | None
-    error: str | None = None
+    @property
+    def mapping(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def body(self) -> Mapping[str, Any] | None: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+Routed = Iterable[tuple[Message, Sequence[NewDelivery]]]
+"""What routing made of each message: the message and its items (none: no mapping matched)."""
+
+_ITEM_COLUMNS: Final = (
+    "message_id",
+    "mapping",
+    "action",
+    "path",
+    "body",
+    "status",
+    "attempts",
+    "error",
+    "received_at",
+    "created_at",
+    "updated_at",
+    "available_at",
+)
 
 
 def route_messages(
     engine: Engine,
-    route: Callable[[Sequence[Message]], Iterable[NewDelivery]],
+    route: Callable[[Sequence[Message]], Routed],
     limit: int = 500,
     now: datetime | None = None,
 ) -> tuple[int, int]:
     """Claim up to ``limit`` unrouted messages (oldest first), turn them into delivery items with
     ``route`` and store the items while marking the messages routed, in one transaction (a crash
     leaves the messages unrouted, never routed without items). Returns (messages, items).
+
+    The items go in through the driver (:func:`~audience_sync.store.dialect.insert_new`): each body is
+    encoded once, here, and sent later as that text.
 
     PostgreSQL replicas skip each other's locked messages. On SQLite the read runs outside the write
     lock (so ingestion is not blocked while routing) and the routed mark is conditional; should another
@@ -129,7 +157,7 @@ def route_messages(
             messages = [Message(r.id, r.message_id, r.received_at, r.payload) for r in conn.execute(query)]
             if not messages:
                 return 0, 0
-            items = list(route(messages))
+            rows = _new_rows(conn, route(messages), now)
             ids = [message.id for message in messages]
             marked = conn.execute(
                 update(m).where(m.c.id.in_(ids), m.c.routed_at.is_(None)).values(routed_at=now)
@@ -137,27 +165,31 @@ def route_messages(
             if marked != len(ids):
                 conn.rollback()
                 continue
-            if items:
-                conn.execute(t.insert(), [_new_row(item, now) for item in items])
-            return len(messages), len(items)
+            # ``id`` never conflicts (it is not given): insert_new is the driver's executemany here.
+            insert_new(conn, t.name, _ITEM_COLUMNS, "id", rows)
+            return len(messages), len(rows)
     return 0, 0
 
 
-def _new_row(item: NewDelivery, now: datetime) -> dict[str, Any]:
-    return {
-        "message_id": item.message_id,
-        "mapping": item.mapping,
-        "action": item.action,
-        "path": item.path,
-        "body": None if item.body is None else _COMPACT.encode(item.body),
-        "status": INVALID if item.error is not None else PENDING,
-        "attempts": 0,
-        "error": item.error,
-        "received_at": item.received_at,
-        "created_at": now,
-        "updated_at": now,
-        "available_at": now,
-    }
+def _new_rows(conn: Connection, routed: Routed, now: datetime) -> list[tuple[Any, ...]]:
+    """The rows of the items, in :data:`_ITEM_COLUMNS` order, with values as the dialect stores them."""
+    stamp = bind_value(conn, t, "created_at", now)
+    bound: dict[datetime, Any] = {}
+    encode = _COMPACT.encode
+    rows: list[tuple[Any, ...]] = []
+    for message, items in routed:
+        if not items:
+            continue
+        received = bound.get(message.received_at)
+        if received is None:
+            received = bound[message.received_at] = bind_value(conn, t, "received_at", message.received_at)
+        for item in items:
+            body, error = item.body, item.error
+            status = _INVALID_TEXT if error is not None else _PENDING_TEXT
+            text = None if body is None else encode(body)
+            row = (message.message_id, item.mapping, item.action, item.path, text, status, 0, error, received)
+            rows.append((*row, stamp, stamp, stamp))
+    return rows
 
 
 def unrouted_count(engine: Engine) -> int:
@@ -193,10 +225,10 @@ def pending_backlog(engine: Engine, now: datetime | None = None) -> list[PathBac
 
 @dataclass(frozen=True)
 class Claimed:
-    """A claimed item: what to send and when its message was received."""
+    """A claimed item: what to send (its JSON text, sent as it is) and when its message was received."""
 
     id: int
-    body: Mapping[str, Any]
+    body: str
     received_at: datetime
     attempts: int
 
@@ -221,7 +253,7 @@ def claim(
     )
     with engine.begin() as conn:
         rows = conn.execute(stmt).all()
-    claimed = [Claimed(r.id, json.loads(r.body), r.received_at, r.attempts) for r in rows]
+    claimed = [Claimed(r.id, r.body, r.received_at, r.attempts) for r in rows]
     claimed.sort(key=lambda c: c.id)
     return claimed
 
