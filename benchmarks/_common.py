@@ -132,3 +132,29 @@ def cpu_seconds() -> float:
     """User + system CPU time of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def migrated_template(template: Path) -> None:
+    """A migrated empty SQLite store at ``template``, checkpointed, to copy with :func:`fresh_store`
+    before each repetition (each run then starts from the same empty store)."""
+    from audience_sync.store import migrate
+    from audience_sync.store.engine import make_engine
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(template) + suffix).unlink(missing_ok=True)
+    engine = make_engine(f"sqlite:///{template}")
+    try:
+        migrate.upgrade(engine)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        engine.dispose()
+
+
+def fresh_store(template: Path, store: Path) -> None:
+    """Replace the store at ``store`` (and its WAL files) by a copy of ``template``."""
+    import shutil
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(store) + suffix).unlink(missing_ok=True)
+    shutil.copyfile(template, store)

@@ -38,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import build_source_db, load_average, machine, make_workdir, verdict, write_config, write_json
+from _common import (
+    build_source_db,
+    fresh_store,
+    load_average,
+    machine,
+    make_workdir,
+    migrated_template,
+    verdict,
+    write_config,
+    write_json,
+)
 from bench_send import (
     API_KEY,
     build_payloads,
@@ -53,8 +63,6 @@ from bench_send import (
 )
 
 from audience_sync.odp.regions import BASE_PATH
-from audience_sync.store import migrate
-from audience_sync.store.engine import make_engine
 
 RATIO_TARGET = 0.5
 CHILD_TIMEOUT_SECONDS = 1800
@@ -137,15 +145,7 @@ def main() -> int:
         control = f"http://127.0.0.1:{port}/_emulator"
         odp = {"endpoint": endpoint, "api_key": API_KEY, "max_requests_per_second": 0, "batch_size": batch}
         write_config(config_path, store=store, source=source, odp=odp)
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(template) + suffix).unlink(missing_ok=True)
-        template_engine = make_engine(f"sqlite:///{template}")
-        try:
-            migrate.upgrade(template_engine)
-            with template_engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            template_engine.dispose()
+        migrated_template(template)
 
         emulator, emulator_log = start_emulator(port, workdir / "emulator.log")
         wait_ready(emulator, control + "/stats")
@@ -154,9 +154,7 @@ def main() -> int:
 
         with httpx.Client(timeout=10.0) as http:
             for rep in range(1, args.repeat + 1):
-                for suffix in ("", "-wal", "-shm"):
-                    Path(str(store) + suffix).unlink(missing_ok=True)
-                shutil.copyfile(template, store)
+                fresh_store(template, store)
                 clear_emulator(http, control)
                 product = run_cli(config_path, emulator.pid)
                 stats = emulator_stats(http, control)

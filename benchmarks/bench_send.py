@@ -43,9 +43,11 @@ from _common import (
     AUDIENCE_KEY,
     build_source_db,
     email,
+    fresh_store,
     load_average,
     machine,
     make_workdir,
+    migrated_template,
     user_id,
     verdict,
     write_config,
@@ -62,7 +64,6 @@ from audience_sync.config import load_config
 from audience_sync.odp.client import USER_AGENT, BatchReport, OdpClient, OutboundItem, SendTotals
 from audience_sync.odp.payloads import upsert_contact_body
 from audience_sync.odp.regions import BASE_PATH, BATCH_UPSERT_CONTACT, base_url
-from audience_sync.store import migrate
 from audience_sync.store.engine import make_engine
 
 RATIO_TARGET = 0.6
@@ -344,15 +345,7 @@ def main() -> int:
             },
         )
         # One migrated empty store, copied fresh for every repetition (each run is an initial sync).
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(template) + suffix).unlink(missing_ok=True)
-        template_engine = make_engine(f"sqlite:///{template}")
-        try:
-            migrate.upgrade(template_engine)
-            with template_engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            template_engine.dispose()
+        migrated_template(template)
 
         emulator, emulator_log = start_emulator(port, workdir / "emulator.log")
         wait_ready(emulator, control + "/stats")
@@ -361,9 +354,7 @@ def main() -> int:
 
         with httpx.Client(timeout=10.0) as http:
             for rep in range(1, args.repeat + 1):
-                for suffix in ("", "-wal", "-shm"):
-                    Path(str(store) + suffix).unlink(missing_ok=True)
-                shutil.copyfile(template, store)
+                fresh_store(template, store)
                 clear_emulator(http, control)
                 product = run_product(config_path, emulator.pid, profile=args.profile and rep == 1)
                 stats = emulator_stats(http, control)
