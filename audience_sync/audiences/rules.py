@@ -244,14 +244,21 @@ class BreakerVerdict:
 
 
 def circuit_breaker(
-    *, members: int, exits: int, acknowledged: int, max_exit_ratio: float, min_members: int = 100
+    *,
+    members: int,
+    exits: int,
+    acknowledged: int,
+    max_exit_ratio: float,
+    min_members: int = 100,
+    empty: str = "the source returned no rows",
 ) -> BreakerVerdict:
     """Hold a run that would remove too many members at once (a broken source, not a real exodus).
 
-    ``acknowledged`` is the number of members ODP currently holds as in the audience.
+    ``acknowledged`` is the number of members ODP currently holds as in the audience; ``empty`` says
+    in the source's own terms that the snapshot is empty.
     """
     if members == 0 and acknowledged > 0:
-        return BreakerVerdict(True, f"the source returned no rows while {acknowledged} members are in the audience")
+        return BreakerVerdict(True, f"{empty} while {acknowledged} members are in the audience")
     if acknowledged >= min_members and exits > max_exit_ratio * acknowledged:
         return BreakerVerdict(
             True,

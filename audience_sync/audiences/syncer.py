@@ -334,6 +334,7 @@ class Syncer:
                 exits=plan.removals,
                 acknowledged=plan.acknowledged,
                 max_exit_ratio=audience.max_exit_ratio,
+                empty=_empty_snapshot(audience),
             )
             if verdict.hold and not options.force:
                 planning.hold()
@@ -532,3 +533,10 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def _empty_snapshot(audience: Audience) -> str:
+    """An empty snapshot in the words of the audience's source (the circuit breaker's reason)."""
+    if isinstance(audience.source, QuerySource):
+        return "no profile has a value" if audience.kind == "trait" else "the query matched no profile"
+    return "the source returned no rows"

@@ -74,6 +74,7 @@ def test_the_circuit_breaker_holds_a_query_audience_that_empties(store: Harness)
     store.emulator.reset()
     run = store.sync(config)
     assert (run["status"], run["exited"], run["sent"]) == ("held", 120, 0) and store.emulator.requests() == []
+    assert "the query matched no profile while 120 members are in the audience" in run["error"]
     run = store.sync(config, force=True)
     assert (run["status"], run["sent"]) == ("succeeded", 120)
     assert {i["buyers"] for i in store.emulator.items()} == {False}
