@@ -158,3 +158,23 @@ def fresh_store(template: Path, store: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(str(store) + suffix).unlink(missing_ok=True)
     shutil.copyfile(template, store)
+
+
+RESULT_PREFIX = "RESULT "
+"""The line a benchmark's child phase prints its JSON result after (:func:`emit_result`, :func:`run_child`)."""
+
+
+def run_child(script: str, argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run ``script`` (a benchmark) with ``argv`` in a fresh interpreter, so that each measured phase has
+    its own process (clean RSS, no warm caches); returns the JSON of its last ``RESULT`` line."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(script).resolve()), *argv]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout)
+        raise SystemExit(f"child {' '.join(argv)} failed with exit code {proc.returncode}")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return dict(json.loads(line[len(RESULT_PREFIX) :]))
+    raise SystemExit(f"child {' '.join(argv)} printed no result")

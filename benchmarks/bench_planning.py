@@ -18,12 +18,12 @@ import random
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _common
 from _common import (
     AUDIENCE_KEY,
     build_source_db,
@@ -39,7 +39,7 @@ from _common import (
     write_json,
 )
 
-RESULT_PREFIX = "RESULT "
+RESULT_PREFIX = _common.RESULT_PREFIX
 CHILD_TIMEOUT_SECONDS = 3600
 DELTA_SECONDS_TARGET = 10.0
 FLOOR_RATIO_TARGET = 1.5  # issue 13 (was 3x)
@@ -224,15 +224,7 @@ def phase_floor(name: str, source: str, store: str | None, floor_db: str) -> Non
 
 
 def run_child(argv: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=CHILD_TIMEOUT_SECONDS, check=False)
-    if proc.returncode != 0:
-        sys.stdout.write(proc.stdout)
-        raise SystemExit(f"child {' '.join(argv)} failed with exit code {proc.returncode}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
-    raise SystemExit(f"child {' '.join(argv)} printed no result")
+    return _common.run_child(__file__, argv, CHILD_TIMEOUT_SECONDS)
 
 
 def _summary(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:

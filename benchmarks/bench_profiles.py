@@ -48,9 +48,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _common
 from _common import cpu_seconds, load_average, machine, make_workdir, peak_rss_mb, verdict, write_json
 
-RESULT_PREFIX = "RESULT "
+RESULT_PREFIX = _common.RESULT_PREFIX
 CHILD_TIMEOUT_SECONDS = 6 * 3600
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 IMPORT_RATIO_TARGET = 0.3
@@ -391,15 +392,7 @@ def phase_evaluate(url: str, number: int, repeat: int) -> None:
 
 
 def run_child(argv: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=CHILD_TIMEOUT_SECONDS, check=False)
-    if proc.returncode != 0:
-        sys.stdout.write(proc.stdout)
-        raise SystemExit(f"child {' '.join(argv)} failed with exit code {proc.returncode}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return dict(json.loads(line[len(RESULT_PREFIX) :]))
-    raise SystemExit(f"child {' '.join(argv)} printed no result")
+    return _common.run_child(__file__, argv, CHILD_TIMEOUT_SECONDS)
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
