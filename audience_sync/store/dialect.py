@@ -7,6 +7,7 @@ Nothing outside ``store/`` imports this module; nothing else in ``store/`` asks 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -130,8 +131,36 @@ def _driver_cursor(conn: Connection) -> Any:
     return raw.cursor()
 
 
+def driver_executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Run one statement for each of ``rows`` straight through the driver (see :func:`driver_execute`)."""
+    if not rows:
+        return
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.executemany(_driver_sql(conn, sql), rows)
+    finally:
+        cursor.close()
+
+
 def _driver_sql(conn: Connection, sql: str) -> str:
-    return sql if is_sqlite(conn) else sql.replace("?", "%s")
+    """``?`` marks a parameter; ``??`` a list (PostgreSQL: an array, sent in binary, which psycopg
+    writes many times faster than the text form of a long array; SQLite: one value, e.g. JSON text)."""
+    if is_sqlite(conn):
+        return sql.replace("??", "?")
+    return sql.replace("??", "%b").replace("?", "%s")
+
+
+def in_list(conn: Connection, column: str) -> str:
+    """SQL for a driver-level statement testing ``column`` against a list of values bound as ONE
+    parameter (:func:`list_param`): ``json_each`` of a JSON array on SQLite, an array on PostgreSQL."""
+    if is_sqlite(conn):
+        return f"{column} IN (SELECT value FROM json_each(?))"
+    return f"{column} = ANY(??)"
+
+
+def list_param(conn: Connection, values: Sequence[Any]) -> Any:
+    """The bound value for :func:`in_list`."""
+    return json.dumps(list(values)) if is_sqlite(conn) else list(values)
 
 
 def id_list(conn: Connection, ids: str) -> str:

@@ -36,7 +36,16 @@ from audience_sync.identity import (
     lookup_keys,
     observe,
 )
-from audience_sync.store.dialect import bind_value, is_sqlite, write_transaction
+from audience_sync.store.dialect import (
+    bind_value,
+    driver_execute,
+    driver_executemany,
+    driver_rows,
+    in_list,
+    is_sqlite,
+    list_param,
+    write_transaction,
+)
 from audience_sync.store.profile_tables import profiles
 from audience_sync.timestamps import iso, utcnow
 
@@ -87,59 +96,6 @@ class ImportResult:
 # --- dialect details --------------------------------------------------------------------------------
 
 
-def _cursor(conn: Connection) -> Any:
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    return raw.cursor()
-
-
-def _sql(conn: Connection, sql: str) -> str:
-    """``?`` marks a parameter; ``??`` a list (PostgreSQL: an array, sent in binary, which psycopg
-    writes many times faster than the text form of a long array)."""
-    if is_sqlite(conn):
-        return sql.replace("??", "?")
-    return sql.replace("??", "%b").replace("?", "%s")
-
-
-def _execute(conn: Connection, sql: str, params: Sequence[Any] = ()) -> int:
-    cursor = _cursor(conn)
-    try:
-        cursor.execute(_sql(conn, sql), tuple(params))
-        return int(cursor.rowcount)
-    finally:
-        cursor.close()
-
-
-def _rows(conn: Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-    cursor = _cursor(conn)
-    try:
-        cursor.execute(_sql(conn, sql), tuple(params))
-        return list(cursor.fetchall())
-    finally:
-        cursor.close()
-
-
-def _executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    if not rows:
-        return
-    cursor = _cursor(conn)
-    try:
-        cursor.executemany(_sql(conn, sql), rows)
-    finally:
-        cursor.close()
-
-
-def _in_list(conn: Connection, column: str) -> str:
-    """``column`` among a list bound as one parameter (see :func:`_list_param`)."""
-    if is_sqlite(conn):
-        return f"{column} IN (SELECT value FROM json_each(?))"
-    return f"{column} = ANY(??)"
-
-
-def _list_param(conn: Connection, values: Sequence[Any]) -> Any:
-    return json.dumps(list(values)) if is_sqlite(conn) else list(values)
-
-
 def _json(value: Any) -> str | None:
     """JSON text of a stored value (None stays None); a value JSON cannot hold is stored as text."""
     if value is None:
@@ -165,14 +121,16 @@ def _insert_rows(
         raw = conn.connection.driver_connection
         assert raw is not None
         before = raw.total_changes
-        _executemany(conn, f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)}) {tail}", rows)
+        driver_executemany(
+            conn, f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' for _ in columns)}) {tail}", rows
+        )
         return int(raw.total_changes - before)
     arrays = [list(column) for column in zip(*rows, strict=True)]
     selected = ", ".join(f"CAST(u{i} AS JSONB)" if cast == "jsonb" else f"u{i}" for i, cast in enumerate(casts))
     unnest = ", ".join(f"CAST(?? AS {'text' if cast == 'jsonb' else cast}[])" for cast in casts)
     aliases = ", ".join(f"u{i}" for i in range(len(casts)))
     sql = f"INSERT INTO {table} ({names}) SELECT {selected} FROM unnest({unnest}) AS u({aliases}) {tail}"
-    return _execute(conn, sql, arrays)
+    return driver_execute(conn, sql, arrays)
 
 
 # --- recording ----------------------------------------------------------------------------------------
@@ -195,9 +153,9 @@ def _lookup(conn: Connection, keys: set[Key]) -> tuple[dict[Key, int], dict[int,
     for kind, values in by_kind.items():
         sql = (
             "SELECT i.value, i.profile_id, p.user_id, p.anonymous_id FROM profile_identifiers i "
-            f"JOIN profiles p ON p.id = i.profile_id WHERE i.kind = ? AND {_in_list(conn, 'i.value')}"
+            f"JOIN profiles p ON p.id = i.profile_id WHERE i.kind = ? AND {in_list(conn, 'i.value')}"
         )
-        for value, profile, user_id, anonymous_id in _rows(conn, sql, (kind, _list_param(conn, values))):
+        for value, profile, user_id, anonymous_id in driver_rows(conn, sql, (kind, list_param(conn, values))):
             known[(kind, value)] = int(profile)
             stored[int(profile)] = _Stored(user_id, anonymous_id)
     return known, stored
@@ -215,10 +173,10 @@ def _allocate_ids(conn: Connection, count: int) -> list[int]:
     if count == 0:
         return []
     if is_sqlite(conn):
-        top = int(_rows(conn, "SELECT COALESCE(max(id), 0) FROM profiles", ())[0][0])
+        top = int(driver_rows(conn, "SELECT COALESCE(max(id), 0) FROM profiles", ())[0][0])
         return list(range(top + 1, top + 1 + count))
     sql = "SELECT nextval(pg_get_serial_sequence('profiles', 'id')) FROM generate_series(1, ?)"
-    return [int(row[0]) for row in _rows(conn, sql, (count,))]
+    return [int(row[0]) for row in driver_rows(conn, sql, (count,))]
 
 
 def _record_batch(
@@ -299,7 +257,7 @@ def _record_batch(
                 created,
             )
         )
-    _executemany(
+    driver_executemany(
         conn,
         "INSERT INTO profiles (id, user_id, email, email_ts, anonymous_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         new_rows,
@@ -313,12 +271,12 @@ def _record_batch(
         "ON CONFLICT (kind, value) DO NOTHING",
         ("text", "text", "bigint"),
     )
-    _executemany(
+    driver_executemany(
         conn,
         "UPDATE profiles SET user_id = ? WHERE id = ? AND user_id IS NULL",
         [(user_id, final(profile)) for profile, user_id in batch.new_users.items()],
     )
-    _executemany(
+    driver_executemany(
         conn,
         "UPDATE profiles SET email = ?, email_ts = ? WHERE id = ? AND (email_ts IS NULL OR email_ts <= ?)",
         [(email, ts, profile, ts) for profile, (ts, email) in emails.items()],
@@ -348,12 +306,12 @@ def _record_batch(
 
 def _reread_anonymous(conn: Connection, profile_ids: Sequence[int]) -> None:
     """A profile's ``anonymous_id``: the one of its latest recorded message that had one."""
-    _execute(
+    driver_execute(
         conn,
         "UPDATE profiles SET anonymous_id = (SELECT e.anonymous_id FROM profile_events e "
         "WHERE e.profile_id = profiles.id AND e.anonymous_id IS NOT NULL ORDER BY e.ts DESC, e.id DESC LIMIT 1) "
-        f"WHERE {_in_list(conn, 'id')}",
-        (_list_param(conn, profile_ids),),
+        f"WHERE {in_list(conn, 'id')}",
+        (list_param(conn, profile_ids),),
     )
 
 
@@ -444,7 +402,7 @@ def _merge_profiles(conn: Connection, absorbed: int, survivor: int, query_audien
     """Move everything of ``absorbed`` to ``survivor`` and leave a tombstone; permanent."""
     rows = {
         int(row[0]): row[1:]
-        for row in _rows(
+        for row in driver_rows(
             conn, "SELECT id, user_id, email, email_ts FROM profiles WHERE id IN (?, ?)", (absorbed, survivor)
         )
     }
@@ -452,24 +410,24 @@ def _merge_profiles(conn: Connection, absorbed: int, survivor: int, query_audien
     s_user, s_email, s_email_ts = rows[survivor]
     if a_email is not None and (s_email is None or (a_email_ts or 0) > (s_email_ts or 0)):
         s_email, s_email_ts = a_email, a_email_ts
-    _execute(
+    driver_execute(
         conn,
         "UPDATE profiles SET user_id = ?, email = ?, email_ts = ? WHERE id = ?",
         (s_user or a_user, s_email, s_email_ts, survivor),
     )
-    _execute(
+    driver_execute(
         conn, "UPDATE profiles SET merged_into = ? WHERE id = ? OR merged_into = ?", (survivor, absorbed, absorbed)
     )
-    _execute(conn, "UPDATE profile_events SET profile_id = ? WHERE profile_id = ?", (survivor, absorbed))
-    _execute(conn, "UPDATE profile_identifiers SET profile_id = ? WHERE profile_id = ?", (survivor, absorbed))
-    _execute(
+    driver_execute(conn, "UPDATE profile_events SET profile_id = ? WHERE profile_id = ?", (survivor, absorbed))
+    driver_execute(conn, "UPDATE profile_identifiers SET profile_id = ? WHERE profile_id = ?", (survivor, absorbed))
+    driver_execute(
         conn,
         "INSERT INTO profile_traits (profile_id, key, value, ts) SELECT ?, key, value, ts FROM profile_traits "
         "WHERE profile_id = ? ON CONFLICT (profile_id, key) DO UPDATE SET value = excluded.value, ts = excluded.ts "
         "WHERE excluded.ts > profile_traits.ts",
         (survivor, absorbed),
     )
-    _execute(conn, "DELETE FROM profile_traits WHERE profile_id = ?", (absorbed,))
+    driver_execute(conn, "DELETE FROM profile_traits WHERE profile_id = ?", (absorbed,))
     if query_audiences:
         move_acknowledged(conn, absorbed, survivor, query_audiences)
 
@@ -540,7 +498,7 @@ def purge_events(engine: Engine, before: datetime, *, chunk: int = 50_000) -> in
     start = int(low)
     while start <= int(high):
         with engine.begin() as conn:
-            deleted += _execute(
+            deleted += driver_execute(
                 conn, "DELETE FROM profile_events WHERE id >= ? AND id < ? AND ts < ?", (start, start + chunk, cutoff)
             )
         start += chunk
@@ -554,7 +512,7 @@ def find_profile(conn: Connection, identifier: str) -> int | None:
     """The live profile of ``identifier``: a ``user_id``, an ``email``, an ``anonymous_id`` (in that
     order), or a profile id (an absorbed one leads to its survivor). None when unknown."""
     for kind in (USER_ID, EMAIL, ANONYMOUS_ID):
-        rows = _rows(
+        rows = driver_rows(
             conn, "SELECT profile_id FROM profile_identifiers WHERE kind = ? AND value = ?", (kind, identifier)
         )
         if rows:
@@ -562,7 +520,7 @@ def find_profile(conn: Connection, identifier: str) -> int | None:
     if identifier.isdigit():
         profile: int | None = int(identifier)
         for _ in range(100):  # merged_into chains are compressed at each merge; this is a bound, not a loop
-            rows = _rows(conn, "SELECT merged_into FROM profiles WHERE id = ?", (profile,))
+            rows = driver_rows(conn, "SELECT merged_into FROM profiles WHERE id = ?", (profile,))
             if not rows:
                 return None
             if rows[0][0] is None:
@@ -584,7 +542,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
     """A profile as ``profiles show --json`` prints it, without the audiences: ``{"profile", "user_id",
     "email", "anonymous_ids", "traits", "events"}`` (the latest ``events``, newest first); None when
     there is no such live profile."""
-    rows = _rows(
+    rows = driver_rows(
         conn, "SELECT user_id, email, anonymous_id FROM profiles WHERE id = ? AND merged_into IS NULL", (profile_id,)
     )
     if not rows:
@@ -592,7 +550,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
     user_id, email, anonymous_id = rows[0]
     anonymous_ids = sorted(
         row[0]
-        for row in _rows(
+        for row in driver_rows(
             conn, "SELECT value FROM profile_identifiers WHERE profile_id = ? AND kind = ?", (profile_id, ANONYMOUS_ID)
         )
     )
@@ -601,7 +559,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
         anonymous_ids.insert(0, anonymous_id)
     traits = {
         key: _decode(conn, value)
-        for key, value in _rows(
+        for key, value in driver_rows(
             conn,
             "SELECT key, value FROM profile_traits WHERE profile_id = ? AND value IS NOT NULL ORDER BY key",
             (profile_id,),
@@ -609,7 +567,7 @@ def profile_summary(conn: Connection, profile_id: int, *, events: int = 20) -> d
     }
     latest = [
         {"event": event, "timestamp": _iso_ms(int(ts)), "properties": _decode(conn, properties) or {}}
-        for event, ts, properties in _rows(
+        for event, ts, properties in driver_rows(
             conn,
             "SELECT event, ts, properties FROM profile_events WHERE profile_id = ? AND event IS NOT NULL "
             "ORDER BY ts DESC, id DESC LIMIT ?",
