@@ -47,6 +47,8 @@ class ProfileOptions:
     enabled: bool = False
     retention: timedelta = DEFAULT_RETENTION
     query_audiences: tuple[str, ...] = ()
+    realtime_audiences: tuple[str, ...] = ()
+    """The keys of the real-time audiences: every profile a batch touches becomes due in them."""
 
 
 class ProfileMetrics:
@@ -154,6 +156,9 @@ class ProfileRecorder:
         self.running = False
         """True while :meth:`run` works (``/readyz`` reports the recorder otherwise)."""
         self._behind = 0.0  # seconds: how long the first message of the last batch had waited
+        self.on_recorded: Callable[[], None] | None = None
+        """Called after a batch that marked profiles due in real-time audiences is committed (the
+        streamer's wake-up)."""
 
     def reconfigure(self, options: ProfileOptions) -> None:
         """Use ``options`` from the next batch on (a reload: profiles switched on or off, query
@@ -199,8 +204,14 @@ class ProfileRecorder:
         if not options.enabled:
             return 0
         done = profile_queue.record_pending(
-            self.engine, limit=self.batch, query_audiences=options.query_audiences, now=self.now()
+            self.engine,
+            limit=self.batch,
+            query_audiences=options.query_audiences,
+            realtime_audiences=options.realtime_audiences,
+            now=self.now(),
         )
+        if done.messages and options.realtime_audiences and self.on_recorded is not None:
+            self.on_recorded()
         self._behind = 0.0 if done.oldest is None else max(0.0, (self.now() - done.oldest).total_seconds())
         for message_id, reason in done.skipped:
             log.error("message %s cannot be recorded into profiles and is skipped: %s", message_id, reason)

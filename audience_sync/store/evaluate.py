@@ -834,11 +834,12 @@ def stage_query(
     *,
     table: str = "stage_members",
     computed: Mapping[str, CheckedQuery] | None = None,
+    profile_ids: Sequence[int] | None = None,
 ) -> int:
     """``INSERT INTO <table> (member, user_id, email, anonymous_id, optimizely_vuid, value) SELECT ...``
-    of ``query``'s snapshot at ``now``; returns the rows staged. The table must exist (the sync
-    engine's staging table)."""
-    compiled = compile_query(conn.dialect.name, query, now, computed=computed)
+    of ``query``'s snapshot at ``now`` (of ``profile_ids`` only, when given: a real-time micro-run);
+    returns the rows staged. The table must exist (the sync engine's staging table)."""
+    compiled = compile_query(conn.dialect.name, query, now, computed=computed, profile_ids=profile_ids)
     sql = f"INSERT INTO {table} ({', '.join(STAGE_COLUMNS)}) {compiled.sql}"
     return int(conn.execute(text(sql), compiled.params).rowcount)
 
