@@ -198,6 +198,8 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     """``engine.begin()`` for a transaction that reads before it writes (see :func:`begin_write`)."""
     with engine.connect() as conn:
         begin_write(conn)
+        if not conn.in_transaction():  # PostgreSQL: begun here, so that driver-level statements commit too
+            conn.begin()
         try:
             yield conn
         except BaseException:
