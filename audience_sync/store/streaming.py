@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from audience_sync.identity import epoch_ms
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.store.dialect import driver_execute, driver_executemany, is_sqlite, list_param, write_transaction
-from audience_sync.store.evaluate import Compiled
+from audience_sync.store.moments import compile_next_change, next_changes
 
 __all__ = [
     "DueRow",
@@ -166,7 +166,7 @@ def finish_batch(
     its result may change by time alone (``store/moments.py``) replaces its due row, or the row is
     deleted; rows an event marked meanwhile stay due (:func:`finish_due`)."""
     with write_transaction(engine) as conn:
-        upcoming = _next_changes(conn, query, now, [r.profile_id for r in taken], computed)
+        upcoming = next_changes(conn, query, now, [r.profile_id for r in taken], computed=computed)
         finish_due(conn, audience, taken, upcoming)
 
 
@@ -188,23 +188,5 @@ def seed_audience(
             and conn.execute(text("SELECT 1 FROM profile_due WHERE audience = :a LIMIT 1"), {"a": audience}).first()
         ):
             return 0
-        compiled = _compile_next_change(conn, query, now, computed)
-        if compiled is None:
-            return 0
+        compiled = compile_next_change(conn.dialect.name, query, now, profile_ids=None, computed=computed)
         return seed_due(conn, audience, compiled.sql, compiled.params)
-
-
-def _next_changes(
-    conn: Connection,
-    query: CheckedQuery,
-    now: datetime,
-    profile_ids: Sequence[int],
-    computed: Mapping[str, CheckedQuery] | None,
-) -> dict[int, datetime]:
-    return {}  # until store/moments.py lands: no time-driven moment is known
-
-
-def _compile_next_change(
-    conn: Connection, query: CheckedQuery, now: datetime, computed: Mapping[str, CheckedQuery] | None
-) -> Compiled | None:
-    return None  # until store/moments.py lands

@@ -160,3 +160,19 @@ def test_a_micro_run_waits_while_a_scheduled_run_holds_the_audience(store: Harne
     store.emulator.reset()
     assert stream(store, config) == 1  # nothing left to send: the scheduled run sent it
     assert store.emulator.requests() == [] and due_rows(store) == {}
+
+
+def test_a_window_expiry_is_due_at_its_moment_and_streams_the_exit(store: Harness) -> None:
+    config, _audience = realtime_config(store, "event('Order Completed').within(1 hours).count() >= 1")
+    record(store, message("track", 50 / 1440, userId="u1"))  # 50 minutes old: leaves the window in ~10
+    assert store.sync(config)["sent"] == 1
+    u1 = profile_id(store, "u1")
+    ((key, due),) = [(k, v[0]) for k, v in due_rows(store).items()]  # the scheduled run noted the expiry
+    assert key == ("pros", u1)
+    expiry = datetime.fromtimestamp(due / 1000, UTC)
+    assert timedelta(minutes=9) < expiry - datetime.now(UTC) < timedelta(minutes=11)
+    store.emulator.reset()
+    assert stream(store, config, expiry - timedelta(seconds=1)) == 0  # not yet
+    assert stream(store, config, expiry + timedelta(seconds=1)) == 1
+    assert [(i["user_identifiers"]["userId"], i[key[0]]) for i in store.emulator.items()] == [("u1", False)]
+    assert due_rows(store) == {}
