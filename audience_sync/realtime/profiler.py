@@ -123,6 +123,9 @@ class ProfileRecorder:
     purge_every_seconds: float = 3600.0
     light_ingest_rate: float = 1000.0
     """Events/s of ingestion in this process below which the recorder never holds back."""
+    realtime_ingest_rate: float = 3000.0
+    """The same with real-time audiences configured: their changes must reach ODP within seconds, so
+    the recorder keeps up with a steady 1,000 events/s and more instead of recording them later."""
     min_share: float = 0.05
     """The share of the time the recorder works under heavy ingestion while it is not behind."""
     max_share: float = 0.5
@@ -272,7 +275,8 @@ class ProfileRecorder:
         full speed and recorded after it, and more the longer its messages waited, up to ``max_share``
         once they waited ``catch_up_seconds``: sustained ingestion is then recorded too, at some cost
         to the rate it is accepted at."""
-        if seconds <= 0 or self.ingest_rate() <= self.light_ingest_rate:
+        light = self.realtime_ingest_rate if self.options.realtime_audiences else self.light_ingest_rate
+        if seconds <= 0 or self.ingest_rate() <= light:
             return
         behind = min(1.0, self._behind / self.catch_up_seconds)
         share = self.min_share + (self.max_share - self.min_share) * behind

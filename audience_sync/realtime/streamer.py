@@ -164,6 +164,9 @@ class Streamer:
         """For each real-time audience with no due row yet: every profile's next time-driven moment
         becomes due (one statement; e.g. an audience just made real-time)."""
         self._seed = False
+        dropped = streaming.delete_due(self.engine, self.keys())
+        if dropped:
+            log.info("deleted %d due rows of audiences that are no longer real-time", dropped)
         for audience in self.audiences:
             source = audience.source
             assert isinstance(source, QuerySource)
