@@ -226,7 +226,8 @@ def write_plan(
     ``within`` (profile ids: a real-time micro-run, whose snapshot holds only those profiles): exits
     only of those members, not of every member missing from the snapshot.
     """
-    analyze(conn, "members")  # fresh statistics: a big first sync is not planned as if members were empty
+    if within is None:  # a micro-run's few members are looked up by key: no statistics needed
+        analyze(conn, "members")  # fresh statistics: a big first sync is not planned as if members were empty
     pending = Outcome.PLANNED if dry_run else Outcome.PENDING
     manual = mode in (Mode.FULL, Mode.RECONCILE)
     is_quarantined = f"m.rejections >= {QUARANTINE_AFTER}"
