@@ -81,6 +81,7 @@ class _Moments:
         self.d: _Dialect = compiler.d
         self.now = compiler.param(compiler.now_ms)
         self.stack: list[str] = []
+        self.streams: dict[EventStream, list[str]] = {}  # top-level streams' moments, each built once
 
     def after_now(self, expr: str) -> str:
         return f"CASE WHEN {expr} > {self.now} THEN {expr} END"
@@ -115,7 +116,11 @@ class _Moments:
         if isinstance(node, TraitRef) and node.key in self.c.computed:
             return self.computed(node, scope)
         if isinstance(node, Reduce):
-            return self.stream(node.stream, scope)
+            if node.stream.level > 1:
+                return self.stream(node.stream, scope)
+            if node.stream not in self.streams:
+                self.streams[node.stream] = self.stream(node.stream, scope)
+            return self.streams[node.stream]
         return []
 
     def computed(self, node: TraitRef, scope: _Scope) -> list[str]:
@@ -203,7 +208,7 @@ def compile_next_change(
     compiler = _Compiler(_Dialect(dialect), now, computed or {})
     if profile_ids is not None:
         compiler.profile_filter = compiler.param(compiler.d.id_list(profile_ids), "BIGINT[]")
-    moments = _Moments(compiler).root(query, _Scope(0))
+    moments = list(dict.fromkeys(_Moments(compiler).root(query, _Scope(0))))
     if not moments:
         return Compiled(
             "SELECT p.id AS profile_id, CAST(NULL AS BIGINT) AS due_ms FROM profiles p WHERE 1 = 0", compiler.params
