@@ -82,6 +82,7 @@ class _Moments:
         self.now = compiler.param(compiler.now_ms)
         self.stack: list[str] = []
         self.streams: dict[EventStream, list[str]] = {}  # top-level streams' moments, each built once
+        self.joins: dict[str, str] = {}  # the top-level streams' subqueries, joined to p, by their moment
 
     def after_now(self, expr: str) -> str:
         return f"CASE WHEN {expr} > {self.now} THEN {expr} END"
@@ -166,8 +167,11 @@ class _Moments:
         event = f"e{level}"
         joins: dict[str, tuple[str, str]] = {} if level == 1 else (scope.joins or {})
         inner = _Scope(level, joins)
-        owner = "p.id" if level == 1 else f"e{level - 1}.profile_id"
-        parts = [f"{event}.profile_id = {owner}", f"{event}.event = {self.c.param(stream.name)}"]
+        parts = [f"{event}.event = {self.c.param(stream.name)}"]
+        if level > 1:
+            parts.insert(0, f"{event}.profile_id = e{level - 1}.profile_id")
+        elif self.c.profile_filter is not None:
+            parts.append(self.d.id_in(f"{event}.profile_id", self.c.profile_filter))
         moments: list[str] = []
         for item in stream.filters:
             if isinstance(item, Window):
@@ -186,10 +190,16 @@ class _Moments:
                     parts.append(f"({self.c.condition(item.condition, inner)})")
         if not moments:
             return []
-        source = f"profile_events {event}"
-        if level == 1:
-            source += "".join(f" {join}" for _, join in joins.values())
-        return [f"(SELECT min({self.d.least(moments)}) FROM {source} WHERE {' AND '.join(parts)})"]
+        earliest, where = f"min({self.d.least(moments)})", " AND ".join(parts)
+        if level > 1:
+            return [f"(SELECT {earliest} FROM profile_events {event} WHERE {where})"]
+        alias = self.c.alias("m")
+        self.joins[f"{alias}.due"] = (
+            f"(SELECT e1.profile_id AS pid, {earliest} AS due FROM profile_events e1 "
+            f"{' '.join(join for _, join in joins.values())} WHERE {where} GROUP BY e1.profile_id) {alias} "
+            f"ON {alias}.pid = p.id"
+        )
+        return [f"{alias}.due"]
 
 
 def compile_next_change(
@@ -208,17 +218,23 @@ def compile_next_change(
     compiler = _Compiler(_Dialect(dialect), now, computed or {})
     if profile_ids is not None:
         compiler.profile_filter = compiler.param(compiler.d.id_list(profile_ids), "BIGINT[]")
-    moments = list(dict.fromkeys(_Moments(compiler).root(query, _Scope(0))))
+    walker = _Moments(compiler)
+    moments = list(dict.fromkeys(walker.root(query, _Scope(0))))
     if not moments:
         return Compiled(
             "SELECT p.id AS profile_id, CAST(NULL AS BIGINT) AS due_ms FROM profiles p WHERE 1 = 0", compiler.params
         )
+    # one stream's moments alone: only its profiles can be due, the planner may start from its events
+    joined = " ".join(
+        f"{'JOIN' if moments == [moment] else 'LEFT JOIN'} {join}" for moment, join in walker.joins.items()
+    )
     where = "p.merged_into IS NULL"
     if compiler.profile_filter is not None:
         where += f" AND {compiler.d.id_in('p.id', compiler.profile_filter)}"
     sql = (
         f"SELECT profile_id, due_ms FROM (SELECT p.id AS profile_id, CAST({compiler.d.least(moments)} AS BIGINT) "
-        f"AS due_ms FROM profiles p {compiler.joined()} WHERE {where} {compiler.d.fence()}) q "
+        f"AS due_ms FROM profiles p {joined} {compiler.joined()} WHERE {where} "
+        f"{compiler.d.fence()}) q "
         "WHERE due_ms IS NOT NULL"
     )
     return Compiled(sql, compiler.params)
