@@ -167,7 +167,10 @@ class _Moments:
         event = f"e{level}"
         joins: dict[str, tuple[str, str]] = {} if level == 1 else (scope.joins or {})
         inner = _Scope(level, joins)
-        parts = [f"{event}.event = {self.c.param(stream.name)}"]
+        # a few profiles' events (a batch, or one profile's in a nested stream): by profile, not by name
+        by_profile = level > 1 or self.c.profile_filter is not None
+        name = self.d.unindexed(f"{event}.event") if by_profile else f"{event}.event"
+        parts = [f"{name} = {self.c.param(stream.name)}"]
         if level > 1:
             parts.insert(0, f"{event}.profile_id = e{level - 1}.profile_id")
         elif self.c.profile_filter is not None:
