@@ -60,7 +60,7 @@ from audience_sync.store.evaluate import (
     _Scope,
 )
 
-__all__ = ["NEVER", "RELATIVE_DATE_OPS", "compile_next_change", "next_changes"]
+__all__ = ["NEVER", "RELATIVE_DATE_OPS", "changes_with_time", "compile_next_change", "next_changes"]
 
 #: What :func:`next_changes` holds for a profile whose result cannot change by time alone: nothing (the
 #: profile is absent from the result, and from the statement's rows).
@@ -203,6 +203,14 @@ class _Moments:
             f"ON {alias}.pid = p.id"
         )
         return [f"{alias}.due"]
+
+
+def changes_with_time(query: CheckedQuery, *, computed: Mapping[str, CheckedQuery] | None = None) -> bool:
+    """Whether ``query``'s result can change by time alone for anybody (a window on now, a date
+    compared with now, in it or in a computed audience or trait it reads): when not, no profile is
+    ever due and :func:`compile_next_change` yields no rows."""
+    compiler = _Compiler(_Dialect("sqlite"), _EPOCH, computed or {})
+    return bool(_Moments(compiler).root(query, _Scope(0)))
 
 
 def compile_next_change(

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from audience_sync.query import check_query
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.store.evaluate import ComputedReferenceError
-from audience_sync.store.moments import compile_next_change, next_changes
+from audience_sync.store.moments import changes_with_time, compile_next_change, next_changes
 from tests.integration.test_evaluate import DAY, MS, NOW, Store, identify, iso, store, track
 
 __all__ = ["store"]  # the fixture, shared with test_evaluate
@@ -179,6 +179,27 @@ def test_computed_references_and_traits(store: Store) -> None:
     }
     with pytest.raises(ComputedReferenceError, match="cycle: loop -> loop"):
         due(store, "trait('loop') = true", computed={"loop": check_query("trait('loop') = true")})
+    with pytest.raises(ComputedReferenceError, match="not inside where"):
+        due(store, "event('Order').where(trait('recent') = true).within(3 days).count() >= 1", computed=computed)
+
+
+def test_whether_a_query_changes_with_time_at_all() -> None:
+    computed = {"recent": check_query("event('Order').within(30 days).count() >= 1", "audience")}
+    timed = [
+        "event('Order').within(30 days).count() >= 1",
+        "event('Order').between(1 days, 2 days).count() >= 1",
+        "trait('signup').within_last(7 days)",
+        "event('Order').where(property('at').after_next(1 days)).count() >= 1",
+        "event('A').where(event('B').within(1 days).count() >= 1).count() >= 1",
+        "trait('recent') = true",
+    ]
+    timeless = [
+        "event('Order').count() >= 1",
+        "event('A').where(event('B').within(parent: 1 days).count() >= 1).count() >= 1",
+        "trait('signup').before_date('2024-01-01') AND trait('plan') = 'pro'",
+    ]
+    assert [changes_with_time(check_query(q), computed=computed) for q in timed] == [True] * len(timed)
+    assert [changes_with_time(check_query(q), computed=computed) for q in timeless] == [False] * len(timeless)
 
 
 def test_the_earliest_of_several_sources_some_missing(store: Store) -> None:
