@@ -177,6 +177,12 @@ class _Dialect:
         far = str(2**63 - 1)
         return f"NULLIF(min({', '.join(f'COALESCE({e}, {far})' for e in exprs)}), {far})"
 
+    def unindexed(self, column: str) -> str:
+        """A column SQLite's planner must not look it up by: it has no statistics, and would rather
+        range over every event of a name (``ix_profile_events_event_ts``) than over a few profiles'
+        events (``ix_profile_events_profile_id_ts``). PostgreSQL plans by its statistics."""
+        return f"+{column}" if self.sqlite else column
+
     def fence(self) -> str:
         """The end of a subquery that must not be merged into its outer query (whose WHERE would
         repeat the subquery's expressions)."""

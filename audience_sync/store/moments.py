@@ -60,7 +60,7 @@ from audience_sync.store.evaluate import (
     _Scope,
 )
 
-__all__ = ["NEVER", "RELATIVE_DATE_OPS", "compile_next_change", "next_changes"]
+__all__ = ["NEVER", "RELATIVE_DATE_OPS", "changes_with_time", "compile_next_change", "next_changes"]
 
 #: What :func:`next_changes` holds for a profile whose result cannot change by time alone: nothing (the
 #: profile is absent from the result, and from the statement's rows).
@@ -81,6 +81,8 @@ class _Moments:
         self.d: _Dialect = compiler.d
         self.now = compiler.param(compiler.now_ms)
         self.stack: list[str] = []
+        self.streams: dict[EventStream, list[str]] = {}  # top-level streams' moments, each built once
+        self.joins: dict[str, str] = {}  # the top-level streams' subqueries, joined to p, by their moment
 
     def after_now(self, expr: str) -> str:
         return f"CASE WHEN {expr} > {self.now} THEN {expr} END"
@@ -115,7 +117,11 @@ class _Moments:
         if isinstance(node, TraitRef) and node.key in self.c.computed:
             return self.computed(node, scope)
         if isinstance(node, Reduce):
-            return self.stream(node.stream, scope)
+            if node.stream.level > 1:
+                return self.stream(node.stream, scope)
+            if node.stream not in self.streams:
+                self.streams[node.stream] = self.stream(node.stream, scope)
+            return self.streams[node.stream]
         return []
 
     def computed(self, node: TraitRef, scope: _Scope) -> list[str]:
@@ -161,8 +167,14 @@ class _Moments:
         event = f"e{level}"
         joins: dict[str, tuple[str, str]] = {} if level == 1 else (scope.joins or {})
         inner = _Scope(level, joins)
-        owner = "p.id" if level == 1 else f"e{level - 1}.profile_id"
-        parts = [f"{event}.profile_id = {owner}", f"{event}.event = {self.c.param(stream.name)}"]
+        # a few profiles' events (a batch, or one profile's in a nested stream): by profile, not by name
+        by_profile = level > 1 or self.c.profile_filter is not None
+        name = self.d.unindexed(f"{event}.event") if by_profile else f"{event}.event"
+        parts = [f"{name} = {self.c.param(stream.name)}"]
+        if level > 1:
+            parts.insert(0, f"{event}.profile_id = e{level - 1}.profile_id")
+        elif self.c.profile_filter is not None:
+            parts.append(self.d.id_in(f"{event}.profile_id", self.c.profile_filter))
         moments: list[str] = []
         for item in stream.filters:
             if isinstance(item, Window):
@@ -181,10 +193,24 @@ class _Moments:
                     parts.append(f"({self.c.condition(item.condition, inner)})")
         if not moments:
             return []
-        source = f"profile_events {event}"
-        if level == 1:
-            source += "".join(f" {join}" for _, join in joins.values())
-        return [f"(SELECT min({self.d.least(moments)}) FROM {source} WHERE {' AND '.join(parts)})"]
+        earliest, where = f"min({self.d.least(moments)})", " AND ".join(parts)
+        if level > 1:
+            return [f"(SELECT {earliest} FROM profile_events {event} WHERE {where})"]
+        alias = self.c.alias("m")
+        self.joins[f"{alias}.due"] = (
+            f"(SELECT e1.profile_id AS pid, {earliest} AS due FROM profile_events e1 "
+            f"{' '.join(join for _, join in joins.values())} WHERE {where} GROUP BY e1.profile_id) {alias} "
+            f"ON {alias}.pid = p.id"
+        )
+        return [f"{alias}.due"]
+
+
+def changes_with_time(query: CheckedQuery, *, computed: Mapping[str, CheckedQuery] | None = None) -> bool:
+    """Whether ``query``'s result can change by time alone for anybody (a window on now, a date
+    compared with now, in it or in a computed audience or trait it reads): when not, no profile is
+    ever due and :func:`compile_next_change` yields no rows."""
+    compiler = _Compiler(_Dialect("sqlite"), _EPOCH, computed or {})
+    return bool(_Moments(compiler).root(query, _Scope(0)))
 
 
 def compile_next_change(
@@ -203,17 +229,23 @@ def compile_next_change(
     compiler = _Compiler(_Dialect(dialect), now, computed or {})
     if profile_ids is not None:
         compiler.profile_filter = compiler.param(compiler.d.id_list(profile_ids), "BIGINT[]")
-    moments = _Moments(compiler).root(query, _Scope(0))
+    walker = _Moments(compiler)
+    moments = list(dict.fromkeys(walker.root(query, _Scope(0))))
     if not moments:
         return Compiled(
             "SELECT p.id AS profile_id, CAST(NULL AS BIGINT) AS due_ms FROM profiles p WHERE 1 = 0", compiler.params
         )
+    # one stream's moments alone: only its profiles can be due, the planner may start from its events
+    joined = " ".join(
+        f"{'JOIN' if moments == [moment] else 'LEFT JOIN'} {join}" for moment, join in walker.joins.items()
+    )
     where = "p.merged_into IS NULL"
     if compiler.profile_filter is not None:
         where += f" AND {compiler.d.id_in('p.id', compiler.profile_filter)}"
     sql = (
         f"SELECT profile_id, due_ms FROM (SELECT p.id AS profile_id, CAST({compiler.d.least(moments)} AS BIGINT) "
-        f"AS due_ms FROM profiles p {compiler.joined()} WHERE {where} {compiler.d.fence()}) q "
+        f"AS due_ms FROM profiles p {joined} {compiler.joined()} WHERE {where} "
+        f"{compiler.d.fence()}) q "
         "WHERE due_ms IS NOT NULL"
     )
     return Compiled(sql, compiler.params)

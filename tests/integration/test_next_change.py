@@ -15,7 +15,7 @@ from sqlalchemy import text
 from audience_sync.query import check_query
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.store.evaluate import ComputedReferenceError
-from audience_sync.store.moments import compile_next_change, next_changes
+from audience_sync.store.moments import changes_with_time, compile_next_change, next_changes
 from tests.integration.test_evaluate import DAY, MS, NOW, Store, identify, iso, store, track
 
 __all__ = ["store"]  # the fixture, shared with test_evaluate
@@ -179,6 +179,57 @@ def test_computed_references_and_traits(store: Store) -> None:
     }
     with pytest.raises(ComputedReferenceError, match="cycle: loop -> loop"):
         due(store, "trait('loop') = true", computed={"loop": check_query("trait('loop') = true")})
+    with pytest.raises(ComputedReferenceError, match="not inside where"):
+        due(store, "event('Order').where(trait('recent') = true).within(3 days).count() >= 1", computed=computed)
+
+
+def test_whether_a_query_changes_with_time_at_all() -> None:
+    computed = {"recent": check_query("event('Order').within(30 days).count() >= 1", "audience")}
+    timed = [
+        "event('Order').within(30 days).count() >= 1",
+        "event('Order').between(1 days, 2 days).count() >= 1",
+        "trait('signup').within_last(7 days)",
+        "event('Order').where(property('at').after_next(1 days)).count() >= 1",
+        "event('A').where(event('B').within(1 days).count() >= 1).count() >= 1",
+        "trait('recent') = true",
+    ]
+    timeless = [
+        "event('Order').count() >= 1",
+        "event('A').where(event('B').within(parent: 1 days).count() >= 1).count() >= 1",
+        "trait('signup').before_date('2024-01-01') AND trait('plan') = 'pro'",
+    ]
+    assert [changes_with_time(check_query(q), computed=computed) for q in timed] == [True] * len(timed)
+    assert [changes_with_time(check_query(q), computed=computed) for q in timeless] == [False] * len(timeless)
+
+
+def test_the_earliest_of_several_sources_some_missing(store: Store) -> None:
+    store.load(
+        identify("trait_only", signup=iso(NOW - 2 * DAY)),
+        identify("events_only"),
+        track("events_only", "Order", NOW - 20 * DAY),
+        identify("both", signup=iso(NOW - 2 * DAY)),
+        track("both", "Order", NOW - 29 * DAY),
+        identify("neither"),
+    )
+    query = "trait('signup').within_last(7 days) OR event('Order').within(30 days).count() >= 1"
+    assert due(store, query) == {
+        "trait_only": NOW + 5 * DAY + MS,
+        "events_only": NOW + 10 * DAY,
+        "both": NOW + DAY,
+    }
+
+
+def test_dates_read_from_computed_traits(store: Store) -> None:
+    store.load(
+        track("a", "Login", NOW - 3 * DAY, at=iso(NOW - 3 * DAY)),
+        track("a", "Login", NOW - 40 * DAY, at=iso(NOW - 40 * DAY)),
+        track("b", "Login", NOW - 40 * DAY, at=iso(NOW - 40 * DAY)),
+    )
+    computed = {"last_login": check_query("event('Login').last(property('at'))", "trait")}
+    assert due(store, "trait('last_login').within_last(7 days)", computed=computed) == {"a": NOW + 4 * DAY + MS}
+    windowed = {"last_login": check_query("event('Login').within(30 days).last(property('at'))", "trait")}
+    # the window's edge (a's login leaves at NOW + 27 days) comes after the date's
+    assert due(store, "trait('last_login').before_last(7 days)", computed=windowed) == {"a": NOW + 4 * DAY}
 
 
 def test_merged_and_unlisted_profiles_are_absent(store: Store) -> None:
@@ -211,12 +262,14 @@ TIGHT = [
     "event('A').within(5 days).count()",
     "event('A').between(1 days, 3 days).count()",
     "event('A').where(property('x') > 5).within(4 days).sum(property('x'))",
+    "event('B').where(event('A').within(parent: 2 days).count() >= 1).within(3 days).count()",
 ]
 SOUND = [
     "event('A').within(6 days).between(1 days, 4 days).count()",
     "event('B').where(event('A').within(3 days).count() >= 1).count() >= 1",
     "trait('d').within_last(2 days) OR event('A').within(2 days).count() >= 2",
     "event('A').last(property('d')).within_next(2 days)",
+    "event('A').where(property('d').within_last(1 days)).count() >= 1",
     "NOT (event('A').within(3 days).count() >= 1) AND event('B').between(0 hours, 36 hours).count() = 0",
 ]
 
