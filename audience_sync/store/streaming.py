@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from audience_sync.identity import epoch_ms
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.store.dialect import driver_execute, driver_executemany, is_sqlite, list_param, write_transaction
-from audience_sync.store.moments import compile_next_change, next_changes
+from audience_sync.store.moments import changes_with_time, compile_next_change, next_changes
 
 __all__ = [
     "DueRow",
@@ -166,7 +166,9 @@ def finish_batch(
     its result may change by time alone (``store/moments.py``) replaces its due row, or the row is
     deleted; rows an event marked meanwhile stay due (:func:`finish_due`)."""
     with write_transaction(engine) as conn:
-        upcoming = next_changes(conn, query, now, [r.profile_id for r in taken], computed=computed)
+        upcoming: Mapping[int, datetime] = {}
+        if changes_with_time(query, computed=computed):
+            upcoming = next_changes(conn, query, now, [r.profile_id for r in taken], computed=computed)
         finish_due(conn, audience, taken, upcoming)
 
 
@@ -182,6 +184,8 @@ def seed_audience(
     """Every profile whose result in ``audience`` may change by time alone gets a due row at that
     moment (one ``INSERT ... SELECT``): after a scheduled run, and at the start for an audience made
     real-time with no due row yet (``only_if_empty``). Returns the rows written."""
+    if not changes_with_time(query, computed=computed):
+        return 0
     with write_transaction(engine) as conn:
         if (
             only_if_empty
