@@ -286,6 +286,7 @@ class Syncer:
         )
         counts: dict[str, int] = {}
         after = 0
+        settled: member_store.Settled | None = None
         try:
             with beat:
                 after = run_store.last_change_id(self.engine, run_id)
@@ -313,13 +314,14 @@ class Syncer:
                 due = plan.entered + plan.exited - plan.quarantined
                 outcome = _SendOutcome()
                 if due:
-                    outcome, _settled = self._send(audience, run_id, started, due, after=after)
+                    outcome, settled = self._send(audience, run_id, started, due, after=after)
         except Exception as exc:
             log.error("real-time changes of %s (run %s) failed", key, run_id, exc_info=True)
             with contextlib.suppress(Exception):
                 member_store.settle(self.engine, run_id, key, started, unanswered_in_doubt=True)
             failure = f"{type(exc).__name__}: {first_line(exc)}; the changes are sent again shortly"
             run_store.finish_stream(self.engine, run_id, RunStatus.FAILED, error=failure, **counts)
+            self._notify(self.on_finished, RunReport(self._record(run_id)))
             return MicroRun(run_id, RunStatus.FAILED, after, counts, 0, 1, failure)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -347,6 +349,11 @@ class Syncer:
                 in_doubt=outcome.in_doubt,
             )
         run_store.finish_stream(self.engine, run_id, status, error=error, **counts)
+        if status != RunStatus.SUCCEEDED or (settled is not None and settled.newly_quarantined):
+            # The alerts of the hour's stream record: once per record and kind (their occurrence keys).
+            quarantined = settled.newly_quarantined if settled else 0
+            error_text = settled.quarantine_error if settled else None
+            self._notify(self.on_finished, RunReport(self._record(run_id), False, quarantined, error_text))
         failed = outcome.failed + (1 if outcome.gave_up is not None or status == RunStatus.INTERRUPTED else 0)
         return MicroRun(run_id, status, after, counts, outcome.sent, failed, error)
 

@@ -14,12 +14,14 @@ import pytest
 from sqlalchemy import text
 
 from audience_sync import wiring
+from audience_sync.alerts import Alerts, Webhook
 from audience_sync.audiences.rules import Audience, Mode
 from audience_sync.audiences.syncer import SyncOptions
 from audience_sync.config import Config
 from audience_sync.errors import RunInProgress
 from audience_sync.leases import THIS_PROCESS
 from audience_sync.realtime.streamer import Streamer
+from audience_sync.store import alerts as alert_store
 from audience_sync.store import runs as run_store
 from audience_sync.store import streaming
 from audience_sync.store.dialect import write_transaction
@@ -176,3 +178,31 @@ def test_a_window_expiry_is_due_at_its_moment_and_streams_the_exit(store: Harnes
     assert stream(store, config, expiry + timedelta(seconds=1)) == 1
     assert [(i["user_identifiers"]["userId"], i[key[0]]) for i in store.emulator.items()] == [("u1", False)]
     assert due_rows(store) == {}
+
+
+def test_micro_runs_odp_rejects_show_in_the_hours_record_and_alert_once_per_kind(store: Harness) -> None:
+    config, audience = realtime_config(store)
+    record(store, identify("u1", "pro"), identify("u2", "pro"))
+    u1, u2 = profile_id(store, "u1"), profile_id(store, "u2")
+    alerts = Alerts(store.engine, [Webhook("alerts[0]", "http://127.0.0.1:9/hook", "json")])
+    syncer = wiring.syncer(config.settings, store.engine, store.client, alerts=alerts)
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    store.emulator.faults(reject_items=[{"user_identifiers": {"userId": "u1"}}])
+    statuses = []
+    try:
+        for minute in (5, 6, 7):  # u1 is rejected each time; u2 goes through the first time
+            done = syncer.micro_run(audience, [u1, u2], now=hour + timedelta(minutes=minute))
+            assert done is not None
+            statuses.append(done.status)
+    finally:
+        syncer.close()
+        alerts.close()
+    assert statuses == ["partial", "failed", "failed"]
+    (hourly,) = [r for r in run_store.list_runs(store.engine) if r.mode == Mode.STREAM]
+    assert (hourly.status, hourly.sent, hourly.failed) == ("failed", 1, 3)  # the latest micro-run's status
+    assert hourly.error is not None and "rejected by ODP (HTTP 400: invalid item at index 0" in hourly.error
+    # One alert per kind for the hour's record, however many of its micro-runs ODP rejected.
+    assert [occurrence for occurrence, _target, _status in alert_store.fired(store.engine)] == [
+        f"run:{hourly.id}:partial",
+        f"run:{hourly.id}:failed",
+    ]
