@@ -41,12 +41,14 @@ import http.client
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -392,6 +394,13 @@ def expiries(port: int, emulator: str, daemon_pid: int, count: int, lead: float)
     }
 
 
+def stream_backlog(port: int) -> int:
+    """The profiles due now over the real-time audiences (``audience_sync_stream_backlog``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return int(sum(float(v) for v in re.findall(r"^audience_sync_stream_backlog\{[^}]*\} (\S+)$", text, re.M)))
+
+
 def runs_done(store: Store, count: int) -> bool:
     return store.count("SELECT count(*) FROM runs WHERE mode = 'initial' AND status <> 'running'") >= count
 
@@ -425,11 +434,33 @@ def latency_phases(args: argparse.Namespace, work: Path, emulator_url: str) -> d
                 print(f"{args.expiring:,} expiring profiles ...", file=sys.stderr)
                 out["expiry"] = expiries(port, emulator_url, daemon.pid, args.expiring, args.expiry_lead)
                 print(f"  {out['expiry']}", file=sys.stderr)
-            out["due_backlog_at_end"] = metric(port, "audience_sync_stream_due")
+            out["due_backlog_at_end"] = stream_backlog(port)
             return out
         finally:
             stop(daemon)
     finally:
+        store.drop()
+
+
+def idle_floor(args: argparse.Namespace, work: Path, emulator_url: str) -> dict[str, Any]:
+    """The floor of the idle minute: the daemon with no audience at all (profiles off), on a fresh store,
+    idle for a minute after it started."""
+    store = Store(args.store, work, 99)
+    port = free_port()
+    config = work / "idle.toml"
+    config.write_text(config_text(store.url, port, emulator_url, "none"))
+    daemon = start([sys.executable, "-m", "audience_sync", "run", "--config", str(config)], work, work / "idle.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", daemon, 120)
+        time.sleep(5)
+        before, clock = tree_cpu_seconds(daemon.pid), time.monotonic()
+        time.sleep(60)
+        return {
+            "cpu_seconds": round(tree_cpu_seconds(daemon.pid) - before, 3),
+            "wall_seconds": round(time.monotonic() - clock, 1),
+        }
+    finally:
+        stop(daemon)
         store.drop()
 
 
@@ -446,6 +477,9 @@ def ingest_run(args: argparse.Namespace, work: Path, run: int, audiences: str, e
         if audiences != "none":
             wait_until(lambda: runs_done(store, len(AUDIENCES)), 120)
         load(port, build_bodies(f"warm{run}-", 20 * 100, 100), args.clients)
+        if audiences != "none":  # the warm-up recorded and streamed before the measured burst starts
+            wait_until(lambda: metric(port, "audience_sync_profile_backlog") == 0 and stream_backlog(port) == 0, 120)
+            time.sleep(1)
         result = summarise(
             load(port, build_bodies(f"r{run}-", args.ingest_events, 100), args.clients), args.ingest_events
         )
@@ -506,6 +540,9 @@ def main() -> int:
             wait_http(emulator_url + "/_emulator/stats", emulator)
             if args.only in (None, "events", "expiry"):
                 result |= latency_phases(args, work, emulator_url)
+            if args.only in (None, "expiry"):
+                print("idle minute of a daemon without audiences ...", file=sys.stderr)
+                result["idle_floor"] = idle_floor(args, work, emulator_url)
             if args.only in (None, "ingest"):
                 result["ingest"] = ingest_phase(args, work, emulator_url)
         finally:
@@ -535,9 +572,10 @@ def main() -> int:
             f"({ex['exits_before_their_moment']} early); expiry -> emulator p50 {ex['latency_s']['p50']} s, "
             f"p99 {p99} s, max {ex['latency_s']['max']} s  [{verdicts['expiry_latency']} p99 <= {EXPIRY_P99_TARGET} s]"
         )
+        floor = result.get("idle_floor", {}).get("cpu_seconds", "not measured")
         lines.append(
             f"  idle minute before the expiries: {idle.get('cpu_seconds', 'not measured')} CPU seconds "
-            "(daemon process tree)"
+            f"(daemon process tree); the same daemon without audiences: {floor} CPU seconds"
         )
     if "ingest" in result:
         ing = result["ingest"]
