@@ -130,7 +130,7 @@ def test_events_reach_odp_within_seconds_and_a_window_expiry_on_its_moment(runne
     daemon = runner.start()
     wait_for(lambda: settled(daemon), 30, "the initial runs to finish")
     emulator = runner.emulator
-    post(daemon, identify("u1", plan="pro"), order("u2", 3592))  # u2's order leaves the hour in ~8 s
+    post(daemon, identify("u1", plan="pro"), order("u2", 3585))  # u2's order leaves the hour in ~15 s
     wait_for(lambda: ("u1", True) in sent(emulator, PROS), 30, "u1's entry (an identify) to reach the emulator")
     wait_for(lambda: ("u2", True) in sent(emulator, BUYERS), 30, "u2's entry (a track) to reach the emulator")
     wait_for(lambda: ("u2", False) in sent(emulator, BUYERS), 40, "u2's exit when its order leaves the window")
@@ -161,7 +161,7 @@ def test_events_reach_odp_within_seconds_and_a_window_expiry_on_its_moment(runne
 
 def test_an_expiry_while_the_daemon_was_down_is_streamed_soon_after_its_start(runner: StreamRunner) -> None:
     path = runner.dir / "events.jsonl"
-    path.write_text(json.dumps(order("u3", 3594)) + "\n")  # leaves the hour in ~6 s
+    path.write_text(json.dumps(order("u3", 3584)) + "\n")  # leaves the hour in ~16 s (room for two commands)
     runner.cli("events", "import", str(path))
     assert [r["sent"] for r in runner.cli("sync")] == [0, 1]  # u3 enters; its expiry is noted as due
     expiry = datetime.fromisoformat(json.loads(path.read_text())["timestamp"]) + timedelta(hours=1)
