@@ -450,7 +450,11 @@ class _Compiler:
         """The WHERE of a stream's events (alias ``e{level}``), correlated to its parent when nested."""
         level = stream.level
         alias = f"e{level}"
-        parts = [f"{alias}.event = {self.param(stream.name)}"]
+        # a batch's events (a real-time micro-run): looked up by profile, not by name (see _Dialect.unindexed)
+        name = (
+            self.d.unindexed(f"{alias}.event") if level == 1 and self.profile_filter is not None else f"{alias}.event"
+        )
+        parts = [f"{name} = {self.param(stream.name)}"]
         if level > 1:
             parts.insert(0, f"{alias}.profile_id = e{level - 1}.profile_id")
         elif self.profile_filter is not None:
