@@ -37,6 +37,7 @@ Figures are printed and written to ``benchmarks/out/bench_realtime_audiences[_po
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -526,11 +527,16 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--only", choices=["events", "expiry", "ingest"])
+    parser.add_argument("--workdir", help="work (and keep the logs) here instead of a temporary folder")
     args = parser.parse_args()
 
     result: dict[str, Any] = {"machine": machine(), "params": vars(args), "load_average_start": load_average()}
-    with tempfile.TemporaryDirectory(prefix="bench_realtime_audiences_") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:  # kept afterwards: the daemons' and the emulator's logs are there
+            work = Path(args.workdir)
+            work.mkdir(parents=True, exist_ok=True)
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_realtime_audiences_")))
         emulator_port = free_port()
         emulator_url = f"http://127.0.0.1:{emulator_port}"
         emulator: subprocess.Popen[bytes] = start(
