@@ -337,17 +337,7 @@ class Syncer:
             status = rules.final_status(sent=outcome.sent, failed=max(outcome.not_sent, 1))
             error = f"{outcome.gave_up}; the changes not acknowledged are sent again shortly"
         else:
-            status = rules.final_status(sent=outcome.sent, failed=outcome.not_sent, quarantined=plan.quarantined)
-            error = rules.failure_note(
-                audience=key,
-                run_id=run_id,
-                failed=outcome.failed,
-                failed_message=outcome.failed_message,
-                rejected=outcome.rejected,
-                rejected_message=outcome.rejected_message,
-                quarantined=plan.quarantined,
-                in_doubt=outcome.in_doubt,
-            )
+            status, error = outcome.verdict(audience=key, run_id=run_id, quarantined=plan.quarantined)
         run_store.finish_stream(self.engine, run_id, status, error=error, **counts)
         if status != RunStatus.SUCCEEDED or (settled is not None and settled.newly_quarantined):
             # The alerts of the hour's stream record: once per record and kind (their occurrence keys).
@@ -470,17 +460,7 @@ class Syncer:
                 "the next run sends them"
             )
             return rules.final_status(sent=outcome.sent, failed=max(outcome.not_sent, 1)), note, counts, settled
-        status = rules.final_status(sent=outcome.sent, failed=outcome.not_sent, quarantined=quarantined)
-        failure = rules.failure_note(
-            audience=audience.key,
-            run_id=run_id,
-            failed=outcome.failed,
-            failed_message=outcome.failed_message,
-            rejected=outcome.rejected,
-            rejected_message=outcome.rejected_message,
-            quarantined=quarantined,
-            in_doubt=outcome.in_doubt,
-        )
+        status, failure = outcome.verdict(audience=audience.key, run_id=run_id, quarantined=quarantined)
         return status, failure, counts, settled
 
     def _send(
@@ -580,6 +560,21 @@ class _SendOutcome:
     @property
     def not_sent(self) -> int:
         return self.failed + self.rejected
+
+    def verdict(self, *, audience: str, run_id: int, quarantined: int) -> tuple[RunStatus, str | None]:
+        """The status of a send that ran to its end, and the note of what failed (None: nothing)."""
+        status = rules.final_status(sent=self.sent, failed=self.not_sent, quarantined=quarantined)
+        note = rules.failure_note(
+            audience=audience,
+            run_id=run_id,
+            failed=self.failed,
+            failed_message=self.failed_message,
+            rejected=self.rejected,
+            rejected_message=self.rejected_message,
+            quarantined=quarantined,
+            in_doubt=self.in_doubt,
+        )
+        return status, note
 
 
 class _PendingBatch(EncodedBatch):
