@@ -241,6 +241,20 @@ def insert_new(
         cursor.close()
 
 
+def insert_absent(conn: Connection, table: str, column: str, values: Sequence[Any]) -> set[Any]:
+    """Insert each of ``values`` into ``table.column`` (its primary key) unless it is there already, in
+    ``conn``'s transaction; returns the values this statement inserted. One statement with the list bound
+    as one parameter; the values go in sorted, so that two PostgreSQL transactions inserting overlapping
+    sets wait for each other instead of deadlocking."""
+    if not values:
+        return set()
+    ordered = sorted(set(values))
+    # ``WHERE true``: SQLite's parser needs it before ON CONFLICT after a SELECT.
+    source = "SELECT value FROM json_each(?) WHERE true" if is_sqlite(conn) else "SELECT unnest(??)"
+    sql = f"INSERT INTO {table} ({column}) {source} ON CONFLICT ({column}) DO NOTHING RETURNING {column}"
+    return {row[0] for row in driver_rows(conn, sql, [list_param(conn, ordered)])}
+
+
 def bind_value(conn: Connection | Engine, table: Table, column: str, value: Any) -> Any:
     """``value`` as the dialect stores it in ``table.column`` (what SQLAlchemy would bind), for the
     driver-level statements above."""

@@ -26,8 +26,15 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnClause
 
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
-from audience_sync.store.dialect import bind_value, claim_lock, insert_new, write_transaction
-from audience_sync.store.tables import rt_deliveries, rt_messages
+from audience_sync.store.dialect import (
+    bind_value,
+    claim_lock,
+    driver_executemany,
+    insert_absent,
+    insert_new,
+    write_transaction,
+)
+from audience_sync.store.tables import rt_deliveries, rt_message_ids, rt_messages
 from audience_sync.timestamps import as_utc, iso, utcnow
 
 __all__ = [
@@ -67,20 +74,24 @@ _COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
 
 t = rt_deliveries
 m = rt_messages
+ids_seen = rt_message_ids
 
 
 # --- messages -----------------------------------------------------------------------------------------
 
 
 def insert_messages(conn: Connection, rows: Sequence[tuple[str, datetime, str]]) -> None:
-    """Insert accepted messages, ``(message_id, received_at, payload JSON text)``; a message whose id is
-    already stored is skipped (acknowledged, not delivered again). The caller commits: a 200 is only
-    answered after that commit."""
+    """Insert accepted messages, ``(message_id, received_at, payload JSON text)``. A repeated id is
+    stored too: routing finds it (:func:`route_messages`) and deletes it undelivered, so the insert
+    touches no index of random keys. The caller commits: a 200 is only answered after that commit."""
     if not rows:
         return
     stamp = {at: bind_value(conn, m, "received_at", at) for at in {row[1] for row in rows}}
     values = [(message_id, stamp[at], payload) for message_id, at, payload in rows]
-    insert_new(conn, m.name, ("message_id", "received_at", "payload"), "message_id", values)
+    driver_executemany(conn, _INSERT_MESSAGE, values)
+
+
+_INSERT_MESSAGE: Final = f"INSERT INTO {m.name} (message_id, received_at, payload) VALUES (?, ?, ?)"
 
 
 @dataclass(frozen=True)
@@ -136,14 +147,18 @@ def route_messages(
 ) -> tuple[int, int]:
     """Claim up to ``limit`` unrouted messages (oldest first), turn them into delivery items with
     ``route`` and store the items while marking the messages routed, in one transaction (a crash
-    leaves the messages unrouted, never routed without items). Returns (messages, items).
+    leaves the messages unrouted, never routed without items). Returns (messages, items); repeats count
+    as messages.
 
-    The items go in through the driver (:func:`~audience_sync.store.dialect.insert_new`): each body is
-    encoded once, here, and sent later as that text.
+    De-duplication: each message's ``messageId`` goes into ``rt_message_ids``; a message whose id is
+    there already (routed within the window, or earlier in this batch) is a repeat: it is deleted, not
+    routed. The items go in through the driver (:func:`~audience_sync.store.dialect.insert_new`): each
+    body is encoded once, here, and sent later as that text.
 
-    PostgreSQL replicas skip each other's locked messages. On SQLite the read runs outside the write
-    lock (so ingestion is not blocked while routing) and the routed mark is conditional; should another
-    worker have routed one of the messages meanwhile, nothing is written and the batch is retried.
+    PostgreSQL replicas skip each other's locked messages (two replicas routing repeats of one id at
+    once wait on the id's key: one of them routes it). On SQLite the transaction holds the write lock
+    from its start; the routed mark is conditional all the same, and should another worker have routed
+    one of the messages meanwhile, nothing is written and the batch is retried.
     """
     now = now or utcnow()
     for _ in range(5):
@@ -157,18 +172,36 @@ def route_messages(
             messages = [Message(r.id, r.message_id, r.received_at, r.payload) for r in conn.execute(query)]
             if not messages:
                 return 0, 0
-            rows = _new_rows(conn, route(messages), now)
-            ids = [message.id for message in messages]
+            fresh, repeats = _first_of_each_id(conn, messages)
+            rows = _new_rows(conn, route(fresh), now) if fresh else []
+            ids = [message.id for message in fresh]
             marked = conn.execute(
                 update(m).where(m.c.id.in_(ids), m.c.routed_at.is_(None)).values(routed_at=now)
             ).rowcount
-            if marked != len(ids):
+            if repeats:
+                marked += conn.execute(delete(m).where(m.c.id.in_(repeats), m.c.routed_at.is_(None))).rowcount
+            if marked != len(messages):
                 conn.rollback()
                 continue
             # ``id`` never conflicts (it is not given): insert_new is the driver's executemany here.
             insert_new(conn, t.name, _ITEM_COLUMNS, "id", rows)
             return len(messages), len(rows)
     return 0, 0
+
+
+def _first_of_each_id(conn: Connection, messages: Sequence[Message]) -> tuple[list[Message], list[int]]:
+    """Register the messages' ids as routed; returns the messages to route (the first of each id not
+    seen before) and the row ids of the repeats."""
+    new = insert_absent(conn, ids_seen.name, "message_id", [message.message_id for message in messages])
+    fresh: list[Message] = []
+    repeats: list[int] = []
+    for message in messages:
+        if message.message_id in new:
+            new.discard(message.message_id)
+            fresh.append(message)
+        else:
+            repeats.append(message.id)
+    return fresh, repeats
 
 
 def _new_rows(conn: Connection, routed: Routed, now: datetime) -> list[tuple[Any, ...]]:
@@ -408,8 +441,11 @@ def purge(
             done = [m.c.routed_at.is_not(None), m.c.routed_at < messages_before]
             if keep_unprofiled:
                 done.append(m.c.profiled_at.is_not(None))
-            ids = select(m.c.id).where(*done).limit(chunk)
-            deleted = int(conn.execute(delete(m).where(m.c.id.in_(ids))).rowcount)
+            rows = conn.execute(select(m.c.id, m.c.message_id).where(*done).limit(chunk)).all()
+            if rows:  # a message leaves the de-duplication window with its id
+                conn.execute(delete(ids_seen).where(ids_seen.c.message_id.in_([r.message_id for r in rows])))
+                conn.execute(delete(m).where(m.c.id.in_([r.id for r in rows])))
+            deleted = len(rows)
         messages += deleted
         if deleted < chunk:
             break
