@@ -75,7 +75,7 @@ def test_0006_keeps_the_routed_ids_and_lets_repeats_in_for_routing_to_drop(datab
             routed.extend(message.message_id for message in messages)
             return [(message, []) for message in messages]
 
-        assert outbox.route_messages(engine, route) == (3, 0)
+        assert outbox.route_messages(engine, route) == outbox.Routing(3, 0, [])
         assert routed == ["new-1"]
         with engine.connect() as conn:
             kept = conn.execute(select(rt_messages.c.message_id, rt_messages.c.routed_at.is_not(None))).all()
