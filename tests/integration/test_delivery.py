@@ -317,3 +317,19 @@ def test_delivery_holds_back_while_ingestion_is_heavy(realtime: Realtime) -> Non
     started = time.monotonic()
     worker._yield_to_ingestion(10.0, stop)
     assert time.monotonic() - started < 0.5  # a stop cuts the wait short
+
+
+def test_items_routed_by_a_worker_that_died_before_sending_are_delivered_by_another(realtime: Realtime) -> None:
+    """Routing stores items already claimed by the router (one write less per item); when that worker
+    dies before sending them, they go back like any claim and another worker delivers them."""
+    identify(realtime, "u1", "u2")
+    worker = realtime.worker()
+    dead_owner = f"{worker.owner.split(':')[0]}:999999999:dead"  # this host, no such process
+    lease = datetime.now(UTC) + timedelta(minutes=5)
+    routing = outbox.route_messages(realtime.engine, worker._items_for, claim_for=outbox.ClaimFor(dead_owner, lease))
+    assert (routing.messages, routing.items, len(routing.claimed)) == (2, 2, 2)
+    assert [(d["status"], d["owner"], d["attempts"]) for d in realtime.deliveries()] == [("sending", dead_owner, 1)] * 2
+    assert [json.loads(c.body)["user_identifiers"]["userId"] for c in routing.claimed] == ["u1", "u2"]
+    drain(worker)
+    assert sorted(delivered_users(realtime)) == ["u1", "u2"]
+    assert [(d["status"], d["attempts"]) for d in realtime.deliveries()] == [("delivered", 2)] * 2
