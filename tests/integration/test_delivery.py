@@ -336,3 +336,39 @@ def test_items_routed_by_a_worker_that_died_before_sending_are_delivered_by_anot
     drain(worker)
     assert sorted(delivered_users(realtime)) == ["u1", "u2"]
     assert [(d["status"], d["attempts"]) for d in realtime.deliveries()] == [("delivered", 2)] * 2
+
+
+def test_two_workers_routing_repeats_at_once_deliver_each_message_id_once(realtime: Realtime) -> None:
+    """Repeats are found when routed: two workers routing at once (replicas on PostgreSQL take disjoint
+    messages) still deliver each messageId once, and only the first of each is kept."""
+    users = [f"r{i:03d}" for i in range(300)]
+    for copy in range(2):  # every message twice, in separate requests, interleaved
+        for start in range(0, len(users), 100):
+            batch = [
+                {"type": "identify", "userId": u, "messageId": f"mid-{u}", "traits": {"first_name": f"copy{copy}"}}
+                for u in users[start : start + 100]
+            ]
+            assert realtime.post("/v1/batch", {"batch": batch}).json()["accepted"] == 100
+    workers = [realtime.worker(), realtime.worker()]
+    for worker in workers:
+        worker.route_chunk = 50
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(worker: Any) -> None:
+        try:
+            start.wait()
+            drain(worker)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(50)
+    assert errors == []
+    sent = delivered_users(realtime)
+    assert sorted(sent) == users
+    assert {item["first_name"] for item in realtime.emulator.items()} == {"copy0"}  # the first of each id
+    assert len(realtime.messages()) == len(users)
