@@ -233,6 +233,7 @@ class AudienceSettings(_Section):
     jitter: Duration | None = None
     cron: str | None = None
     max_exit_ratio: float = Field(default=0.5, ge=0, le=1)
+    realtime: bool = False
     source: SourceSettings
 
     @field_validator("cron")
@@ -253,6 +254,11 @@ class AudienceSettings(_Section):
                 check_query(self.source.query or "", self.kind)
             except QueryError as exc:
                 raise ValueError(f"source.query: {exc}") from None
+        elif self.realtime:
+            raise ValueError(
+                f'realtime: only an audience whose source is a query (source.type = "query") can be '
+                f"real-time; this one's source is {self.source.type}: remove realtime or use a query source"
+            )
         return self
 
 
@@ -438,6 +444,10 @@ class Settings(BaseSettings):
     def query_audiences(self) -> list[str]:
         """The keys of the audiences whose source is a query (``source.type = "query"``)."""
         return [a.key for a in self.audiences if str(a.source.type) == "query"]
+
+    def realtime_audiences(self) -> list[str]:
+        """The keys of the enabled real-time audiences (``audiences[].realtime = true``)."""
+        return [a.key for a in self.audiences if a.realtime and a.enabled and str(a.source.type) == "query"]
 
     def profiles_enabled(self) -> bool:
         """Whether profiles are recorded: ``profiles.enabled``, or, unset, when any audience has a query

@@ -84,6 +84,7 @@ def audience(settings: AudienceSettings, computed: Mapping[str, CheckedQuery] | 
         delivery=settings.delivery,
         enabled=settings.enabled,
         max_exit_ratio=settings.max_exit_ratio,
+        realtime=settings.realtime,
     )
 
 
@@ -233,6 +234,7 @@ def profile_options(settings: Settings) -> ProfileOptions:
         enabled=settings.profiles_enabled(),
         retention=settings.profiles.retention,
         query_audiences=tuple(settings.query_audiences()),
+        realtime_audiences=tuple(settings.realtime_audiences()),
     )
 
 

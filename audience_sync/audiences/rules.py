@@ -78,7 +78,8 @@ class Audience:
 
     ``key`` is the trait key ODP stores membership in; ``kind`` ``audience`` sends true/false, ``trait``
     the source's ``value``; ``delivery`` names the endpoint (``upsert_contact`` or ``sync_audience``);
-    ``max_exit_ratio`` is the circuit breaker's limit.
+    ``max_exit_ratio`` is the circuit breaker's limit; ``realtime``: kept current between runs by the
+    streamer (a query source only).
     """
 
     key: str
@@ -88,6 +89,7 @@ class Audience:
     delivery: Literal["upsert_contact", "sync_audience"] = "upsert_contact"
     enabled: bool = True
     max_exit_ratio: float = 0.5
+    realtime: bool = False
 
 
 def audience_named(audiences: Sequence[Audience], key: str) -> Audience:
@@ -104,12 +106,14 @@ class Mode(StrEnum):
     DELTA = "delta"
     FULL = "full"
     RECONCILE = "reconcile"
+    STREAM = "stream"  # a real-time audience's changes of one UTC hour (one record, many micro-runs)
 
 
 class Trigger(StrEnum):
     SCHEDULE = "schedule"
     MANUAL = "manual"
     API = "api"
+    EVENT = "event"  # a real-time audience's stream: events recorded, windows expiring
 
 
 def _text(value: Any) -> str | None:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from audience_sync.audiences import rules
 from audience_sync.audiences.rules import Audience, Mode, QuerySource
 from audience_sync.audiences.sources import SourceStats, stage_in_store, stream_members
-from audience_sync.errors import SourceError, first_line
+from audience_sync.errors import RunInProgress, SourceError, first_line
 from audience_sync.group_writer import GroupWriter
 from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, EncodedBatch, OdpClient, OutboundItem
@@ -28,6 +28,7 @@ from audience_sync.odp.payloads import AUDIENCE_ENDPOINTS
 from audience_sync.statuses import RunStatus
 from audience_sync.store import members as member_store
 from audience_sync.store import runs as run_store
+from audience_sync.store import streaming
 from audience_sync.store.runs import RunRecord
 from audience_sync.store.sources import SourceDatabases
 from audience_sync.timestamps import format_duration, iso, utcnow
@@ -214,6 +215,7 @@ class Syncer:
         run_store.finish_run(self.engine, run_id, status, error=error, **counts)
         if status != RunStatus.INTERRUPTED and not prepared.options.dry_run:
             member_store.set_resume(self.engine, audience.key, None, run_id)  # done: nothing to resume
+            self._seed_moments(audience, prepared.started)
         record = self._record(run_id)
         self._purge_change_logs(audience.key)
         fields = {
@@ -260,6 +262,111 @@ class Syncer:
             )
             self._notify(self.on_finished, report)
         return record
+
+    def micro_run(self, audience: Audience, profile_ids: Sequence[int], now: datetime | None = None) -> MicroRun | None:
+        """A real-time audience's micro-run: re-evaluate ``profile_ids`` only, plan their changes (exits
+        only of those members), send and settle them as a run does, appending to the audience's
+        ``stream`` record of the hour (:func:`~audience_sync.store.runs.begin_stream`). No circuit
+        breaker: a micro-run changes a handful of members the events (or windows) decided, one by one;
+        the scheduled runs keep theirs. None when it cannot run now: another run of the audience is in
+        progress, or the audience's next run must be full (a changed destination, a full run to
+        resume), which a scheduled run does. Raises what sending raises once the run is recorded."""
+        source = audience.source
+        assert isinstance(source, QuerySource)
+        key = audience.key
+        state = member_store.audience_state(self.engine, key)
+        if state.resume_mode or (state.destination is not None and self.destination not in (None, state.destination)):
+            return None
+        try:
+            run_id, started = run_store.begin_stream(self.engine, audience=key, owner=self.owner, now=now)
+        except RunInProgress:
+            return None
+        beat = Heartbeat(
+            lambda: run_store.heartbeat(self.engine, run_id), HEARTBEAT_SECONDS, what=f"the lease of run {run_id}"
+        )
+        counts: dict[str, int] = {}
+        after = 0
+        settled: member_store.Settled | None = None
+        try:
+            with beat:
+                after = run_store.last_change_id(self.engine, run_id)
+                with member_store.Planning(self.engine) as planning:
+                    members, invalid = planning.stage_profiles(
+                        source.query, started, dict(source.computed), profile_ids=profile_ids
+                    )
+                    plan = planning.plan(
+                        run_id=run_id,
+                        audience=key,
+                        mode=Mode.DELTA,
+                        exit_value=rules.exit_value(audience.kind),
+                        dry_run=False,
+                        identifiers_due=True,
+                        within=profile_ids,
+                    )
+                    planning.commit(audience=key, destination=self.destination)
+                counts = {
+                    "members": members,
+                    "entered": plan.entered,
+                    "exited": plan.exited,
+                    "invalid": invalid,
+                    "quarantined": plan.quarantined,
+                }
+                due = plan.entered + plan.exited - plan.quarantined
+                outcome = _SendOutcome()
+                if due:
+                    outcome, settled = self._send(audience, run_id, started, due, after=after)
+        except Exception as exc:
+            log.error("real-time changes of %s (run %s) failed", key, run_id, exc_info=True)
+            with contextlib.suppress(Exception):
+                member_store.settle(self.engine, run_id, key, started, unanswered_in_doubt=True)
+            failure = f"{type(exc).__name__}: {first_line(exc)}; the changes are sent again shortly"
+            run_store.finish_stream(self.engine, run_id, RunStatus.FAILED, error=failure, **counts)
+            self._notify(self.on_finished, RunReport(self._record(run_id)))
+            return MicroRun(run_id, RunStatus.FAILED, after, counts, 0, 1, failure)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                member_store.settle(self.engine, run_id, key, started, unanswered_in_doubt=True)
+            run_store.finish_stream(
+                self.engine, run_id, RunStatus.INTERRUPTED, error=run_store.interrupted_note(Mode.STREAM), **counts
+            )
+            raise
+        error: str | None
+        if self.should_stop():
+            status, error = RunStatus.INTERRUPTED, f"stopped before it finished ({_STOP}); the changes are sent again"
+        elif outcome.gave_up is not None:
+            status = rules.final_status(sent=outcome.sent, failed=max(outcome.not_sent, 1))
+            error = f"{outcome.gave_up}; the changes not acknowledged are sent again shortly"
+        else:
+            status = rules.final_status(sent=outcome.sent, failed=outcome.not_sent, quarantined=plan.quarantined)
+            error = rules.failure_note(
+                audience=key,
+                run_id=run_id,
+                failed=outcome.failed,
+                failed_message=outcome.failed_message,
+                rejected=outcome.rejected,
+                rejected_message=outcome.rejected_message,
+                quarantined=plan.quarantined,
+                in_doubt=outcome.in_doubt,
+            )
+        run_store.finish_stream(self.engine, run_id, status, error=error, **counts)
+        if status != RunStatus.SUCCEEDED or (settled is not None and settled.newly_quarantined):
+            # The alerts of the hour's stream record: once per record and kind (their occurrence keys).
+            quarantined = settled.newly_quarantined if settled else 0
+            error_text = settled.quarantine_error if settled else None
+            self._notify(self.on_finished, RunReport(self._record(run_id), False, quarantined, error_text))
+        failed = outcome.failed + (1 if outcome.gave_up is not None or status == RunStatus.INTERRUPTED else 0)
+        return MicroRun(run_id, status, after, counts, outcome.sent, failed, error)
+
+    def _seed_moments(self, audience: Audience, started: datetime) -> None:
+        """After a run of a real-time audience: every profile's next time-driven moment becomes due for
+        the streamer (one statement). A failure is logged, never the run's."""
+        source = audience.source
+        if not (audience.realtime and isinstance(source, QuerySource)):
+            return
+        try:
+            streaming.seed_audience(self.engine, audience.key, source.query, started, dict(source.computed))
+        except Exception:
+            log.warning("%s: could not note the profiles' next window moments", audience.key, exc_info=True)
 
     def _purge_change_logs(self, key: str) -> None:
         """Delete the change logs of the audience's runs older than ``database.change_log_retention``.
@@ -377,10 +484,11 @@ class Syncer:
         return status, failure, counts, settled
 
     def _send(
-        self, audience: Audience, run_id: int, started: datetime, total: int
+        self, audience: Audience, run_id: int, started: datetime, total: int, after: int = 0
     ) -> tuple[_SendOutcome, member_store.Settled]:
-        """Send the run's pending changes; returns what ODP answered (and why the client gave up before
-        the end, when ``odp.max_wait`` was reached) and what the store settled."""
+        """Send the run's pending changes (those with an id above ``after``: a micro-run's own); returns
+        what ODP answered (and why the client gave up before the end, when ``odp.max_wait`` was reached)
+        and what the store settled."""
         key = audience.key
         batches = member_store.pending_batches(
             self.engine,
@@ -389,6 +497,7 @@ class Syncer:
             key=key,
             timestamp=iso(started),
             batch_size=self.batch_size,
+            after=after,
         )
 
         done = _SendOutcome()
@@ -433,6 +542,25 @@ class Syncer:
         settled = member_store.settle(self.engine, run_id, key, started, any_rejected=done.rejected > 0)
         done.gave_up = totals.gave_up
         return done, settled
+
+
+@dataclass(frozen=True)
+class MicroRun:
+    """What one real-time micro-run did: its ``stream`` record, how it ended, the id of the last change
+    before its own (its changes have greater ids), its counts, items acknowledged and not, the error."""
+
+    run_id: int
+    status: str
+    after: int
+    counts: dict[str, int]
+    sent: int
+    failed: int
+    error: str | None
+
+    @property
+    def done(self) -> bool:
+        """Whether every change was answered (acknowledged, or rejected by ODP): nothing to send again."""
+        return self.failed == 0 and self.status in (RunStatus.SUCCEEDED, RunStatus.PARTIAL)
 
 
 @dataclass

@@ -114,7 +114,8 @@ def _check_query(audience: Audience, source: QuerySource, url: str) -> dict[str,
     """A query source was checked at load; its size now, when the store exists (``check`` creates
     nothing)."""
     what = "a condition" if source.query.result == "boolean" else "a value"
-    detail = f"{audience.key}: query ({what}) over the profiles of the store"
+    realtime = ", kept current in real time" if audience.realtime else ""
+    detail = f"{audience.key}: query ({what}) over the profiles of the store{realtime}"
     result: dict[str, Any] = {"check": "source", "audience": audience.key, "ok": True, "detail": detail}
     path = sqlite_file(url)
     if path is not None and not path.exists():

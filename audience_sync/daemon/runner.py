@@ -48,6 +48,7 @@ from audience_sync.realtime.ingest import IngestLoad, MessageRows, WriteKeys, in
 from audience_sync.realtime.metrics import register_realtime_metrics
 from audience_sync.realtime.profiler import ProfileOptions, ProfileRecorder, register_profile_metrics
 from audience_sync.realtime.routing import ResolvedMapping, Router
+from audience_sync.realtime.streamer import Streamer, StreamMetrics
 from audience_sync.store import migrate, outbox
 from audience_sync.store import runs as run_store
 from audience_sync.store.engine import ping
@@ -232,6 +233,7 @@ class Daemon:
         sender: AlertSender,
         delivery: list[threading.Thread],
         profiler: ProfileRecorder,
+        streamer: Streamer,
     ) -> None:
         self.configured = configured
         self.syncer = syncer
@@ -249,6 +251,7 @@ class Daemon:
         self.sender = sender
         self.delivery = delivery  # the worker's thread, once started
         self.profiler = profiler
+        self.streamer = streamer
         self._reloading = asyncio.Lock()
         if load is not None:
             state.reload = self.reload
@@ -294,6 +297,9 @@ class Daemon:
         delivery: list[threading.Thread] = []
         profiler = ProfileRecorder(engine, configured.profiles, ingest_rate=ingest_load.rate)
         profiler.metrics = register_profile_metrics(registry, engine, lambda: profiler.options.enabled)
+        streamer = Streamer(engine, syncer, configured.audiences)
+        streamer.metrics = StreamMetrics(registry, engine, streamer.keys)
+        profiler.on_recorded = streamer.wake
         head = migrate.head_revision()
 
         def readiness() -> dict[str, str]:
@@ -311,6 +317,7 @@ class Daemon:
                 checks["delivery"] = "the delivery worker is not running"
             checks["alerts"] = "ok" if sender.alive() else "the alert sender is not running"
             checks["profiles"] = "ok" if profiler.running else "the profile recorder is not running"
+            checks["streamer"] = "ok" if streamer.running else "the real-time streamer is not running"
             return checks
 
         base_url = client.options.base_url
@@ -345,6 +352,7 @@ class Daemon:
             sender=sender,
             delivery=delivery,
             profiler=profiler,
+            streamer=streamer,
         )
 
     def apply(self, configured: Configured) -> None:
@@ -357,6 +365,7 @@ class Daemon:
         self.keys.replace(configured.write_keys)
         self.alerts.replace(configured.webhooks)
         self.profiler.reconfigure(configured.profiles)
+        self.streamer.reconfigure(configured.audiences)
         self.state.configure(
             audiences=configured.audiences,
             mappings=[m.to_json(self.base_url) for m in configured.mappings],
@@ -462,6 +471,8 @@ async def _serve(
         daemon.sender.start(stop)
     profiling = threading.Thread(target=daemon.profiler.run, args=(stop,), name="profile-recorder", daemon=True)
     profiling.start()
+    streaming = threading.Thread(target=daemon.streamer.run, args=(stop,), name="streamer", daemon=True)
+    streaming.start()
 
     waiter = asyncio.create_task(shutdown.wait())
     await asyncio.wait({waiter, serving}, return_when=asyncio.FIRST_COMPLETED)
@@ -473,6 +484,8 @@ async def _serve(
     await daemon.tracker.wait(timeout=deadline.remaining())
     await asyncio.to_thread(delivery.join, deadline.remaining())
     await asyncio.to_thread(profiling.join, deadline.remaining())
+    daemon.streamer.wake()
+    await asyncio.to_thread(streaming.join, deadline.remaining())
     server.should_exit = True
     with contextlib.suppress(Exception):
         await asyncio.wait_for(serving, timeout=deadline.remaining())

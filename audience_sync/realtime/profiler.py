@@ -47,6 +47,8 @@ class ProfileOptions:
     enabled: bool = False
     retention: timedelta = DEFAULT_RETENTION
     query_audiences: tuple[str, ...] = ()
+    realtime_audiences: tuple[str, ...] = ()
+    """The keys of the real-time audiences: every profile a batch touches becomes due in them."""
 
 
 class ProfileMetrics:
@@ -121,6 +123,9 @@ class ProfileRecorder:
     purge_every_seconds: float = 3600.0
     light_ingest_rate: float = 1000.0
     """Events/s of ingestion in this process below which the recorder never holds back."""
+    realtime_ingest_rate: float = 3000.0
+    """The same with real-time audiences configured: their changes must reach ODP within seconds, so
+    the recorder keeps up with a steady 1,000 events/s and more instead of recording them later."""
     min_share: float = 0.05
     """The share of the time the recorder works under heavy ingestion while it is not behind."""
     max_share: float = 0.5
@@ -154,6 +159,9 @@ class ProfileRecorder:
         self.running = False
         """True while :meth:`run` works (``/readyz`` reports the recorder otherwise)."""
         self._behind = 0.0  # seconds: how long the first message of the last batch had waited
+        self.on_recorded: Callable[[], None] | None = None
+        """Called after a batch that marked profiles due in real-time audiences is committed (the
+        streamer's wake-up)."""
 
     def reconfigure(self, options: ProfileOptions) -> None:
         """Use ``options`` from the next batch on (a reload: profiles switched on or off, query
@@ -199,8 +207,14 @@ class ProfileRecorder:
         if not options.enabled:
             return 0
         done = profile_queue.record_pending(
-            self.engine, limit=self.batch, query_audiences=options.query_audiences, now=self.now()
+            self.engine,
+            limit=self.batch,
+            query_audiences=options.query_audiences,
+            realtime_audiences=options.realtime_audiences,
+            now=self.now(),
         )
+        if done.messages and options.realtime_audiences and self.on_recorded is not None:
+            self.on_recorded()
         self._behind = 0.0 if done.oldest is None else max(0.0, (self.now() - done.oldest).total_seconds())
         for message_id, reason in done.skipped:
             log.error("message %s cannot be recorded into profiles and is skipped: %s", message_id, reason)
@@ -261,7 +275,8 @@ class ProfileRecorder:
         full speed and recorded after it, and more the longer its messages waited, up to ``max_share``
         once they waited ``catch_up_seconds``: sustained ingestion is then recorded too, at some cost
         to the rate it is accepted at."""
-        if seconds <= 0 or self.ingest_rate() <= self.light_ingest_rate:
+        light = self.realtime_ingest_rate if self.options.realtime_audiences else self.light_ingest_rate
+        if seconds <= 0 or self.ingest_rate() <= light:
             return
         behind = min(1.0, self._behind / self.catch_up_seconds)
         share = self.min_share + (self.max_share - self.min_share) * behind

@@ -163,6 +163,19 @@ def list_param(conn: Connection, values: Sequence[Any]) -> Any:
     return json.dumps(list(values)) if is_sqlite(conn) else list(values)
 
 
+def text_in_list(conn: Connection, column: str, param: str) -> str:
+    """SQL (SQLAlchemy ``text()``, named parameter ``param``) testing a text ``column`` against a list
+    of texts bound as one parameter (:func:`text_list`)."""
+    if is_sqlite(conn):
+        return f"{column} IN (SELECT value FROM json_each(:{param}))"
+    return f"{column} = ANY(CAST(:{param} AS TEXT[]))"
+
+
+def text_list(conn: Connection, values: Sequence[str]) -> Any:
+    """The bound value for :func:`text_in_list`."""
+    return json.dumps(list(values)) if is_sqlite(conn) else list(values)
+
+
 def id_list(conn: Connection, ids: str) -> str:
     """The bound value for :func:`in_id_list` from integer ids joined by commas: a JSON array for
     SQLite, an array literal for PostgreSQL."""
@@ -185,6 +198,8 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     """``engine.begin()`` for a transaction that reads before it writes (see :func:`begin_write`)."""
     with engine.connect() as conn:
         begin_write(conn)
+        if not conn.in_transaction():  # PostgreSQL: begun here, so that driver-level statements commit too
+            conn.begin()
         try:
             yield conn
         except BaseException:

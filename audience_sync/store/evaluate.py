@@ -167,6 +167,27 @@ class _Dialect:
     def id_list(self, ids: Sequence[int]) -> Any:
         return json.dumps([int(i) for i in ids]) if self.sqlite else [int(i) for i in ids]
 
+    def least(self, exprs: Sequence[str]) -> str:
+        """The least of numbers, NULLs left out (NULL when all are): SQLite's min(a, b) is NULL when
+        one is."""
+        if len(exprs) == 1:
+            return exprs[0]
+        if not self.sqlite:
+            return f"LEAST({', '.join(exprs)})"
+        far = str(2**63 - 1)
+        return f"NULLIF(min({', '.join(f'COALESCE({e}, {far})' for e in exprs)}), {far})"
+
+    def unindexed(self, column: str) -> str:
+        """A column SQLite's planner must not look it up by: it has no statistics, and would rather
+        range over every event of a name (``ix_profile_events_event_ts``) than over a few profiles'
+        events (``ix_profile_events_profile_id_ts``). PostgreSQL plans by its statistics."""
+        return f"+{column}" if self.sqlite else column
+
+    def fence(self) -> str:
+        """The end of a subquery that must not be merged into its outer query (whose WHERE would
+        repeat the subquery's expressions)."""
+        return "LIMIT -1" if self.sqlite else "OFFSET 0"
+
 
 class _Json:
     """Typed views of a JSON value: ``doc`` (+ ``path`` on SQLite) or a JSONB expression on PostgreSQL.
@@ -429,7 +450,11 @@ class _Compiler:
         """The WHERE of a stream's events (alias ``e{level}``), correlated to its parent when nested."""
         level = stream.level
         alias = f"e{level}"
-        parts = [f"{alias}.event = {self.param(stream.name)}"]
+        # a batch's events (a real-time micro-run): looked up by profile, not by name (see _Dialect.unindexed)
+        name = (
+            self.d.unindexed(f"{alias}.event") if level == 1 and self.profile_filter is not None else f"{alias}.event"
+        )
+        parts = [f"{name} = {self.param(stream.name)}"]
         if level > 1:
             parts.insert(0, f"{alias}.profile_id = e{level - 1}.profile_id")
         elif self.profile_filter is not None:
@@ -751,6 +776,17 @@ class _Compiler:
             value, where = self.json_text(self.output_value(query.root, scope, inner=True)), ""
         if self.profile_filter is not None:
             where += f" AND {self.d.id_in('p.id', self.profile_filter)}"
+        sql = (
+            f"SELECT CAST(p.id AS TEXT) AS member, p.user_id, p.email, p.anonymous_id, "
+            f"CAST(NULL AS TEXT) AS optimizely_vuid, {value} AS value "
+            f"FROM profiles p {self.joined()} WHERE p.merged_into IS NULL{where}"
+        )
+        if query.result == "scalar":
+            sql = f"SELECT {', '.join(STAGE_COLUMNS)} FROM ({sql}) q WHERE value IS NOT NULL"
+        return sql
+
+    def joined(self) -> str:
+        """The joins of the outer query on ``profiles p``: every stream's subquery, then the others."""
         joins = [
             _Join(
                 "(SELECT e1.profile_id AS pid, "
@@ -761,15 +797,7 @@ class _Compiler:
             for plan in self.streams.values()
             if plan.aggregates
         ]
-        joined = " ".join(f"{'JOIN' if j.inner else 'LEFT JOIN'} {j.body}" for j in joins + self.joins)
-        sql = (
-            f"SELECT CAST(p.id AS TEXT) AS member, p.user_id, p.email, p.anonymous_id, "
-            f"CAST(NULL AS TEXT) AS optimizely_vuid, {value} AS value "
-            f"FROM profiles p {joined} WHERE p.merged_into IS NULL{where}"
-        )
-        if query.result == "scalar":
-            sql = f"SELECT {', '.join(STAGE_COLUMNS)} FROM ({sql}) q WHERE value IS NOT NULL"
-        return sql
+        return " ".join(f"{'JOIN' if j.inner else 'LEFT JOIN'} {j.body}" for j in joins + self.joins)
 
 
 _SQL_OPS: Final = {
@@ -834,11 +862,12 @@ def stage_query(
     *,
     table: str = "stage_members",
     computed: Mapping[str, CheckedQuery] | None = None,
+    profile_ids: Sequence[int] | None = None,
 ) -> int:
     """``INSERT INTO <table> (member, user_id, email, anonymous_id, optimizely_vuid, value) SELECT ...``
-    of ``query``'s snapshot at ``now``; returns the rows staged. The table must exist (the sync
-    engine's staging table)."""
-    compiled = compile_query(conn.dialect.name, query, now, computed=computed)
+    of ``query``'s snapshot at ``now`` (of ``profile_ids`` only, when given: a real-time micro-run);
+    returns the rows staged. The table must exist (the sync engine's staging table)."""
+    compiled = compile_query(conn.dialect.name, query, now, computed=computed, profile_ids=profile_ids)
     sql = f"INSERT INTO {table} ({', '.join(STAGE_COLUMNS)}) {compiled.sql}"
     return int(conn.execute(text(sql), compiled.params).rowcount)
 

@@ -48,6 +48,8 @@ from audience_sync.store.dialect import (
     stage_distinct,
     stage_selected,
     string_agg,
+    text_in_list,
+    text_list,
     text_of,
     upsert,
 )
@@ -169,16 +171,20 @@ def stage_snapshot(conn: Connection, chunks: Iterable[list[MemberRow]], on_chunk
 
 
 def stage_profiles(
-    conn: Connection, query: CheckedQuery, now: datetime, computed: Mapping[str, CheckedQuery] | None = None
+    conn: Connection,
+    query: CheckedQuery,
+    now: datetime,
+    computed: Mapping[str, CheckedQuery] | None = None,
+    profile_ids: Sequence[int] | None = None,
 ) -> tuple[int, int]:
     """Stage a query source's snapshot at ``now``: the database evaluates ``query`` over every profile
     straight into the staging table (:func:`~audience_sync.store.evaluate.stage_query`); no member
     passes through Python. Returns (members, invalid): profiles in the audience (or with a trait value),
     and those left out because an identifier is longer than the store's identifier columns hold (as a
-    source row would be)."""
+    source row would be). ``profile_ids``: only those profiles (a real-time micro-run)."""
     create_stage(conn, STAGE, _STAGE_COLUMNS)
     try:
-        staged = stage_query(conn, query, now, table=STAGE, computed=computed)
+        staged = stage_query(conn, query, now, table=STAGE, computed=computed, profile_ids=profile_ids)
     except DBAPIError as exc:  # the database refused the compiled query: the run fails with its word
         raise SourceError(f"the query failed in the database: {first_line(exc.orig or exc)}") from None
     too_long = " OR ".join(f"length({c}) > {MAX_IDENTIFIER_LENGTH}" for c in IDENTIFIER_COLUMNS)
@@ -201,6 +207,7 @@ def write_plan(
     exit_value: str,
     dry_run: bool,
     identifiers_due: bool = False,
+    within: Sequence[int] | None = None,
 ) -> tuple[int, int, int]:
     """Diff the staged snapshot against acknowledged state into ``run_changes``.
 
@@ -215,8 +222,12 @@ def write_plan(
 
     ``identifiers_due`` (a query source, whose member key is a profile id): a member whose ``user_id``
     or ``email`` differs from those it was acknowledged with is due too, so that ODP can link them.
+
+    ``within`` (profile ids: a real-time micro-run, whose snapshot holds only those profiles): exits
+    only of those members, not of every member missing from the snapshot.
     """
-    analyze(conn, "members")  # fresh statistics: a big first sync is not planned as if members were empty
+    if within is None:  # a micro-run's few members are looked up by key: no statistics needed
+        analyze(conn, "members")  # fresh statistics: a big first sync is not planned as if members were empty
     pending = Outcome.PLANNED if dry_run else Outcome.PENDING
     manual = mode in (Mode.FULL, Mode.RECONCILE)
     is_quarantined = f"m.rejections >= {QUARANTINE_AFTER}"
@@ -227,7 +238,7 @@ def write_plan(
     )
     # A quarantined change carries ODP's last message and says what happens next.
     error = "NULL" if manual else f"CASE WHEN {is_quarantined} THEN :qmsg || m.last_error END"
-    params = {"run": run_id, "a": audience, "x": exit_value, "qmsg": QUARANTINE_NOTE}
+    params: dict[str, Any] = {"run": run_id, "a": audience, "x": exit_value, "qmsg": QUARANTINE_NOTE}
     due = "" if manual else "WHERE m.member IS NULL OR m.acked IS NULL OR m.acked <> s.value OR m.sent IS NOT NULL"
     if due and identifiers_due:
         due += "".join(f" OR {distinct_from(conn, f'm.{c}', f's.{c}')}" for c in ("user_id", "email"))
@@ -241,6 +252,9 @@ def write_plan(
         params,
     ).rowcount
     known = "" if mode == Mode.RECONCILE else "AND ((m.acked IS NOT NULL AND m.acked <> :x) OR m.sent IS NOT NULL)"
+    if within is not None:
+        known += f" AND {text_in_list(conn, 'm.member', 'within')}"
+        params["within"] = text_list(conn, [str(i) for i in within])
     exited = conn.execute(
         text(
             f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome, error) "
@@ -422,11 +436,15 @@ class Planning:
         return members
 
     def stage_profiles(
-        self, query: CheckedQuery, now: datetime, computed: Mapping[str, CheckedQuery] | None = None
+        self,
+        query: CheckedQuery,
+        now: datetime,
+        computed: Mapping[str, CheckedQuery] | None = None,
+        profile_ids: Sequence[int] | None = None,
     ) -> tuple[int, int]:
         """Stage a query source's snapshot (:func:`stage_profiles`); returns (members, invalid)."""
         try:
-            staged = stage_profiles(self._conn, query, now, computed)
+            staged = stage_profiles(self._conn, query, now, computed, profile_ids)
         except BaseException:
             self._conn.rollback()
             raise
@@ -464,7 +482,15 @@ class Planning:
         return [tuple(row) for row in self._conn.exec_driver_sql(sql)]
 
     def plan(
-        self, *, run_id: int, audience: str, mode: Mode, exit_value: str, dry_run: bool, identifiers_due: bool = False
+        self,
+        *,
+        run_id: int,
+        audience: str,
+        mode: Mode,
+        exit_value: str,
+        dry_run: bool,
+        identifiers_due: bool = False,
+        within: Sequence[int] | None = None,
     ) -> Plan:
         """Write the run's plan (:func:`write_plan`) in a write transaction left open for
         :meth:`hold` or :meth:`commit`."""
@@ -478,6 +504,7 @@ class Planning:
             exit_value=exit_value,
             dry_run=dry_run,
             identifiers_due=identifiers_due,
+            within=within,
         )
         removals = exited
         if exited:  # only exits of members ODP holds as in: re-sending an exit, or one in doubt, removes no one
@@ -610,17 +637,19 @@ def pending_batches(
     timestamp: str,
     batch_size: int,
     per_read: int = 10,
+    after: int = 0,
 ) -> Iterator[PendingBatch]:
     """A run's pending changes, in plan order, as batches of ``batch_size`` whose item JSON the
     database writes and joins (see :func:`_item_sql`): Python handles two strings per batch, not
     objects per member. ``per_read`` batches per connection (keyset pagination).
-    ``key``: the trait key; ``timestamp``: sync_audience's."""
+    ``key``: the trait key; ``timestamp``: sync_audience's; ``after``: only changes with a greater id
+    (a real-time micro-run sends its own, not those earlier micro-runs of its run record left pending)."""
     if delivery == "sync_audience":
         quoted, when = encode_basestring(key), encode_basestring(timestamp)
         lead = f'{{"audienceId":{quoted},"audienceName":{quoted},"timestamp":{when},"subscription":'
     else:
         lead = encode_basestring(key) + ":"
-    last = 0
+    last = after
     sql = ""
     while True:
         batches: list[PendingBatch] = []

@@ -34,6 +34,7 @@ from audience_sync.store.dialect import (
     write_transaction,
 )
 from audience_sync.store.profiles import RECORD_LOCK_KEY, record_observations
+from audience_sync.store.streaming import mark_due
 from audience_sync.store.tables import rt_messages
 from audience_sync.timestamps import as_utc, utcnow
 
@@ -58,11 +59,19 @@ class ProfiledBatch:
 
 
 def record_pending(
-    engine: Engine, *, limit: int = 500, query_audiences: tuple[str, ...] = (), now: datetime | None = None
+    engine: Engine,
+    *,
+    limit: int = 500,
+    query_audiences: tuple[str, ...] = (),
+    realtime_audiences: tuple[str, ...] = (),
+    now: datetime | None = None,
 ) -> ProfiledBatch:
     """Record up to ``limit`` unprofiled messages (oldest first) into profiles and mark them profiled,
     in one transaction. ``query_audiences``: the keys of query audiences (a merge moves their
-    acknowledged state, see :func:`~audience_sync.store.profiles.move_acknowledged`)."""
+    acknowledged state, see :func:`~audience_sync.store.profiles.move_acknowledged`);
+    ``realtime_audiences``: the keys of real-time audiences, in which every profile the batch touched
+    (a merge's survivor included) becomes due for the streamer in the same transaction, as of when the
+    batch's first message was received (:func:`~audience_sync.store.streaming.mark_due`)."""
     now = now or utcnow()
     batch = ProfiledBatch()
     for _ in range(5):  # another recorder took the messages read: read the next ones
@@ -90,6 +99,10 @@ def record_pending(
             result = record_observations(
                 conn, [observed[i] for i in still if i in observed], query_audiences=query_audiences, now=now
             )
+            oldest = next(as_utc(row.received_at) for row in rows if row.id == still[0])
+            if realtime_audiences:
+                touched = result.profiles | {survivor for _absorbed, survivor in result.merges}
+                mark_due(conn, realtime_audiences, sorted(touched), min(oldest, now))
             stamp = bind_value(conn, m, "profiled_at", now)
             driver_execute(conn, f"UPDATE rt_messages SET profiled_at = ? WHERE {pending}", [stamp, listed])
         batch.messages = len(still)
@@ -97,7 +110,7 @@ def record_pending(
         batch.duplicates = result.duplicates
         batch.merges = len(result.merges)
         batch.skipped = [unusable[i] for i in still if i in unusable]
-        batch.oldest = next(as_utc(row.received_at) for row in rows if row.id == still[0])
+        batch.oldest = oldest
         return batch
     return batch
 

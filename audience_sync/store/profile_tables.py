@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql
 
 from audience_sync.store.tables import BigId, UTCDateTime, metadata
 
-__all__ = ["JsonText", "profile_events", "profile_identifiers", "profile_traits", "profiles"]
+__all__ = ["JsonText", "profile_due", "profile_events", "profile_identifiers", "profile_traits", "profiles"]
 
 JsonText: Any = Text().with_variant(postgresql.JSONB(), "postgresql")
 
@@ -82,5 +82,24 @@ profile_traits = Table(
     Column("value", JsonText, nullable=True),
     Column("ts", BigInteger, nullable=False),
     PrimaryKeyConstraint("profile_id", "key", name="pk_profile_traits"),
+    sqlite_with_rowid=False,
+)
+
+# Real-time audiences (``audiences[].realtime``): per audience and profile, the next moment (epoch ms) at
+# which the profile's result may have changed: an event or identify recorded for it (due at once), or
+# the moment a window lets an event go (see ``store/moments.py``). ``marks`` counts the events marked, so
+# that a row the streamer read is finished only if no event came meanwhile. The streamer takes the rows
+# that are due, re-evaluates those profiles and sends what changed; ``store/streaming.py`` owns every
+# statement.
+profile_due = Table(
+    "profile_due",
+    metadata,
+    Column("audience", String(200), nullable=False),
+    Column("profile_id", BigInteger, nullable=False),
+    Column("due_at", BigInteger, nullable=False),
+    # Bumped by every mark of an event: the streamer finishes a row only if nobody marked it meanwhile.
+    Column("marks", BigInteger, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("audience", "profile_id", name="pk_profile_due"),
+    Index("ix_profile_due_audience_due_at", "audience", "due_at"),
     sqlite_with_rowid=False,
 )

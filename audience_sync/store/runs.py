@@ -121,6 +121,75 @@ def start_run(
     return run_id, now
 
 
+def begin_stream(engine: Engine, *, audience: str, owner: Owner, now: datetime | None = None) -> tuple[int, datetime]:
+    """Open a real-time micro-run of ``audience``: its ``stream`` record of the current UTC hour (made
+    at the hour's first micro-run) is flipped to ``running``, which takes the per-audience lock (the
+    partial unique index). Returns (run id, when this micro-run started). Raises RunInProgress while
+    another run of the audience (a scheduled one, another replica's micro-run) runs."""
+    now = now or utcnow()
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    running = {"status": RunStatus.RUNNING, "owner": str(owner), "heartbeat_at": now, "finished_at": None}
+    try:
+        with engine.begin() as conn:
+            found = conn.execute(
+                select(runs.c.id, runs.c.status)
+                .where(
+                    runs.c.audience == audience,
+                    runs.c.mode == Mode.STREAM,
+                    runs.c.started_at >= hour,
+                    runs.c.started_at < hour + timedelta(hours=1),
+                )
+                .order_by(runs.c.id.desc())
+                .limit(1)
+            ).first()
+            if found is None:
+                result = conn.execute(
+                    runs.insert().values(
+                        audience=audience, mode=Mode.STREAM, trigger=Trigger.EVENT, started_at=now, **running
+                    )
+                )
+                assert result.inserted_primary_key is not None
+                return int(result.inserted_primary_key[0]), now
+            flipped = conn.execute(
+                update(runs).where(runs.c.id == found.id, runs.c.status != RunStatus.RUNNING).values(**running)
+            ).rowcount
+    except IntegrityError:
+        raise RunInProgress(f"a run of audience {audience!r} is already in progress") from None
+    if not flipped:
+        raise RunInProgress(f"a real-time change of audience {audience!r} is already being sent")
+    return int(found.id), now
+
+
+def finish_stream(engine: Engine, run_id: int, status: str, *, error: str | None = None, **added: int) -> None:
+    """End a micro-run: its ``stream`` record gets ``status`` (and ``error``, None clearing the last
+    one) and the micro-run's counts ``added`` to its own (``sent``, ``failed`` and ``requests`` were
+    added as the batches were acknowledged)."""
+    values: dict[str, Any] = {name: getattr(runs.c, name) + count for name, count in added.items()}
+    with engine.begin() as conn:
+        conn.execute(
+            update(runs)
+            .where(runs.c.id == run_id)
+            .values(status=status, finished_at=utcnow(), error=error, heartbeat_at=None, **values)
+        )
+
+
+def last_change_id(engine: Engine, run_id: int) -> int:
+    """The greatest id of the run's changes (0: none yet)."""
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.max(run_changes.c.id)).where(run_changes.c.run_id == run_id)) or 0)
+
+
+def changes_after(engine: Engine, run_id: int, after: int) -> list[tuple[str, str | None, str]]:
+    """The run's changes with an id above ``after`` (a micro-run's own): (member, value, outcome)."""
+    query = (
+        select(run_changes.c.member, run_changes.c.value, run_changes.c.outcome)
+        .where(run_changes.c.run_id == run_id, run_changes.c.id > after)
+        .order_by(run_changes.c.id)
+    )
+    with engine.connect() as conn:
+        return [(r.member, r.value, r.outcome) for r in conn.execute(query)]
+
+
 def slot_taken(engine: Engine, audience: str, slot: datetime) -> bool:
     with engine.connect() as conn:
         query = select(runs.c.id).where(runs.c.audience == audience, runs.c.slot == slot)
@@ -139,12 +208,17 @@ class LastRun:
 
 
 def latest_runs(engine: Engine, audiences: Sequence[str]) -> dict[str, LastRun]:
-    """The newest run that is not a dry run, per audience."""
+    """The newest run that is not a dry run nor a real-time stream record, per audience (what the
+    scheduler counts from)."""
     if not audiences:
         return {}
     newest = (
         select(func.max(runs.c.id))
-        .where(runs.c.audience.in_(list(audiences)), runs.c.status != RunStatus.PLANNED)
+        .where(
+            runs.c.audience.in_(list(audiences)),
+            runs.c.status != RunStatus.PLANNED,
+            runs.c.mode != Mode.STREAM,  # a real-time audience's stream never moves its schedule
+        )
         .group_by(runs.c.audience)
     )
     with engine.connect() as conn:

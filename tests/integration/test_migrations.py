@@ -50,15 +50,15 @@ def test_replicas_starting_together_migrate_once(database: Database, tmp_path: P
     assert sum("upgraded from empty" in out for out, _ in outputs) == 1
 
 
-def test_0006_keeps_the_routed_ids_and_lets_repeats_in_for_routing_to_drop(database: Database) -> None:
-    """From 0005 (unique messageId) to 0006: routed messages' ids stay known, so a repeat of one accepted
+def test_0007_keeps_the_routed_ids_and_lets_repeats_in_for_routing_to_drop(database: Database) -> None:
+    """From 0006 (unique messageId) to 0007: routed messages' ids stay known, so a repeat of one accepted
     after the upgrade is dropped by routing; a message not yet routed is routed as before."""
     engine = make_engine(database.url)
     try:
         with engine.connect() as conn:
             cfg = migrate._alembic_config()
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0005")
+            command.upgrade(cfg, "0006")
             conn.commit()
         routed_at = utcnow()
         with engine.begin() as conn:

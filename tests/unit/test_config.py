@@ -56,7 +56,9 @@ def test_profiles_are_on_with_a_query_audience_or_when_enabled(tmp_path: Path, m
         "query = \"event('Order Completed').count() >= 1\"\n"
     )
     s = load_config(write(tmp_path, MINIMAL + query)).settings
-    assert (s.profiles_enabled(), s.query_audiences()) == (True, ["buyers"])
+    assert (s.profiles_enabled(), s.query_audiences(), s.realtime_audiences()) == (True, ["buyers"], [])
+    realtime = load_config(write(tmp_path, MINIMAL + query.replace('"Buyers"\n', '"Buyers"\nrealtime = true\n')))
+    assert realtime.settings.realtime_audiences() == ["buyers"]
     monkeypatch.setenv("AUDIENCE_SYNC_PROFILES__ENABLED", "false")
     assert load_config(write(tmp_path, MINIMAL)).settings.profiles_enabled() is False
     with pytest.raises(ConfigError, match=r"profiles\.enabled: false, but audiences\[1\] \('Buyers'\) has a query"):
@@ -127,6 +129,10 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ('[profiles]\nretention = "12h"\n', "profiles.retention: must be at least 1d"),
         ('[profiles]\nenabled = "sometimes"\n', "profiles.enabled: Input should be a valid boolean"),
         ('[profiles]\nretain = "30d"\n', "profiles.retain: unknown key"),
+        (
+            '[[audiences]]\nname = "A"\nrealtime = true\n[audiences.source]\ntype = "sql"\nquery = "SELECT 1"\n',
+            "audiences[0].realtime: only an audience whose source is a query",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

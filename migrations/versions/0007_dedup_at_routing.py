@@ -5,8 +5,8 @@ the index before the 200); ``rt_message_ids`` holds the id of every routed messa
 router finds repeats there. It starts with the ids of the messages already routed: those not yet routed
 are registered when they are routed.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-30
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
