@@ -14,6 +14,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,43 @@ def run_child(script: str, argv: list[str], timeout: float) -> dict[str, Any]:
         if line.startswith(RESULT_PREFIX):
             return dict(json.loads(line[len(RESULT_PREFIX) :]))
     raise SystemExit(f"child {' '.join(argv)} printed no result")
+
+
+PG_ADMIN = os.environ.get("AUDIENCE_SYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+class Store:
+    """A fresh store for one run: a SQLite file, or a PostgreSQL database dropped afterwards."""
+
+    def __init__(self, kind: str, work: Path, run: int) -> None:
+        self.kind = kind
+        if kind == "sqlite":
+            self.url = f"sqlite:///{work / f'store-{run}.db'}"
+            self.name = ""
+            return
+        import psycopg
+
+        self.name = f"bench_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + "/" + self.name
+
+    def count(self, sql: str) -> int:
+        if self.kind == "sqlite":
+            lite = sqlite3.connect(self.url.removeprefix("sqlite:///"))
+            try:
+                return int(lite.execute(sql).fetchone()[0])
+            finally:
+                lite.close()
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN.rsplit("/", 1)[0] + "/" + self.name) as conn:
+            row = conn.execute(sql).fetchone()
+            return int(row[0]) if row else 0
+
+    def drop(self) -> None:
+        if self.kind == "postgresql":
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

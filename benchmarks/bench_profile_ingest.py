@@ -29,61 +29,20 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import load_average, machine, verdict, write_json
+from _common import Store, load_average, machine, verdict, write_json
 from bench_ingest import WRITE_KEY, build_bodies, free_port, load, start, stop, summarise, wait_http, wait_until
 
 RATIO_TARGET = 0.7
 ROOT = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get("AUDIENCE_SYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def metric(port: int, name: str) -> float | None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
         found = re.search(rf"^{re.escape(name)} (\S+)$", response.read().decode(), re.M)
     return float(found.group(1)) if found else None
-
-
-class Store:
-    """A fresh store for one run: a SQLite file, or a PostgreSQL database dropped afterwards."""
-
-    def __init__(self, kind: str, work: Path, run: int) -> None:
-        self.kind = kind
-        if kind == "sqlite":
-            self.url = f"sqlite:///{work / f'store-{run}.db'}"
-            self.name = ""
-            return
-        import psycopg
-
-        self.name = f"bench_profiles_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{self.name}"')
-        self.url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + "/" + self.name
-
-    def count(self, sql: str) -> int:
-        if self.kind == "sqlite":
-            import sqlite3
-
-            conn = sqlite3.connect(self.url.removeprefix("sqlite:///"))
-            try:
-                return int(conn.execute(sql).fetchone()[0])
-            finally:
-                conn.close()
-        import psycopg
-
-        with psycopg.connect(PG_ADMIN.rsplit("/", 1)[0] + "/" + self.name) as conn:
-            row = conn.execute(sql).fetchone()
-            return int(row[0]) if row else 0
-
-    def drop(self) -> None:
-        if self.kind == "postgresql":
-            import psycopg
-
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 def one_run(

@@ -256,6 +256,55 @@ def insert_new(
         cursor.close()
 
 
+def insert_returning_ids(
+    conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> list[int]:
+    """Insert ``rows`` (values as the dialect stores them) straight through the driver, in ``conn``'s
+    transaction, which must hold the write lock on SQLite (:func:`write_transaction`); returns the new
+    rows' ``id`` (an auto-incremented primary key), in the order of ``rows``.
+
+    PostgreSQL: psycopg's pipelined ``executemany`` with ``RETURNING id``. SQLite: ``executemany``, then
+    ``last_insert_rowid()``: under the write lock nobody else inserts, and SQLite gives a new row of an
+    ``INTEGER PRIMARY KEY`` table the largest id plus one, so the ids are the ``len(rows)`` ending there
+    (checked: a table whose ids ran out at 2**63 - 1 would make SQLite pick them at random).
+    """
+    if not rows:
+        return []
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+    cursor = _driver_cursor(conn)
+    try:
+        if is_sqlite(conn):
+            cursor.executemany(sql, rows)
+            last = int(cursor.execute("SELECT last_insert_rowid()").fetchone()[0])
+            first = last - len(rows) + 1
+            found = cursor.execute(f"SELECT count(*) FROM {table} WHERE id BETWEEN ? AND ?", (first, last))
+            if int(found.fetchone()[0]) != len(rows):  # pragma: no cover - ids at the 64-bit limit
+                raise RuntimeError(f"{table}: the new rows' ids are not consecutive")
+            return list(range(first, last + 1))
+        cursor.executemany(_driver_sql(conn, sql + " RETURNING id"), rows, returning=True)
+        ids: list[int] = []
+        while True:
+            ids.extend(int(row[0]) for row in cursor.fetchall())
+            if not cursor.nextset():
+                return ids
+    finally:
+        cursor.close()
+
+
+def insert_absent(conn: Connection, table: str, column: str, values: Sequence[Any]) -> set[Any]:
+    """Insert each of ``values`` into ``table.column`` (its primary key) unless it is there already, in
+    ``conn``'s transaction; returns the values this statement inserted. One statement with the list bound
+    as one parameter; the values go in sorted, so that two PostgreSQL transactions inserting overlapping
+    sets wait for each other instead of deadlocking."""
+    if not values:
+        return set()
+    ordered = sorted(set(values))
+    # ``WHERE true``: SQLite's parser needs it before ON CONFLICT after a SELECT.
+    source = "SELECT value FROM json_each(?) WHERE true" if is_sqlite(conn) else "SELECT unnest(??)"
+    sql = f"INSERT INTO {table} ({column}) {source} ON CONFLICT ({column}) DO NOTHING RETURNING {column}"
+    return {row[0] for row in driver_rows(conn, sql, [list_param(conn, ordered)])}
+
+
 def bind_value(conn: Connection | Engine, table: Table, column: str, value: Any) -> Any:
     """``value`` as the dialect stores it in ``table.column`` (what SQLAlchemy would bind), for the
     driver-level statements above."""

@@ -26,16 +26,26 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnClause
 
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
-from audience_sync.store.dialect import bind_value, claim_lock, insert_new, write_transaction
-from audience_sync.store.tables import rt_deliveries, rt_messages
+from audience_sync.store.dialect import (
+    bind_value,
+    claim_lock,
+    driver_executemany,
+    insert_absent,
+    insert_new,
+    insert_returning_ids,
+    write_transaction,
+)
+from audience_sync.store.tables import rt_deliveries, rt_message_ids, rt_messages
 from audience_sync.timestamps import as_utc, iso, utcnow
 
 __all__ = [
+    "ClaimFor",
     "Claimed",
     "Delivery",
     "Message",
     "NewDelivery",
     "PathBacklog",
+    "Routing",
     "claim",
     "counts",
     "insert_messages",
@@ -61,26 +71,31 @@ _S: Final[dict[str, ColumnClause[str]]] = {s: literal_column(f"'{s}'") for s in 
 
 _PENDING_TEXT: Final = str(PENDING)  # plain text for the driver (psycopg would write an enum's name)
 _INVALID_TEXT: Final = str(INVALID)
+_SENDING_TEXT: Final = str(SENDING)
 
 _HTTP_STATUS = re.compile(r"^HTTP (\d{3})\b")
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"))
 
 t = rt_deliveries
 m = rt_messages
+ids_seen = rt_message_ids
 
 
 # --- messages -----------------------------------------------------------------------------------------
 
 
 def insert_messages(conn: Connection, rows: Sequence[tuple[str, datetime, str]]) -> None:
-    """Insert accepted messages, ``(message_id, received_at, payload JSON text)``; a message whose id is
-    already stored is skipped (acknowledged, not delivered again). The caller commits: a 200 is only
-    answered after that commit."""
+    """Insert accepted messages, ``(message_id, received_at, payload JSON text)``. A repeated id is
+    stored too: routing finds it (:func:`route_messages`) and deletes it undelivered, so the insert
+    touches no index of random keys. The caller commits: a 200 is only answered after that commit."""
     if not rows:
         return
     stamp = {at: bind_value(conn, m, "received_at", at) for at in {row[1] for row in rows}}
     values = [(message_id, stamp[at], payload) for message_id, at, payload in rows]
-    insert_new(conn, m.name, ("message_id", "received_at", "payload"), "message_id", values)
+    driver_executemany(conn, _INSERT_MESSAGE, values)
+
+
+_INSERT_MESSAGE: Final = f"INSERT INTO {m.name} (message_id, received_at, payload) VALUES (?, ?, ?)"
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,29 @@ _ITEM_COLUMNS: Final = (
     "created_at",
     "updated_at",
     "available_at",
+    "owner",
+    "lease_until",
 )
+
+
+@dataclass(frozen=True)
+class ClaimFor:
+    """Routing claims the items it makes for ``owner`` until ``lease_until`` (they are stored
+    ``sending``, as :func:`claim` leaves them), so that the router sends them without claiming them in
+    a second write."""
+
+    owner: str
+    lease_until: datetime
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What one :func:`route_messages` did: ``messages`` taken (repeats included), ``items`` made, and
+    the items claimed for the caller (with :class:`ClaimFor`), oldest first."""
+
+    messages: int
+    items: int
+    claimed: list[Claimed]
 
 
 def route_messages(
@@ -133,17 +170,25 @@ def route_messages(
     route: Callable[[Sequence[Message]], Routed],
     limit: int = 500,
     now: datetime | None = None,
-) -> tuple[int, int]:
+    claim_for: ClaimFor | None = None,
+) -> Routing:
     """Claim up to ``limit`` unrouted messages (oldest first), turn them into delivery items with
     ``route`` and store the items while marking the messages routed, in one transaction (a crash
-    leaves the messages unrouted, never routed without items). Returns (messages, items).
+    leaves the messages unrouted, never routed without items).
 
-    The items go in through the driver (:func:`~audience_sync.store.dialect.insert_new`): each body is
-    encoded once, here, and sent later as that text.
+    With ``claim_for``, the items to send are stored already claimed (``sending``, one attempt, the
+    owner's lease) and returned: a worker that dies before sending them loses them to the others as
+    any claim (lease, or its holder known gone). Without it they are stored ``pending``.
 
-    PostgreSQL replicas skip each other's locked messages. On SQLite the read runs outside the write
-    lock (so ingestion is not blocked while routing) and the routed mark is conditional; should another
-    worker have routed one of the messages meanwhile, nothing is written and the batch is retried.
+    De-duplication: each message's ``messageId`` goes into ``rt_message_ids``; a message whose id is
+    there already (routed within the window, or earlier in this batch) is a repeat: it is deleted, not
+    routed. The items go in through the driver: each body is encoded once, here, and sent later as that
+    text.
+
+    PostgreSQL replicas skip each other's locked messages (two replicas routing repeats of one id at
+    once wait on the id's key: one of them routes it). On SQLite the transaction holds the write lock
+    from its start; the routed mark is conditional all the same, and should another worker have routed
+    one of the messages meanwhile, nothing is written and the batch is retried.
     """
     now = now or utcnow()
     for _ in range(5):
@@ -156,27 +201,58 @@ def route_messages(
             )
             messages = [Message(r.id, r.message_id, r.received_at, r.payload) for r in conn.execute(query)]
             if not messages:
-                return 0, 0
-            rows = _new_rows(conn, route(messages), now)
-            ids = [message.id for message in messages]
+                return Routing(0, 0, [])
+            fresh, repeats = _first_of_each_id(conn, messages)
+            rows, sends = _new_rows(conn, route(fresh), now, claim_for) if fresh else ([], [])
+            ids = [message.id for message in fresh]
             marked = conn.execute(
                 update(m).where(m.c.id.in_(ids), m.c.routed_at.is_(None)).values(routed_at=now)
             ).rowcount
-            if marked != len(ids):
+            if repeats:
+                marked += conn.execute(delete(m).where(m.c.id.in_(repeats), m.c.routed_at.is_(None))).rowcount
+            if marked != len(messages):
                 conn.rollback()
                 continue
-            # ``id`` never conflicts (it is not given): insert_new is the driver's executemany here.
-            insert_new(conn, t.name, _ITEM_COLUMNS, "id", rows)
-            return len(messages), len(rows)
-    return 0, 0
+            if claim_for is None:
+                # ``id`` never conflicts (it is not given): insert_new is the driver's executemany here.
+                insert_new(conn, t.name, _ITEM_COLUMNS, "id", rows)
+                return Routing(len(messages), len(rows), [])
+            new_ids = insert_returning_ids(conn, t.name, _ITEM_COLUMNS, rows)
+            claimed = [Claimed(new_ids[index], body, received_at, 1, path) for index, body, received_at, path in sends]
+            return Routing(len(messages), len(rows), claimed)
+    return Routing(0, 0, [])
 
 
-def _new_rows(conn: Connection, routed: Routed, now: datetime) -> list[tuple[Any, ...]]:
-    """The rows of the items, in :data:`_ITEM_COLUMNS` order, with values as the dialect stores them."""
+def _first_of_each_id(conn: Connection, messages: Sequence[Message]) -> tuple[list[Message], list[int]]:
+    """Register the messages' ids as routed; returns the messages to route (the first of each id not
+    seen before) and the row ids of the repeats."""
+    new = insert_absent(conn, ids_seen.name, "message_id", [message.message_id for message in messages])
+    fresh: list[Message] = []
+    repeats: list[int] = []
+    for message in messages:
+        if message.message_id in new:
+            new.discard(message.message_id)
+            fresh.append(message)
+        else:
+            repeats.append(message.id)
+    return fresh, repeats
+
+
+def _new_rows(
+    conn: Connection, routed: Routed, now: datetime, claim_for: ClaimFor | None
+) -> tuple[list[tuple[Any, ...]], list[tuple[int, str, datetime, str]]]:
+    """The rows of the items, in :data:`_ITEM_COLUMNS` order, with values as the dialect stores them,
+    and, of each item to send, (its index in the rows, body text, received_at, path)."""
     stamp = bind_value(conn, t, "created_at", now)
     bound: dict[datetime, Any] = {}
     encode = _COMPACT.encode
     rows: list[tuple[Any, ...]] = []
+    sends: list[tuple[int, str, datetime, str]] = []
+    if claim_for is None:
+        status, attempts, owner, lease = _PENDING_TEXT, 0, None, None
+    else:
+        lease = bind_value(conn, t, "lease_until", claim_for.lease_until)
+        status, attempts, owner = _SENDING_TEXT, 1, claim_for.owner
     for message, items in routed:
         if not items:
             continue
@@ -184,12 +260,16 @@ def _new_rows(conn: Connection, routed: Routed, now: datetime) -> list[tuple[Any
         if received is None:
             received = bound[message.received_at] = bind_value(conn, t, "received_at", message.received_at)
         for item in items:
-            body, error = item.body, item.error
-            status = _INVALID_TEXT if error is not None else _PENDING_TEXT
+            body, error, path = item.body, item.error, item.path
             text = None if body is None else encode(body)
-            row = (message.message_id, item.mapping, item.action, item.path, text, status, 0, error, received)
-            rows.append((*row, stamp, stamp, stamp))
-    return rows
+            head = (message.message_id, item.mapping, item.action, path, text)
+            if error is not None:
+                rows.append((*head, _INVALID_TEXT, 0, error, received, stamp, stamp, stamp, None, None))
+                continue
+            if claim_for is not None:
+                sends.append((len(rows), text or "", message.received_at, path))
+            rows.append((*head, status, attempts, None, received, stamp, stamp, stamp, owner, lease))
+    return rows, sends
 
 
 def unrouted_count(engine: Engine) -> int:
@@ -231,6 +311,7 @@ class Claimed:
     body: str
     received_at: datetime
     attempts: int
+    path: str = ""
 
 
 def claim(
@@ -253,7 +334,7 @@ def claim(
     )
     with engine.begin() as conn:
         rows = conn.execute(stmt).all()
-    claimed = [Claimed(r.id, r.body, r.received_at, r.attempts) for r in rows]
+    claimed = [Claimed(r.id, r.body, r.received_at, r.attempts, path) for r in rows]
     claimed.sort(key=lambda c: c.id)
     return claimed
 
@@ -408,8 +489,11 @@ def purge(
             done = [m.c.routed_at.is_not(None), m.c.routed_at < messages_before]
             if keep_unprofiled:
                 done.append(m.c.profiled_at.is_not(None))
-            ids = select(m.c.id).where(*done).limit(chunk)
-            deleted = int(conn.execute(delete(m).where(m.c.id.in_(ids))).rowcount)
+            rows = conn.execute(select(m.c.id, m.c.message_id).where(*done).limit(chunk)).all()
+            if rows:  # a message leaves the de-duplication window with its id
+                conn.execute(delete(ids_seen).where(ids_seen.c.message_id.in_([r.message_id for r in rows])))
+                conn.execute(delete(m).where(m.c.id.in_([r.id for r in rows])))
+            deleted = len(rows)
         messages += deleted
         if deleted < chunk:
             break

@@ -158,9 +158,11 @@ run_changes = Table(
 # --- the real-time path -----------------------------------------------------------------------------
 
 # Accepted Segment messages, as stored before ingestion answers 200 (the JSON after validation, envelope
-# merge and timestamps). ``message_id`` is unique: a repeated id is acknowledged but not stored again.
-# ``routed_at`` is set when the delivery worker has turned the message into delivery items; routed
-# messages are kept for the de-duplication window (24 h), then purged. ``profiled_at`` is set when the
+# merge and timestamps). A repeated ``message_id`` is stored too (no unique index on the ingestion path:
+# a random key costs SQLite a page write per row); the delivery worker de-duplicates when it routes
+# (``rt_message_ids``) and deletes the repeats. ``routed_at`` is set when the delivery worker has turned
+# the message into delivery items; routed messages are kept for the de-duplication window (24 h), then
+# purged. ``profiled_at`` is set when the
 # profile recorder has recorded the message into profiles; while profiles are on, a message is purged only
 # once it is also profiled.
 rt_messages = Table(
@@ -172,7 +174,6 @@ rt_messages = Table(
     Column("payload", Text, nullable=False),
     Column("routed_at", UTCDateTime(), nullable=True),
     Column("profiled_at", UTCDateTime(), nullable=True),
-    UniqueConstraint("message_id", name="uq_rt_messages_message_id"),
     Index(
         "ix_rt_messages_unrouted",
         "id",
@@ -191,6 +192,16 @@ rt_messages = Table(
         sqlite_where=text("profiled_at IS NULL"),
         postgresql_where=text("profiled_at IS NULL"),
     ),
+)
+
+# The ``messageId`` of every routed message still in ``rt_messages`` (the de-duplication window): the
+# router inserts a message's id as it routes it; a message whose id is here already is a repeat, which
+# is deleted without being routed. Purged with its message.
+rt_message_ids = Table(
+    "rt_message_ids",
+    metadata,
+    Column("message_id", String(255), primary_key=True),
+    sqlite_with_rowid=False,
 )
 
 # One delivery item per (message, matching mapping). ``status``: pending -> sending (claimed by a

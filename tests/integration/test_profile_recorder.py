@@ -112,13 +112,13 @@ def test_accepted_messages_become_profiles_with_traits_events_and_merges(realtim
     assert (
         realtime.post("/v1/track", {"event": "Order Completed", "userId": "u-1", "messageId": "m4"}).json()["accepted"]
         == 1
-    )  # a repeat: acknowledged, stored once
+    )  # a repeat: acknowledged, stored until delivery routes it, recorded once
     registry = CollectorRegistry()
     metrics = register_profile_metrics(registry, realtime.engine, lambda: True)
-    assert registry.get_sample_value("audience_sync_profile_backlog") == 6
+    assert registry.get_sample_value("audience_sync_profile_backlog") == 7
 
     worker = recorder(realtime, metrics=metrics)
-    assert worker.drain() == 6
+    assert worker.drain() == 7
     ada = profile(realtime, "u-1")
     assert (ada["user_id"], ada["email"], ada["anonymous_ids"]) == ("u-1", "ada@example.com", ["a-1"])
     assert ada["traits"] == {"email": "ada@example.com", "plan": "pro"}  # the later identify wins
@@ -131,6 +131,7 @@ def test_accepted_messages_become_profiles_with_traits_events_and_merges(realtim
     assert [e["event"] for e in profile(realtime, "a-2")["events"]] == ["Screen Viewed"]
     assert events_stored(realtime) == ["m1", "m2", "m3", "m4", "m5", "m6"]
     assert registry.get_sample_value("audience_sync_profile_messages_total", {"outcome": "recorded"}) == 6
+    assert registry.get_sample_value("audience_sync_profile_messages_total", {"outcome": "duplicate"}) == 1
     assert registry.get_sample_value("audience_sync_profile_backlog") == 0
     assert registry.get_sample_value("audience_sync_profile_backlog_age_seconds") == 0
     assert worker.drain() == 0
