@@ -56,7 +56,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from _common import load_average, machine, verdict, write_json
+from _common import Store, load_average, machine, verdict, write_json
 from bench_ingest import (
     WRITE_KEY,
     build_bodies,
@@ -70,7 +70,7 @@ from bench_ingest import (
     wait_http,
     wait_until,
 )
-from bench_profile_ingest import Store, metric
+from bench_profile_ingest import metric
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENT_P99_TARGET = 5.0
