@@ -297,7 +297,7 @@ class Daemon:
         delivery: list[threading.Thread] = []
         profiler = ProfileRecorder(engine, configured.profiles, ingest_rate=ingest_load.rate)
         profiler.metrics = register_profile_metrics(registry, engine, lambda: profiler.options.enabled)
-        streamer = Streamer(engine, syncer, configured.audiences)
+        streamer = Streamer(engine, syncer, configured.audiences, ingest_rate=ingest_load.rate)
         streamer.metrics = StreamMetrics(registry, engine, streamer.keys)
         profiler.on_recorded = streamer.wake
         head = migrate.head_revision()

@@ -96,6 +96,14 @@ class Streamer:
     """The longest wait between looks for due rows (other replicas' recorders do not wake this one)."""
     retry_seconds: float = 2.0
     max_retry_seconds: float = 60.0
+    light_ingest_rate: float = 3000.0
+    """Events/s of ingestion in this process up to which the streamer never holds back (the profile
+    recorder's threshold with real-time audiences)."""
+    min_share: float = 0.1
+    """The share of the time the streamer works under heavier ingestion while its changes are fresh."""
+    max_share: float = 0.5
+    """The share it works once its oldest due change waited :attr:`catch_up_seconds`."""
+    catch_up_seconds: float = 30.0
 
     def __init__(
         self,
@@ -104,12 +112,16 @@ class Streamer:
         audiences: Sequence[Audience],
         *,
         metrics: StreamMetrics | None = None,
+        ingest_rate: Callable[[], float] = lambda: 0.0,
         now: Now = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``audiences``: the real-time ones (query sources); ``now``: the wall clock that decides what
-        is due and evaluates the queries; ``monotonic``: the clock of the retry pauses."""
+        """``audiences``: the real-time ones (query sources); ``ingest_rate``: events/s this process
+        accepts lately (see :meth:`_yield_to_ingestion`); ``now``: the wall clock that decides what is
+        due and evaluates the queries; ``monotonic``: the clock of the retry pauses."""
         self.engine = engine
+        self.ingest_rate = ingest_rate
+        self._behind = 0.0  # seconds: how long the oldest change of the last micro-run had been due
         self.syncer = syncer
         self.audiences = _realtime(audiences)
         self.metrics = metrics
@@ -142,7 +154,10 @@ class Streamer:
                 try:
                     if self._seed:
                         self.seed()
+                    started = self.monotonic()
                     worked = self.process_once()
+                    if worked:
+                        self._yield_to_ingestion(self.monotonic() - started, stop)
                 except Exception as exc:
                     log.error(
                         "real-time streamer: %s: %s; the due changes stay due and are sent once this "
@@ -195,6 +210,7 @@ class Streamer:
         if not taken:
             return 0
         ids = [r.profile_id for r in taken]
+        self._behind = max(self._behind, (epoch_ms(now) - min(r.due_at for r in taken)) / 1000)
         done = self.syncer.micro_run(audience, ids, now=now)
         if done is None:  # another run of the audience is in progress: try again shortly
             self._pause(audience.key, first=self.retry_seconds, grow=False)
@@ -225,6 +241,20 @@ class Streamer:
             cause = causes.get(int(member))
             if cause is not None:
                 self.metrics.lag.observe(max(0.0, (acked - cause) / 1000))
+
+    def _yield_to_ingestion(self, seconds: float, stop: threading.Event) -> None:
+        """Under heavy ingestion in this process, stream only a share of the time (``seconds``: how long
+        the last round of micro-runs took). A micro-run's writes hold SQLite's single write lock, which
+        the ingestion's commits (the 200s) wait for, and its Python work shares the GIL with them. Up to
+        :attr:`light_ingest_rate` events/s nothing is held back (changes reach ODP within about a second);
+        above it the streamer works :attr:`min_share` of the time while its changes are fresh, and more
+        the longer they waited, up to :attr:`max_share` once they waited :attr:`catch_up_seconds`: a
+        burst is accepted at full speed and its changes follow within seconds after it."""
+        behind, self._behind = self._behind, 0.0
+        if seconds <= 0 or self.ingest_rate() <= self.light_ingest_rate:
+            return
+        share = self.min_share + (self.max_share - self.min_share) * min(1.0, behind / self.catch_up_seconds)
+        stop.wait(seconds * (1.0 - share) / share)
 
     def _pause(self, key: str, *, first: float, grow: bool) -> None:
         last = self._paused.get(key, (0.0, 0.0))[1]
