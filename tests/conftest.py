@@ -126,7 +126,13 @@ class Emulator:
         return self.url + "/twilio_segment"
 
     def reset(self) -> None:
+        """No faults, nothing recorded. First the requests still in flight (an earlier test's, whose
+        daemon was killed while the emulator slept on a latency fault) are answered and recorded, so
+        that they are cleared too instead of showing up in this test's records."""
         self.http.post(self.url + "/_emulator/faults", json={}).raise_for_status()
+        deadline = time.monotonic() + 30
+        while self.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.http.delete(self.url + "/_emulator/requests").raise_for_status()
 
     def faults(self, **faults: Any) -> None:

@@ -48,8 +48,10 @@ Control endpoints (``/_emulator``)
 - ``DELETE /_emulator/requests``: clears the records and the stats, answers ``{"cleared": N}``.
 - ``GET /_emulator/faults``: the current faults (``Faults.to_dict()``); ``POST /_emulator/faults`` with
   a JSON object replaces them (``{}`` clears them; an unknown key or a bad value answers 400).
-- ``GET /_emulator/stats``: ``{"requests": N, "items": M, "by_status": {"200": K, ...}}`` where ``items``
-  counts the items of 2xx-answered requests. O(1); handy as a readiness probe.
+- ``GET /_emulator/stats``: ``{"requests": N, "items": M, "by_status": {"200": K, ...}, "in_flight": F}``
+  where ``items`` counts the items of 2xx-answered requests and ``in_flight`` the requests received
+  and not answered yet (``latency_ms`` sleeping; recorded when answered, even if their client is gone).
+  O(1); handy as a readiness probe.
 
 All state lives in the app (``app.state.emulator``), so several emulators can run in one process.
 Nothing is logged per request unless uvicorn runs at ``info`` level or below.
@@ -299,6 +301,7 @@ class EmulatorState:
         self.stat_requests = 0
         self.stat_items = 0
         self.by_status: dict[int, int] = {}
+        self.in_flight = 0  # batch requests received and not answered yet (a latency fault sleeping)
         self.faults = Faults()
         self.rng = random.Random()
         self.set_faults(copy.deepcopy(faults) if faults is not None else Faults())
@@ -340,6 +343,7 @@ class EmulatorState:
             "requests": self.stat_requests,
             "items": self.stat_items,
             "by_status": {str(code): n for code, n in sorted(self.by_status.items())},
+            "in_flight": self.in_flight,
         }
 
 
@@ -444,11 +448,15 @@ def _batch_endpoint(state: EmulatorState, endpoint: str, check: _ShapeCheck) -> 
 
     async def batch(request: Request) -> Response:
         received_at = time.time()
-        raw = await request.body()
-        items, ok = _parse(raw)
-        status, response = await respond(request, items, ok)
-        count = len(items) if isinstance(items, list) else 0
-        state.record(path, status, received_at, request.headers, raw if ok else None, count)
+        state.in_flight += 1
+        try:
+            raw = await request.body()
+            items, ok = _parse(raw)
+            status, response = await respond(request, items, ok)
+            count = len(items) if isinstance(items, list) else 0
+            state.record(path, status, received_at, request.headers, raw if ok else None, count)
+        finally:
+            state.in_flight -= 1
         return response
 
     return batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -339,7 +340,7 @@ def test_create_app_copies_faults(start: Start) -> None:
 
 
 def test_stats(emu: httpx.Client) -> None:
-    assert emu.get("/_emulator/stats").json() == {"requests": 0, "items": 0, "by_status": {}}
+    assert emu.get("/_emulator/stats").json() == {"requests": 0, "items": 0, "by_status": {}, "in_flight": 0}
     upsert(emu, [contact(i) for i in range(10)])
     upsert(emu, [contact(i) for i in range(5)])
     upsert(emu, [contact(1), "bad"])
@@ -349,9 +350,24 @@ def test_stats(emu: httpx.Client) -> None:
         "requests": 4,
         "items": 15,
         "by_status": {"200": 2, "400": 1, "500": 1},
+        "in_flight": 0,
     }
     emu.delete("/_emulator/requests")
-    assert emu.get("/_emulator/stats").json() == {"requests": 0, "items": 0, "by_status": {}}
+    assert emu.get("/_emulator/stats").json() == {"requests": 0, "items": 0, "by_status": {}, "in_flight": 0}
+
+
+def test_a_request_sleeping_on_a_latency_fault_is_in_flight_until_answered_then_recorded(emu: httpx.Client) -> None:
+    emu.post("/_emulator/faults", json={"latency_ms": 2000})
+    answers: list[int] = []
+    sender = threading.Thread(target=lambda: answers.append(upsert(emu, [contact(1)]).status_code))
+    sender.start()
+    deadline = time.monotonic() + 10
+    while emu.get("/_emulator/stats").json()["in_flight"] == 0 and sender.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen_in_flight = emu.get("/_emulator/stats").json()["in_flight"] == 1 or not sender.is_alive()
+    sender.join(30)
+    assert seen_in_flight and answers == [200]
+    assert emu.get("/_emulator/stats").json() == {"requests": 1, "items": 1, "by_status": {"200": 1}, "in_flight": 0}
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
