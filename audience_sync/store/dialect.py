@@ -163,17 +163,28 @@ def list_param(conn: Connection, values: Sequence[Any]) -> Any:
     return json.dumps(list(values)) if is_sqlite(conn) else list(values)
 
 
+def list_rows(conn: Connection, pg_type: str | None = None) -> str:
+    """A FROM item for a driver-level statement: the values of a list bound as ONE parameter
+    (:func:`list_param`) as rows of one column ``value`` (``json_each`` on SQLite, ``unnest`` of an
+    array on PostgreSQL, cast to ``pg_type[]`` when given). Before an ``ON CONFLICT`` clause, SQLite's
+    parser needs a ``WHERE`` after the SELECT."""
+    if is_sqlite(conn):
+        return "json_each(?)"
+    array = f"CAST(?? AS {pg_type}[])" if pg_type else "??"
+    return f"unnest({array}) AS listed(value)"
+
+
 def text_in_list(conn: Connection, column: str, param: str) -> str:
     """SQL (SQLAlchemy ``text()``, named parameter ``param``) testing a text ``column`` against a list
-    of texts bound as one parameter (:func:`text_list`)."""
+    of texts bound as one parameter (:func:`list_param`)."""
     if is_sqlite(conn):
         return f"{column} IN (SELECT value FROM json_each(:{param}))"
     return f"{column} = ANY(CAST(:{param} AS TEXT[]))"
 
 
-def text_list(conn: Connection, values: Sequence[str]) -> Any:
-    """The bound value for :func:`text_in_list`."""
-    return json.dumps(list(values)) if is_sqlite(conn) else list(values)
+def least(conn: Connection) -> str:
+    """The function of the smaller of its (non-null) arguments: ``min`` on SQLite, ``LEAST``."""
+    return "min" if is_sqlite(conn) else "LEAST"
 
 
 def id_list(conn: Connection, ids: str) -> str:
@@ -299,8 +310,7 @@ def insert_absent(conn: Connection, table: str, column: str, values: Sequence[An
     if not values:
         return set()
     ordered = sorted(set(values))
-    # ``WHERE true``: SQLite's parser needs it before ON CONFLICT after a SELECT.
-    source = "SELECT value FROM json_each(?) WHERE true" if is_sqlite(conn) else "SELECT unnest(??)"
+    source = f"SELECT value FROM {list_rows(conn)} WHERE true"
     sql = f"INSERT INTO {table} ({column}) {source} ON CONFLICT ({column}) DO NOTHING RETURNING {column}"
     return {row[0] for row in driver_rows(conn, sql, [list_param(conn, ordered)])}
 

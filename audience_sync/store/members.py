@@ -40,6 +40,7 @@ from audience_sync.store.dialect import (
     in_id_list,
     is_sqlite,
     json_string,
+    list_param,
     query_columns,
     quote_name,
     raw_rows,
@@ -49,7 +50,6 @@ from audience_sync.store.dialect import (
     stage_selected,
     string_agg,
     text_in_list,
-    text_list,
     text_of,
     upsert,
 )
@@ -254,7 +254,7 @@ def write_plan(
     known = "" if mode == Mode.RECONCILE else "AND ((m.acked IS NOT NULL AND m.acked <> :x) OR m.sent IS NOT NULL)"
     if within is not None:
         known += f" AND {text_in_list(conn, 'm.member', 'within')}"
-        params["within"] = text_list(conn, [str(i) for i in within])
+        params["within"] = list_param(conn, [str(i) for i in within])
     exited = conn.execute(
         text(
             f"INSERT INTO run_changes (run_id, member, value, {_IDS}, outcome, error) "

@@ -23,7 +23,15 @@ from sqlalchemy.engine import Connection
 
 from audience_sync.identity import epoch_ms
 from audience_sync.query.ast import CheckedQuery
-from audience_sync.store.dialect import driver_execute, driver_executemany, is_sqlite, list_param, write_transaction
+from audience_sync.store.dialect import (
+    driver_execute,
+    driver_executemany,
+    in_list,
+    least,
+    list_param,
+    list_rows,
+    write_transaction,
+)
 from audience_sync.store.moments import changes_with_time, compile_next_change, next_changes
 
 __all__ = [
@@ -49,14 +57,10 @@ class DueRow:
     marks: int
 
 
-def _min(conn: Connection) -> str:
-    return "min" if is_sqlite(conn) else "LEAST"
-
-
 def _upsert_tail(conn: Connection, bump: bool) -> str:
     marks = ", marks = profile_due.marks + 1" if bump else ""
     return (
-        f"ON CONFLICT (audience, profile_id) DO UPDATE SET due_at = {_min(conn)}(profile_due.due_at, "
+        f"ON CONFLICT (audience, profile_id) DO UPDATE SET due_at = {least(conn)}(profile_due.due_at, "
         f"excluded.due_at){marks}"
     )
 
@@ -68,10 +72,7 @@ def mark_due(conn: Connection, audiences: Sequence[str], profile_ids: Sequence[i
     if not audiences or not profile_ids:
         return 0
     due_ms = due if isinstance(due, int) else epoch_ms(due)
-    if is_sqlite(conn):
-        select = "SELECT ?, value, ?, 0 FROM json_each(?) WHERE true"
-    else:
-        select = "SELECT ?, u, ?, 0 FROM unnest(CAST(?? AS BIGINT[])) AS u"
+    select = f"SELECT ?, value, ?, 0 FROM {list_rows(conn, 'BIGINT')} WHERE true"
     sql = f"INSERT INTO profile_due (audience, profile_id, due_at, marks) {select} {_upsert_tail(conn, True)}"
     ids = list_param(conn, sorted(set(profile_ids)))
     driver_executemany(conn, sql, [(a, due_ms, ids) for a in audiences])
@@ -149,9 +150,8 @@ def delete_due(engine: Engine, keep: Sequence[str]) -> int:
     with engine.begin() as conn:
         if not keep:
             return int(conn.execute(text("DELETE FROM profile_due")).rowcount)
-        ids = list_param(conn, list(keep))
-        where = "audience IN (SELECT value FROM json_each(?))" if is_sqlite(conn) else "audience = ANY(??)"
-        return driver_execute(conn, f"DELETE FROM profile_due WHERE NOT ({where})", (ids,))
+        keys = list_param(conn, list(keep))
+        return driver_execute(conn, f"DELETE FROM profile_due WHERE NOT ({in_list(conn, 'audience')})", (keys,))
 
 
 def finish_batch(
