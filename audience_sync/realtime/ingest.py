@@ -91,6 +91,27 @@ class IngestLoad:
         return self._rate * math.exp((self._at - self._clock()) / self.TAU)
 
 
+def hold_back_seconds(
+    worked: float,
+    rate: float,
+    *,
+    light_rate: float,
+    waited: float,
+    catch_up_seconds: float,
+    min_share: float,
+    max_share: float,
+) -> float:
+    """How long a background worker of the daemon (the profile recorder, the real-time streamer) rests
+    after ``worked`` seconds of work while ingestion in this process accepts ``rate`` events/s
+    (:class:`IngestLoad`): not at all up to ``light_rate``; above it, so that the worker works
+    ``min_share`` of the time while its oldest work is fresh, and a share growing with how long that work
+    ``waited``, up to ``max_share`` once it waited ``catch_up_seconds``."""
+    if worked <= 0 or rate <= light_rate:
+        return 0.0
+    share = min_share + (max_share - min_share) * min(1.0, waited / catch_up_seconds)
+    return worked * (1.0 - share) / share
+
+
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(payload, separators=(",", ":")).encode()
     return Response(body, status_code=status, media_type="application/json", headers={**_CORS, **(headers or {})})

@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
+from audience_sync.realtime.ingest import hold_back_seconds
 from audience_sync.store import profile_queue
 from audience_sync.store.profiles import DEFAULT_RETENTION, purge_events
 from audience_sync.timestamps import Now, format_duration, utcnow
@@ -275,9 +276,14 @@ class ProfileRecorder:
         full speed and recorded after it, and more the longer its messages waited, up to ``max_share``
         once they waited ``catch_up_seconds``: sustained ingestion is then recorded too, at some cost
         to the rate it is accepted at."""
-        light = self.realtime_ingest_rate if self.options.realtime_audiences else self.light_ingest_rate
-        if seconds <= 0 or self.ingest_rate() <= light:
-            return
-        behind = min(1.0, self._behind / self.catch_up_seconds)
-        share = self.min_share + (self.max_share - self.min_share) * behind
-        stop.wait(seconds * (1.0 - share) / share)
+        wait = hold_back_seconds(
+            seconds,
+            self.ingest_rate(),
+            light_rate=self.realtime_ingest_rate if self.options.realtime_audiences else self.light_ingest_rate,
+            waited=self._behind,
+            catch_up_seconds=self.catch_up_seconds,
+            min_share=self.min_share,
+            max_share=self.max_share,
+        )
+        if wait:
+            stop.wait(wait)

@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from audience_sync.audiences.rules import Audience, QuerySource, exit_value
 from audience_sync.audiences.syncer import Syncer
 from audience_sync.identity import epoch_ms
+from audience_sync.realtime.ingest import hold_back_seconds
 from audience_sync.statuses import Outcome
 from audience_sync.store import runs as run_store
 from audience_sync.store import streaming
@@ -251,10 +252,17 @@ class Streamer:
         the longer they waited, up to :attr:`max_share` once they waited :attr:`catch_up_seconds`: a
         burst is accepted at full speed and its changes follow within seconds after it."""
         behind, self._behind = self._behind, 0.0
-        if seconds <= 0 or self.ingest_rate() <= self.light_ingest_rate:
-            return
-        share = self.min_share + (self.max_share - self.min_share) * min(1.0, behind / self.catch_up_seconds)
-        stop.wait(seconds * (1.0 - share) / share)
+        wait = hold_back_seconds(
+            seconds,
+            self.ingest_rate(),
+            light_rate=self.light_ingest_rate,
+            waited=behind,
+            catch_up_seconds=self.catch_up_seconds,
+            min_share=self.min_share,
+            max_share=self.max_share,
+        )
+        if wait:
+            stop.wait(wait)
 
     def _pause(self, key: str, *, first: float, grow: bool) -> None:
         last = self._paused.get(key, (0.0, 0.0))[1]
