@@ -237,6 +237,22 @@ def serve_floor(port: int, db: Path) -> None:
 # ----------------------------------------------------------------------------------------------- phases
 
 
+def daemon_config(store_url: str, port: int, emulator_url: str) -> str:
+    """The config of the daemon under load: the store, the ingest API with the bench's write key, and
+    ODP at the emulator without pacing (the emulator is not rate limited). Callers append sections."""
+    return f"""
+[odp]
+api_key = "bench"
+endpoint = "{emulator_url}/twilio_segment"
+max_requests_per_second = 0
+[database]
+url = "{store_url}"
+[server]
+port = {port}
+write_keys = ["{WRITE_KEY}"]
+"""
+
+
 def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
@@ -392,19 +408,7 @@ def main() -> int:
             )
             processes.append(emulator)
             wait_http(emulator_url + "/_emulator/stats", emulator)
-            (work / "audience-sync.toml").write_text(
-                f"""
-[odp]
-api_key = "bench"
-endpoint = "{emulator_url}/twilio_segment"
-max_requests_per_second = 0
-[database]
-url = "{store.url}"
-[server]
-port = {daemon_port}
-write_keys = ["{WRITE_KEY}"]
-"""
-            )
+            (work / "audience-sync.toml").write_text(daemon_config(store.url, daemon_port, emulator_url))
             daemon = start(
                 [python, "-m", "audience_sync", "run", "--config", str(work / "audience-sync.toml")],
                 work,

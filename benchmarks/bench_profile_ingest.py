@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import Store, load_average, machine, verdict, write_json
-from bench_ingest import WRITE_KEY, build_bodies, free_port, load, start, stop, summarise, wait_http, wait_until
+from bench_ingest import build_bodies, daemon_config, free_port, load, start, stop, summarise, wait_http, wait_until
 
 RATIO_TARGET = 0.7
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,19 +58,7 @@ def one_run(
     store = Store(args.store, work, run)
     config = work / f"run-{run}.toml"
     config.write_text(
-        f"""
-[odp]
-api_key = "bench"
-endpoint = "{emulator_url}/twilio_segment"
-max_requests_per_second = 0
-[database]
-url = "{store.url}"
-[server]
-port = {port}
-write_keys = ["{WRITE_KEY}"]
-[profiles]
-enabled = {"true" if profiles else "false"}
-"""
+        daemon_config(store.url, port, emulator_url) + f"[profiles]\nenabled = {'true' if profiles else 'false'}\n"
     )
     daemon = start(
         [sys.executable, "-m", "audience_sync", "run", "--config", str(config)], work, work / f"run-{run}.log"

@@ -60,6 +60,7 @@ from _common import Store, load_average, machine, verdict, write_json
 from bench_ingest import (
     WRITE_KEY,
     build_bodies,
+    daemon_config,
     free_port,
     get_json,
     load,
@@ -100,17 +101,7 @@ def uid(i: int) -> str:
 def config_text(store_url: str, port: int, emulator_url: str, audiences: str) -> str:
     """The daemon's config: the store, the ingest API, ODP at the emulator without pacing, and
     ``audiences``: ``realtime`` (the five, real-time), ``scheduled`` (the five without it), ``none``."""
-    text = f"""
-[odp]
-api_key = "bench"
-endpoint = "{emulator_url}/twilio_segment"
-max_requests_per_second = 0
-[database]
-url = "{store_url}"
-[server]
-port = {port}
-write_keys = ["{WRITE_KEY}"]
-"""
+    text = daemon_config(store_url, port, emulator_url)
     if audiences == "none":
         return text + "[profiles]\nenabled = false\n"
     for name, query in AUDIENCES.items():
