@@ -446,19 +446,25 @@ class _Compiler:
         low, high = self.now_ms - window.second.millis, self.now_ms - window.first.millis
         return f"{column} >= {self.param(low)} AND {column} <= {self.param(high)}"
 
-    def predicate(self, stream: EventStream, scope: _Scope) -> str:
-        """The WHERE of a stream's events (alias ``e{level}``), correlated to its parent when nested."""
+    def stream_head(self, stream: EventStream, *, by_profile: bool) -> list[str]:
+        """The first conditions on a stream's events (alias ``e{level}``): its name, and its profile (the
+        parent event's when nested, else the batch's when :attr:`profile_filter` is set). ``by_profile``:
+        the events are looked up by profile, not by name (see :meth:`_Dialect.unindexed`)."""
         level = stream.level
         alias = f"e{level}"
-        # a batch's events (a real-time micro-run): looked up by profile, not by name (see _Dialect.unindexed)
-        name = (
-            self.d.unindexed(f"{alias}.event") if level == 1 and self.profile_filter is not None else f"{alias}.event"
-        )
+        name = self.d.unindexed(f"{alias}.event") if by_profile else f"{alias}.event"
         parts = [f"{name} = {self.param(stream.name)}"]
         if level > 1:
             parts.insert(0, f"{alias}.profile_id = e{level - 1}.profile_id")
         elif self.profile_filter is not None:
             parts.append(self.d.id_in(f"{alias}.profile_id", self.profile_filter))
+        return parts
+
+    def predicate(self, stream: EventStream, scope: _Scope) -> str:
+        """The WHERE of a stream's events (alias ``e{level}``), correlated to its parent when nested."""
+        level = stream.level
+        # a batch's events (a real-time micro-run): looked up by profile, not by name
+        parts = self.stream_head(stream, by_profile=level == 1 and self.profile_filter is not None)
         inner = _Scope(level, scope.joins)
         for item in stream.filters:
             if isinstance(item, Window):

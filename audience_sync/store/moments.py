@@ -24,9 +24,11 @@ adds that query's candidates.
 **Never**: a profile whose result cannot change by time alone (no candidate after ``now``) is absent
 from the result; only a new event or identify can change it, and the caller learns of those anyway.
 
-Each stream's candidates are a correlated subquery ``(SELECT min(...) FROM profile_events e1 WHERE
-e1.profile_id = p.id AND e1.event = ... AND e1.ts > ...)``: an index range on ``(profile_id, ts)`` per
-profile, which suits batches of a few thousand profile ids.
+A top-level stream's candidates are a grouped subquery joined to the profiles, as evaluate's streams
+are (``(SELECT e1.profile_id, min(...) FROM profile_events e1 WHERE e1.event = ... AND e1.ts > ...
+GROUP BY e1.profile_id)``; an inner join when it is the only source of moments); a nested stream's are a
+subquery correlated to its parent event. For a batch of profile ids, the events are looked up by
+profile, not by name (see ``_Dialect.unindexed``).
 """
 
 from __future__ import annotations
@@ -168,13 +170,7 @@ class _Moments:
         joins: dict[str, tuple[str, str]] = {} if level == 1 else (scope.joins or {})
         inner = _Scope(level, joins)
         # a few profiles' events (a batch, or one profile's in a nested stream): by profile, not by name
-        by_profile = level > 1 or self.c.profile_filter is not None
-        name = self.d.unindexed(f"{event}.event") if by_profile else f"{event}.event"
-        parts = [f"{name} = {self.c.param(stream.name)}"]
-        if level > 1:
-            parts.insert(0, f"{event}.profile_id = e{level - 1}.profile_id")
-        elif self.c.profile_filter is not None:
-            parts.append(self.d.id_in(f"{event}.profile_id", self.c.profile_filter))
+        parts = self.c.stream_head(stream, by_profile=level > 1 or self.c.profile_filter is not None)
         moments: list[str] = []
         for item in stream.filters:
             if isinstance(item, Window):
