@@ -113,6 +113,9 @@ class MaskedStream:
         self.inner.write(self.secrets.mask(text))
         return len(text)
 
+    def flush(self) -> None:
+        self.inner.flush()
+
     def writelines(self, lines: Iterable[str]) -> None:
         for line in lines:
             self.write(line)

@@ -22,12 +22,12 @@ from audience_sync.config import AudienceSettings, OdpSettings, Settings, comput
 from audience_sync.daemon.slots import Schedule
 from audience_sync.errors import AudienceSyncError, first_line
 from audience_sync.masking import redact_url
-from audience_sync.odp.client import ClientOptions, OdpClient
+from audience_sync.odp.client import ClientOptions, OdpClient, SharedPacing
 from audience_sync.odp.target import Target, reach
 from audience_sync.query.ast import CheckedQuery
 from audience_sync.query.checker import check_query
 from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
-from audience_sync.realtime.metrics import RealtimeMetrics
+from audience_sync.realtime.metrics import DeliveryCounters
 from audience_sync.realtime.profiler import ProfileOptions
 from audience_sync.realtime.routing import ResolvedMapping, Router, all_mappings
 from audience_sync.store import migrate
@@ -191,13 +191,17 @@ def open_client(
     *,
     transport: httpx.BaseTransport | None = None,
     on_response: Callable[[str, str], None] | None = None,
+    pacing: SharedPacing | None = None,
 ) -> Iterator[OdpClient]:
     """The ODP client of the configuration (its base URL: ``client.options.base_url``), open while the
     context lasts, with the bundled emulator behind it when no key and no endpoint are set.
-    ``on_response(endpoint, code)`` hears of every HTTP request (the metrics)."""
+    ``on_response(endpoint, code)`` hears of every HTTP request (the metrics); ``pacing``: the request
+    rate shared with the daemon's delivery worker process."""
     with (
         reach(odp_target(odp)) as (base_url, token),
-        OdpClient(client_options(odp, base_url, token), transport=transport, on_response=on_response) as client,
+        OdpClient(
+            client_options(odp, base_url, token), transport=transport, on_response=on_response, pacing=pacing
+        ) as client,
     ):
         yield client
 
@@ -243,7 +247,7 @@ def delivery_worker(
     engine: Engine,
     client: OdpClient,
     *,
-    metrics: RealtimeMetrics | None = None,
+    metrics: DeliveryCounters | None = None,
     ingest_rate: Callable[[], float] = lambda: 0.0,
     now: Now = utcnow,
     alerts: Alerts | None = None,

@@ -14,14 +14,11 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
-from pythonjsonlogger.json import JsonFormatter
-
+from audience_sync import logs
 from audience_sync.errors import AudienceSyncError
 from audience_sync.masking import MaskedStream
-from audience_sync.timestamps import iso
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD = 0, 1, 2, 3
 
@@ -88,32 +85,4 @@ def setup_logging(args: argparse.Namespace, default: int = logging.WARNING) -> N
     """Log lines on stderr: ``-v`` for INFO, ``-vv`` for DEBUG, ``--log-format json`` for one JSON
     object per line."""
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else default
-    handler = logging.StreamHandler(sys.stderr)
-    if getattr(args, "log_format", "text") == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "alembic", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    # APScheduler reports every tick skipped while a long run holds its audience: expected, not news.
-    logging.getLogger("apscheduler").setLevel(max(level, logging.ERROR))
-
-
-class _JsonFormatter(JsonFormatter):
-    """One JSON object per line (python-json-logger): ``time`` (ISO 8601 UTC), ``level``, ``logger``,
-    ``message``, then the record's structured fields (``audience``, ``run_id``, ``mode``, ``status``,
-    counts, ``http_status``...), and ``traceback`` for an exception."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "%(levelname)s %(name)s %(message)s",
-            rename_fields={"levelname": "level", "name": "logger", "exc_info": "traceback"},
-            json_default=str,
-        )
-
-    def add_fields(self, log_record: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
-        log_record["time"] = iso(datetime.fromtimestamp(record.created, UTC))
-        super().add_fields(log_record, record, message_dict)
+    logs.configure(logs.LogSetup(level, getattr(args, "log_format", "text") == "json"), sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import ipaddress
@@ -19,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,20 +32,21 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
-from audience_sync import wiring
+from audience_sync import logs, wiring
 from audience_sync.alerts import Alerts, AlertSender, Webhook
 from audience_sync.audiences.rules import Audience
 from audience_sync.audiences.syncer import Syncer
 from audience_sync.config import Config, Settings, keep_restart_only
+from audience_sync.daemon.delivery_process import ChildLink, DeliveryProcess
 from audience_sync.daemon.metrics import ProcessCounters, RunDurations, register_sync_metrics
 from audience_sync.daemon.scheduler import AudienceScheduler, RunTracker
 from audience_sync.daemon.server import DaemonState, create_app
 from audience_sync.daemon.slots import Schedule
 from audience_sync.errors import AudienceSyncError, ConfigError
 from audience_sync.group_writer import GroupWriter
-from audience_sync.masking import SECRETS
-from audience_sync.odp.client import OdpClient
-from audience_sync.realtime.delivery import DeliveryOptions, DeliveryWorker
+from audience_sync.masking import SECRETS, MaskedStream
+from audience_sync.odp.client import OdpClient, SharedPacing
+from audience_sync.realtime.delivery import DeliveryOptions
 from audience_sync.realtime.ingest import IngestLoad, MessageRows, WriteKeys, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
 from audience_sync.realtime.profiler import ProfileOptions, ProfileRecorder, register_profile_metrics
@@ -51,7 +54,7 @@ from audience_sync.realtime.routing import ResolvedMapping, Router
 from audience_sync.realtime.streamer import Streamer, StreamMetrics
 from audience_sync.store import migrate, outbox
 from audience_sync.store import runs as run_store
-from audience_sync.store.engine import ping
+from audience_sync.store.engine import make_engine, ping
 
 log = logging.getLogger("audience_sync.daemon")
 
@@ -105,10 +108,13 @@ def run_daemon(config: Config, engine: Engine, load: Callable[[], Config] | None
     disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
     registry = CollectorRegistry()
     counters = ProcessCounters(registry)
+    pacing = SharedPacing()
     try:
         _warn_if_exposed(settings.server.host, settings.server.public_pages)
-        with wiring.open_client(settings.odp, on_response=counters.odp_response) as client:
-            daemon = Daemon.build(settings, engine, client, stop, load=load, registry=registry, counters=counters)
+        with wiring.open_client(settings.odp, on_response=counters.odp_response, pacing=pacing) as client:
+            daemon = Daemon.build(
+                settings, engine, client, stop, load=load, registry=registry, counters=counters, pacing=pacing
+            )
             try:
                 return asyncio.run(_serve(settings, daemon, stop, deadline, listener))
             finally:
@@ -222,7 +228,7 @@ class Daemon:
         tracker: RunTracker,
         scheduler: AudienceScheduler,
         writer: GroupWriter[MessageRows],
-        worker: DeliveryWorker,
+        delivery: DeliveryProcess,
         state: DaemonState,
         keys: WriteKeys,
         app: ASGIApp,
@@ -231,7 +237,6 @@ class Daemon:
         load: Callable[[], Config] | None,
         alerts: Alerts,
         sender: AlertSender,
-        delivery: list[threading.Thread],
         profiler: ProfileRecorder,
         streamer: Streamer,
     ) -> None:
@@ -240,7 +245,7 @@ class Daemon:
         self.tracker = tracker
         self.scheduler = scheduler
         self.writer = writer
-        self.worker = worker
+        self.delivery = delivery
         self.state = state
         self.keys = keys
         self.app = app
@@ -249,7 +254,6 @@ class Daemon:
         self.load = load
         self.alerts = alerts
         self.sender = sender
-        self.delivery = delivery  # the worker's thread, once started
         self.profiler = profiler
         self.streamer = streamer
         self._reloading = asyncio.Lock()
@@ -267,11 +271,12 @@ class Daemon:
         load: Callable[[], Config] | None = None,
         registry: CollectorRegistry | None = None,
         counters: ProcessCounters | None = None,
+        pacing: SharedPacing | None = None,
     ) -> Daemon:
         """The daemon of ``settings`` on the store ``engine``, sending with ``client``; ``stop`` is set
         when it stops (runs and deliveries in flight wind down); ``load`` reads the configuration again
         (None: no reload). ``registry`` holds the metrics, with this process's ``counters`` (ODP's
-        answers) already in it."""
+        answers) already in it; ``pacing``: ``client``'s, shared with the delivery worker's process."""
         configured = Configured.of(settings)
         registry = registry or CollectorRegistry()
         counters = counters or ProcessCounters(registry)
@@ -284,17 +289,15 @@ class Daemon:
         realtime = register_realtime_metrics(registry, engine)
         ingest_load = IngestLoad()
         writer = message_writer(engine)
-        worker = DeliveryWorker(
-            engine,
-            client,
-            configured.router,
-            configured.delivery,
+        delivery = DeliveryProcess(
+            _deliver,
+            DeliverySpec(settings, client.options.base_url, client.options.api_key, logs.current()),
             metrics=realtime,
+            on_response=counters.odp_response,
             ingest_rate=ingest_load.rate,
-            on_dead=alerts.dead_deliveries,
+            inherited=pacing,
         )
         sender = AlertSender(alerts, check=functools.partial(_fire_stalled, scheduler, alerts))
-        delivery: list[threading.Thread] = []
         profiler = ProfileRecorder(engine, configured.profiles, ingest_rate=ingest_load.rate)
         profiler.metrics = register_profile_metrics(registry, engine, lambda: profiler.options.enabled)
         streamer = Streamer(engine, syncer, configured.audiences, ingest_rate=ingest_load.rate)
@@ -313,8 +316,8 @@ class Daemon:
                 checks["database"] = checks["migrations"] = f"unreachable: {type(exc).__name__}"
             if not scheduler.running:
                 checks["scheduler"] = "not running"
-            if not (delivery and delivery[0].is_alive()):
-                checks["delivery"] = "the delivery worker is not running"
+            if not delivery.alive():
+                checks["delivery"] = "the delivery worker's process is not running"
             checks["alerts"] = "ok" if sender.alive() else "the alert sender is not running"
             checks["profiles"] = "ok" if profiler.running else "the profile recorder is not running"
             checks["streamer"] = "ok" if streamer.running else "the real-time streamer is not running"
@@ -341,7 +344,7 @@ class Daemon:
             tracker=tracker,
             scheduler=scheduler,
             writer=writer,
-            worker=worker,
+            delivery=delivery,
             state=state,
             keys=keys,
             app=app,
@@ -350,7 +353,6 @@ class Daemon:
             load=load,
             alerts=alerts,
             sender=sender,
-            delivery=delivery,
             profiler=profiler,
             streamer=streamer,
         )
@@ -361,7 +363,7 @@ class Daemon:
         alerts' webhooks, the profile recorder's options,
         what the admin API and the page show, the admin token."""
         self.scheduler.reschedule(configured.schedules, lease=configured.settings.schedule.lease)
-        self.worker.reconfigure(configured.router, configured.delivery)
+        self.delivery.reconfigure(dataclasses.replace(self.delivery.spec, settings=configured.settings))
         self.keys.replace(configured.write_keys)
         self.alerts.replace(configured.webhooks)
         self.profiler.reconfigure(configured.profiles)
@@ -420,7 +422,6 @@ class Daemon:
         try:
             self.writer.close()
         finally:
-            self.worker.close()
             self.syncer.close()
             self.alerts.close()
 
@@ -464,9 +465,7 @@ async def _serve(
         await asyncio.sleep(0.02)
     log.info("listening on http://%s:%s", host, port)
     daemon.scheduler.start()
-    delivery = threading.Thread(target=daemon.worker.run, args=(stop,), name="delivery-worker", daemon=True)
-    delivery.start()
-    daemon.delivery.append(delivery)
+    daemon.delivery.start()
     if daemon.sender is not None:
         daemon.sender.start(stop)
     profiling = threading.Thread(target=daemon.profiler.run, args=(stop,), name="profile-recorder", daemon=True)
@@ -482,7 +481,7 @@ async def _serve(
     stop.set()
     daemon.scheduler.shutdown()
     await daemon.tracker.wait(timeout=deadline.remaining())
-    await asyncio.to_thread(delivery.join, deadline.remaining())
+    await asyncio.to_thread(daemon.delivery.stop, deadline.remaining())
     await asyncio.to_thread(profiling.join, deadline.remaining())
     daemon.streamer.wake()
     await asyncio.to_thread(streaming.join, deadline.remaining())
@@ -498,3 +497,46 @@ async def _reload_on_signal(daemon: Daemon) -> None:
     """SIGHUP: reload, and log the outcome (:meth:`Daemon.reload` does)."""
     with contextlib.suppress(ConfigError):
         await daemon.reload("SIGHUP")
+
+
+@dataclass(frozen=True)
+class DeliverySpec:
+    """What the delivery worker's process is built from (pickled to it): the settings (replaced at a
+    reload), where ODP is (resolved here: the bundled emulator, when there is one, runs in the daemon)
+    and how to log."""
+
+    settings: Settings
+    base_url: str
+    api_key: str = dataclasses.field(repr=False)
+    log: logs.LogSetup
+
+
+def _deliver(link: ChildLink, spec: DeliverySpec) -> None:
+    """The delivery worker's process (see :mod:`~audience_sync.daemon.delivery_process`): the worker of
+    ``spec.settings`` on its own engine and ODP client, pacing with the daemon's, until ``link.stop``."""
+    sys.stdout, sys.stderr = MaskedStream(sys.stdout), MaskedStream(sys.stderr)  # as the CLI does
+    logs.configure(spec.log, sys.stderr)
+    settings = spec.settings
+    SECRETS.add(settings.secret_values())
+    engine = make_engine(settings.database.url)
+    alerts = Alerts(engine, wiring.webhooks(settings))
+    options = wiring.client_options(settings.odp, spec.base_url, spec.api_key)
+    try:
+        with OdpClient(options, on_response=link.odp_response, pacing=link.inherited) as client:
+            worker = wiring.delivery_worker(
+                settings, engine, client, metrics=link, ingest_rate=link.ingest_rate, alerts=alerts
+            )
+
+            def configure(new: DeliverySpec) -> None:
+                SECRETS.add(new.settings.secret_values())
+                worker.reconfigure(Router(wiring.mappings(new.settings)), wiring.delivery_options(new.settings))
+                alerts.replace(wiring.webhooks(new.settings))
+
+            link.on_configure = configure
+            try:
+                worker.run(link.stop)
+            finally:
+                worker.close()
+    finally:
+        alerts.close()
+        engine.dispose()

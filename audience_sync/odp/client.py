@@ -30,12 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from email.utils import parsedate_to_datetime
@@ -56,6 +58,7 @@ __all__ = [
     "OdpClient",
     "OutboundItem",
     "SendTotals",
+    "SharedPacing",
 ]
 
 log = logging.getLogger("audience_sync.odp")
@@ -208,22 +211,58 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-class _Pacer:
-    """Thread-safe spacing of request starts, plus a client-wide pause (set by 429 responses)."""
+class SharedPacing:
+    """The pacing state of :class:`OdpClient` shared by processes: the daemon and its delivery worker's
+    process send to one ODP account, so ``max_requests_per_second`` and a 429's pause hold for both
+    together. Made before the worker's process starts and handed to it when it starts (a
+    ``multiprocessing`` lock and two shared floats: the next request's earliest start and the end of
+    the pause, on ``time.monotonic``, which is one clock for every process of the host)."""
 
-    def __init__(self, rps: float, clock: Callable[[], float]) -> None:
+    lock_timeout: float = 1.0
+    """A process killed while it held the lock (a few instructions) must not stall the others: after
+    this long they go on without it."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.lock = context.Lock()
+        self.slots = context.RawArray("d", 2)
+
+
+class _Pacer:
+    """Thread-safe spacing of request starts, plus a client-wide pause (set by 429 responses); across
+    processes with a :class:`SharedPacing`."""
+
+    def __init__(self, rps: float, clock: Callable[[], float], shared: SharedPacing | None = None) -> None:
         self._interval = 1.0 / rps if rps > 0 else 0.0
         self._clock = clock
-        self._lock = threading.Lock()
-        self._next = 0.0  # earliest start of the next request (clock time)
-        self._pause_until = 0.0
+        self._shared = shared
+        self._thread_lock = threading.Lock()
+        self._slots: Any = shared.slots if shared is not None else [0.0, 0.0]
+        """[0]: earliest start of the next request; [1]: end of the pause (clock time)."""
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        if self._shared is None:
+            with self._thread_lock:
+                yield
+            return
+        held = self._shared.lock.acquire(timeout=self._shared.lock_timeout)
+        try:
+            yield
+        finally:
+            if held:
+                self._shared.lock.release()
+
+    @property
+    def _pause_until(self) -> float:
+        return float(self._slots[1])
 
     def pause(self, seconds: float) -> float:
         """Pause every thread's next request for ``seconds``; returns the end of this pause (clock time)."""
-        with self._lock:
+        with self._lock():
             until = self._clock() + seconds
-            if until > self._pause_until:
-                self._pause_until = until
+            if until > self._slots[1]:
+                self._slots[1] = until
             return until  # not a longer pause set by another thread: the caller only sleeps ``seconds``
 
     def acquire(self, wait: Callable[[float], bool], waited_pause: float = 0.0) -> float | None:
@@ -238,7 +277,7 @@ class _Pacer:
         if self._interval <= 0.0 and (pause <= waited_pause or pause <= self._clock()):
             return waited_pause  # fast path: unpaced and not paused (a racy read is fine: re-checked below)
         while True:
-            with self._lock:
+            with self._lock():
                 now = self._clock()
                 pause = self._pause_until
                 if pause > now and pause > waited_pause:
@@ -248,8 +287,8 @@ class _Pacer:
                 else:
                     if self._interval <= 0.0:
                         return waited_pause
-                    start = max(now, self._next)
-                    self._next = start + self._interval
+                    start = max(now, self._slots[0])
+                    self._slots[0] = start + self._interval
                     delay = start - now
                     if delay <= 0.0:
                         return waited_pause
@@ -257,7 +296,7 @@ class _Pacer:
             if not wait(delay):
                 return None
             if slot:
-                with self._lock:
+                with self._lock():
                     pause = self._pause_until
                     if not (pause > self._clock() and pause > waited_pause):
                         return waited_pause
@@ -321,10 +360,12 @@ class OdpClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_response: Callable[[str, str], None] | None = None,
+        pacing: SharedPacing | None = None,
     ) -> None:
         """``on_response(endpoint, code)`` is called for every HTTP request made: the endpoint's last
         path segment (``batch_upsert_contact``) and the status code, or ``timeout`` /
-        ``connection_error`` (the metrics count ODP's answers with it)."""
+        ``connection_error`` (the metrics count ODP's answers with it). ``pacing``: pace together with
+        the clients of other processes that share it (default: this client alone)."""
         self.options = options
         self._on_response = on_response
         self._base_url = options.base_url.rstrip("/")
@@ -334,7 +375,7 @@ class OdpClient:
         self._interruptible = sleep is time.sleep
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
-        self._pacer = _Pacer(options.max_requests_per_second, clock)
+        self._pacer = _Pacer(options.max_requests_per_second, clock, pacing)
         self._http = httpx.Client(
             transport=transport,
             timeout=httpx.Timeout(options.timeout_seconds),

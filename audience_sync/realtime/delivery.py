@@ -37,7 +37,7 @@ from sqlalchemy import Engine
 
 from audience_sync.leases import THIS_PROCESS, Heartbeat, Holders
 from audience_sync.odp.client import BatchReport, OdpClient, OutboundItem
-from audience_sync.realtime.metrics import RealtimeMetrics
+from audience_sync.realtime.metrics import DeliveryCounters
 from audience_sync.realtime.routing import DeliveryItem, Router
 from audience_sync.store import outbox
 from audience_sync.timestamps import Now, utcnow
@@ -97,7 +97,7 @@ class DeliveryWorker:
         router: Router,
         options: DeliveryOptions,
         *,
-        metrics: RealtimeMetrics | None = None,
+        metrics: DeliveryCounters | None = None,
         ingest_rate: Callable[[], float] = lambda: 0.0,
         now: Now = utcnow,
         holders: Holders = THIS_PROCESS,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -20,11 +20,20 @@ from sqlalchemy import Engine
 from audience_sync.store import outbox
 from audience_sync.timestamps import utcnow
 
-__all__ = ["DELIVERY_BUCKETS", "IngestCounters", "RealtimeMetrics", "register_realtime_metrics"]
+__all__ = ["DELIVERY_BUCKETS", "DeliveryCounters", "IngestCounters", "RealtimeMetrics", "register_realtime_metrics"]
 
 log = logging.getLogger("audience_sync.metrics")
 
 DELIVERY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600)
+
+
+class DeliveryCounters(Protocol):
+    """What the delivery worker counts: :class:`RealtimeMetrics` in the process that serves them, or
+    what relays them there from the worker's own process."""
+
+    def outcome(self, outcome: str, count: int) -> None: ...
+
+    def delivered_after(self, seconds: float) -> None: ...
 
 
 class RealtimeMetrics:

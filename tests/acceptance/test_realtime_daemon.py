@@ -1,8 +1,10 @@
 """The real-time path through a running daemon (`audience-sync run`): the official Segment library in,
-the emulator out; and a daemon killed right after its 200s delivers everything after a restart."""
+the emulator out; a daemon killed right after its 200s delivers everything after a restart (and its
+delivery worker's process does not outlive it); a delivery worker's process that dies is replaced."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -105,7 +107,13 @@ def test_the_segment_library_through_a_running_daemon(runner: Runner, emulator: 
 
     deliveries = daemon.http.get("/api/deliveries", params={"status": "delivered"}).json()
     assert len(deliveries) == 11
-    metrics = daemon.http.get("/metrics").text
+
+    # The worker's process counts; its counters reach the daemon's /metrics within a moment.
+    def metrics_with_the_workers_counts() -> str | None:
+        text = daemon.http.get("/metrics").text
+        return text if "audience_sync_delivery_latency_seconds_count 11.0" in text else None
+
+    metrics = wait_for(metrics_with_the_workers_counts, 10, "the delivery worker's counters to reach /metrics")
     assert "audience_sync_events_accepted_total 12.0" in metrics
     assert 'audience_sync_delivery_items_total{outcome="delivered"} 11.0' in metrics
     assert 'audience_sync_delivery_items_stored{status="delivered"} 11.0' in metrics
@@ -127,8 +135,10 @@ def test_a_daemon_killed_after_its_200s_delivers_everything_after_a_restart(runn
             response = http.post(daemon.url + "/v1/batch", json={"batch": batch, "writeKey": WRITE_KEY})
             assert response.status_code == 200 and response.json()["accepted"] == 25
             accepted += [m["userId"] for m in batch]
+    worker = wait_for(lambda: worker_processes(daemon.process.pid), 30, "the delivery worker's process")
     daemon.process.send_signal(signal.SIGKILL)
     daemon.process.wait(10)
+    wait_for(lambda: not running(worker[0]), 30, "the delivery worker to stop with its daemon")
     assert emulator.stats()["items"] == 0
 
     emulator.faults()
@@ -138,3 +148,50 @@ def test_a_daemon_killed_after_its_200s_delivers_everything_after_a_restart(runn
     assert sorted(delivered) == sorted(accepted)
     assert again.http.get("/api/deliveries", params={"status": "dead"}).json() == []
     assert again.stop()[0] == 0
+
+
+def worker_processes(pid: int) -> list[int]:
+    """The delivery worker processes the daemon ``pid`` started (not multiprocessing's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid and b"spawn_main" in command and running(int(stat.parent.name)):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie stays until PID 1 reaps it, which a container may not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_delivery_worker_process_that_dies_is_replaced_and_delivers_what_came_meanwhile(
+    runner: Runner, emulator: Emulator
+) -> None:
+    daemon = runner.start()
+    first = wait_for(lambda: worker_processes(daemon.process.pid), 30, "the delivery worker's process")
+    assert len(first) == 1 and first[0] != daemon.process.pid
+    os.kill(first[0], signal.SIGKILL)
+    batch = [{"type": "identify", "userId": f"meanwhile-{i}"} for i in range(30)]
+    response = daemon.http.post("/v1/batch", json={"batch": batch, "writeKey": WRITE_KEY})
+    assert response.status_code == 200 and response.json()["accepted"] == 30  # ingestion never stopped
+
+    second = wait_for(
+        lambda: [p for p in worker_processes(daemon.process.pid) if p != first[0]], 30, "a new delivery worker"
+    )
+    wait_for(lambda: emulator.stats()["items"] >= 30, 30, "the events accepted meanwhile to be delivered")
+    assert sorted(i["user_identifiers"]["userId"] for i in emulator.items()) == sorted(m["userId"] for m in batch)
+    wait_for(lambda: daemon.http.get("/readyz").json()["checks"]["delivery"] == "ok", 10, "/readyz to be ready")
+    code, _ = daemon.stop()
+    assert code == 0
+    log = daemon.process.stderr.read() if daemon.process.stderr else ""
+    assert f"the delivery worker process {first[0]} stopped (exit code -9)" in log
+    assert "starting another worker in 1 s" in log
+    assert not running(second[0])

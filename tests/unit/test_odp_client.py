@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import multiprocessing
 import random
 import threading
 import time
@@ -34,6 +35,7 @@ from audience_sync.odp.client import (
     OdpClient,
     OutboundItem,
     SendTotals,
+    SharedPacing,
     _Pacer,
     _WaitBudget,
     parse_retry_after,
@@ -979,3 +981,49 @@ def test_against_a_real_http_server(live_odp: tuple[str, list[Any]]) -> None:
     assert len(reports) == 20 and all(len(r.acknowledged) == 5 for r in reports)
     assert report_threads == {threading.get_ident()}
     assert sorted(entry["id"] for entry in received) == sorted(i.key for b in batches for i in b)
+
+
+# --- pacing shared by processes (the daemon and its delivery worker's process) ---------------------------
+
+
+def test_clients_that_share_pacing_space_their_requests_and_pauses_together() -> None:
+    """Two clients with one SharedPacing (the daemon's and its delivery worker's) take turns at
+    ``max_requests_per_second``; a 429 pause set by one holds the other too. Alone, each would start
+    at once."""
+    shared = SharedPacing()
+    now = [100.0]
+    waits: list[tuple[str, float]] = []
+
+    def waiter(name: str) -> Callable[[float], bool]:
+        return lambda seconds: waits.append((name, round(seconds, 6))) or True
+
+    daemon, worker = (_Pacer(10.0, lambda: now[0], shared) for _ in range(2))
+    assert daemon.acquire(waiter("daemon")) == 0.0
+    worker.acquire(waiter("worker"))
+    daemon.acquire(waiter("daemon"))
+    assert waits == [("worker", 0.1), ("daemon", 0.2)]
+
+    waits.clear()
+    now[0] = 200.0
+    until = worker.pause(5.0)
+    assert daemon.acquire(waiter("daemon")) == until
+    assert waits == [("daemon", 5.0)]
+
+    alone = _Pacer(10.0, lambda: now[0])
+    assert alone.acquire(waiter("alone")) == 0.0 and waits == [("daemon", 5.0)]
+
+
+def _pause_in_another_process(shared: SharedPacing, seconds: float) -> None:
+    _Pacer(0.0, time.monotonic, shared).pause(seconds)
+
+
+def test_a_pause_set_in_another_process_holds_this_one() -> None:
+    shared = SharedPacing()
+    context = multiprocessing.get_context("spawn")
+    child = context.Process(target=_pause_in_another_process, args=(shared, 600.0))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    waits: list[float] = []
+    assert _Pacer(0.0, time.monotonic, shared).acquire(lambda s: waits.append(s) or True) is not None
+    assert len(waits) == 1 and 590 < waits[0] <= 600
