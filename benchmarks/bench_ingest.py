@@ -267,10 +267,36 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(10)
 
 
-def steady(port: int, emulator: str, rate: float, seconds: float, batch: int) -> dict[str, Any]:
-    """``rate`` identify events/s in requests of ``batch``; latency from POST to the emulator's receipt."""
+STEADY_MIXES = ("issue", "identify")
+"""``issue``: issue 13's steady load, four in five identify and one in five a Product Viewed track (the
+burst's :func:`message`); ``identify``: every event a bare identify (the steady load before that)."""
+
+
+def steady_messages(index: int, batch: int, mix: str) -> list[dict[str, Any]]:
+    """The messages of steady request ``index``; every event has a user id of its own, which its one
+    delivery item carries (``user_identifiers.userId``) to whichever endpoint it goes."""
+    users = [f"steady{index}-{i}" for i in range(batch)]
+    if mix == "identify":
+        return [
+            {"type": "identify", "userId": u, "messageId": str(uuid.uuid4()), "traits": {"email": f"{u}@x.test"}}
+            for u in users
+        ]
+    return [message(index * batch + i, u) for i, u in enumerate(users)]
+
+
+def latency_figures(latencies: list[float]) -> dict[str, Any]:
+    return {
+        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+    }
+
+
+def steady(port: int, emulator: str, rate: float, seconds: float, batch: int, mix: str = "issue") -> dict[str, Any]:
+    """``rate`` events/s of ``mix`` in requests of ``batch``; latency from POST to the emulator's receipt,
+    per event that reached it (identifies at ``batch_upsert_contact``, tracks at ``batch_custom_event``)."""
     seq = get_json(emulator + "/_emulator/stats")["requests"]
-    sent_at: dict[str, float] = {}
+    sent_at: dict[str, tuple[float, str]] = {}
     interval = batch / rate
     total = int(rate * seconds) // batch
     lock = threading.Lock()
@@ -289,11 +315,7 @@ def steady(port: int, emulator: str, rate: float, seconds: float, batch: int) ->
             delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
-            users = [f"steady{index}-{i}" for i in range(batch)]
-            messages = [
-                {"type": "identify", "userId": u, "messageId": str(uuid.uuid4()), "traits": {"email": f"{u}@x.test"}}
-                for u in users
-            ]
+            messages = steady_messages(index, batch, mix)
             body = json.dumps({"batch": messages, "sentAt": now_iso(), "writeKey": WRITE_KEY}).encode()
             posted = time.time()
             conn.request("POST", "/v1/batch", body=body, headers={"Content-Type": "application/json"})
@@ -302,8 +324,8 @@ def steady(port: int, emulator: str, rate: float, seconds: float, batch: int) ->
             if response.status != 200:
                 failures.append(response.status)
             with lock:
-                for u in users:
-                    sent_at[u] = posted
+                for m in messages:
+                    sent_at[m["userId"]] = (posted, m["type"])
         conn.close()
 
     items_before = get_json(emulator + "/_emulator/stats")["items"]
@@ -317,31 +339,38 @@ def steady(port: int, emulator: str, rate: float, seconds: float, batch: int) ->
     # Everything the daemon sends now is the load's (the burst before it was drained).
     backlog = expected - (get_json(emulator + "/_emulator/stats")["items"] - items_before)
 
-    def received() -> dict[str, float]:
-        records = get_json(f"{emulator}/_emulator/requests?path=batch_upsert_contact&since={seq}")["requests"]
+    def received() -> dict[str, tuple[float, str]]:
+        """user id -> (received_at, endpoint path) over every endpoint's 2xx requests since the load began."""
+        records = get_json(f"{emulator}/_emulator/requests?since={seq}")["requests"]
         return {
-            item["user_identifiers"]["userId"]: record["received_at"]
+            item["user_identifiers"]["userId"]: (record["received_at"], record["path"].rsplit("/", 1)[-1])
             for record in records
-            if 200 <= record["status"] < 300
+            if 200 <= record["status"] < 300 and isinstance(record.get("body"), list)
             for item in record["body"]
-            if item["user_identifiers"]["userId"] in sent_at
+            if isinstance(item, dict) and item.get("user_identifiers", {}).get("userId") in sent_at
         }
 
     wait_until(lambda: get_json(emulator + "/_emulator/stats")["items"] - items_before >= expected, 120)
     arrivals = received()
-    latencies = [arrivals[u] - sent_at[u] for u in sent_at if u in arrivals]
+    latencies = [arrivals[u][0] - posted for u, (posted, _) in sent_at.items() if u in arrivals]
+    by_kind: dict[str, dict[str, Any]] = {}
+    for kind in sorted({k for _, k in sent_at.values()}):
+        users = [u for u, (_, k) in sent_at.items() if k == kind]
+        own = [arrivals[u][0] - sent_at[u][0] for u in users if u in arrivals]
+        paths = sorted({arrivals[u][1] for u in users if u in arrivals})
+        by_kind[kind] = {"events": len(users), "delivered": len(own), "paths": paths} | latency_figures(own)
     return {
         "rate": rate,
         "seconds": seconds,
+        "mix": mix,
         "events": expected,
         "load_seconds": round(load_seconds, 2),
         "delivered": len(arrivals),
         "backlog_at_end": backlog,
         "backlog_seconds_at_end": round(backlog / rate, 2),
         "failures": len(failures),
-        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
-        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-        "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+        **latency_figures(latencies),
+        "by_kind": by_kind,
     }
 
 
@@ -364,7 +393,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     latency = result.get("steady")
     if latency is not None:
         lines += [
-            f"steady {latency['rate']:.0f} events/s for {latency['seconds']:.0f} s ({args.store};"
+            f"steady {latency['rate']:.0f} events/s for {latency['seconds']:.0f} s ({args.store}, mix {latency['mix']};"
             f" {latency['events']:,} events posted in {latency['load_seconds']} s, {latency['failures']} refused,"
             f" {latency['delivered']:,} delivered):",
             f"  backlog at the end of the load {latency['backlog_at_end']:,} events"
@@ -372,6 +401,12 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
             f"  ingest-to-emulator  p50 {latency['p50_ms']:.0f} ms  p99 {latency['p99_ms']:.0f} ms"
             f"  max {latency['max_ms']} ms  [{verdicts['steady']}: all accepted and delivered, backlog <= 2 s,"
             f" p99 <= {LATENCY_P99_TARGET:.0f} s]",
+        ]
+        lines += [
+            f"    {kind:<9} {figures['delivered']:,} of {figures['events']:,} delivered"
+            f" ({', '.join(figures['paths']) or 'nowhere'})"
+            f"  p50 {figures['p50_ms']:.0f} ms  p99 {figures['p99_ms']:.0f} ms"
+            for kind, figures in latency["by_kind"].items()
         ]
     return "\n".join(lines)
 
@@ -384,6 +419,12 @@ def main() -> int:
     parser.add_argument("--steady-rate", type=float, default=1000.0)
     parser.add_argument("--steady-seconds", type=float, default=30.0, help="0: no steady load")
     parser.add_argument("--steady-batch", type=int, default=20)
+    parser.add_argument(
+        "--steady-mix",
+        choices=STEADY_MIXES,
+        default="issue",
+        help="issue: 4 in 5 identify, 1 in 5 a Product Viewed track (issue 13); identify: identifies only",
+    )
     parser.add_argument("--no-burst", action="store_true", help="only the steady load (no throughput, no floor)")
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite", help="the daemon's store")
     parser.add_argument("--floor-server", nargs=2, metavar=("PORT", "DB"), help=argparse.SUPPRESS)
@@ -436,10 +477,13 @@ def main() -> int:
                 result["daemon"] = ours
             if args.steady_seconds > 0:
                 print(
-                    f"daemon: steady {args.steady_rate:.0f} events/s for {args.steady_seconds:.0f} s ...",
+                    f"daemon: steady {args.steady_rate:.0f} events/s ({args.steady_mix})"
+                    f" for {args.steady_seconds:.0f} s ...",
                     file=sys.stderr,
                 )
-                latency = steady(daemon_port, emulator_url, args.steady_rate, args.steady_seconds, args.steady_batch)
+                latency = steady(
+                    daemon_port, emulator_url, args.steady_rate, args.steady_seconds, args.steady_batch, args.steady_mix
+                )
                 result["steady"] = latency
                 ok_steady = (
                     latency["failures"] == 0
