@@ -79,7 +79,7 @@ class DeliveryWorker:
     lease_seconds: float = 60.0
     """How long claimed items stay claimed without a heartbeat."""
     purge_every_seconds: float = 60.0
-    route_chunk: int = 200
+    route_chunk: int = 500
     """Messages routed per transaction."""
     route_budget_seconds: float = 0.25
     """Routing time per cycle before sending gets its turn (a large backlog does not starve sends)."""
