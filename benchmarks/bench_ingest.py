@@ -16,7 +16,8 @@ Three measurements in one run, each against real processes on loopback:
    the emulator is reported too.
 2. **Floor.** The same load against a bare endpoint on the same server stack (Starlette on uvicorn, one
    process): parse the JSON, insert the request's raw messages into SQLite (WAL, ``synchronous=NORMAL``,
-   like the store) in one transaction per request, answer 200. The ratio daemon/floor is reported.
+   like the store) in one transaction per request, answer 200. The ratio daemon/floor is reported;
+   then, for information, the same floor parsing and writing with orjson (as the daemon does).
 3. **Latency.** A steady ``--steady-rate`` events/s for ``--steady-seconds`` against the daemon; for each
    event, the time from just before its POST to the emulator's ``received_at`` of the request holding
    it (ingest-to-ODP latency, linger and batching included). p50/p99/max, the events the emulator had
