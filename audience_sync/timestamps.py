@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import overload
 
-__all__ = ["Now", "as_utc", "format_duration", "iso", "parse_iso", "utcnow"]
+__all__ = ["Now", "as_utc", "format_duration", "iso", "iso_naive", "parse_iso", "utcnow"]
 
 Now = Callable[[], datetime]
 """A wall clock: returns the current time as an aware UTC datetime."""
@@ -37,6 +37,14 @@ def iso(moment: datetime | None) -> str | None:
     if moment.tzinfo is not UTC:
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def iso_naive(moment: datetime) -> str:
+    """:func:`iso` of a naive datetime in UTC, for hot paths (ingestion writes one per message): about
+    three times as fast, because formatting an aware datetime calls its tzinfo and the ``timespec``
+    argument costs as much again."""
+    text = moment.isoformat()
+    return text[:23] + "Z" if moment.microsecond else text[:19] + ".000Z"
 
 
 def as_utc(value: datetime | str) -> datetime:

@@ -16,7 +16,8 @@ Three measurements in one run, each against real processes on loopback:
    the emulator is reported too.
 2. **Floor.** The same load against a bare endpoint on the same server stack (Starlette on uvicorn, one
    process): parse the JSON, insert the request's raw messages into SQLite (WAL, ``synchronous=NORMAL``,
-   like the store) in one transaction per request, answer 200. The ratio daemon/floor is reported.
+   like the store) in one transaction per request, answer 200. The ratio daemon/floor is reported;
+   then, for information, the same floor parsing and writing with orjson (as the daemon does).
 3. **Latency.** A steady ``--steady-rate`` events/s for ``--steady-seconds`` against the daemon; for each
    event, the time from just before its POST to the emulator's ``received_at`` of the request holding
    it (ingest-to-ODP latency, linger and batching included). p50/p99/max, the events the emulator had
@@ -199,9 +200,10 @@ def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
 # ------------------------------------------------------------------------------------------------ floor
 
 
-def serve_floor(port: int, db: Path) -> None:
+def serve_floor(port: int, db: Path, codec: str = "json") -> None:
     """The floor: parse JSON, one transaction with the request's raw messages, 200. Same stack as the
-    daemon (Starlette on uvicorn, h11, no access log); writes serialised on one connection."""
+    daemon (Starlette on uvicorn, h11, no access log); writes serialised on one connection. ``codec``:
+    ``json`` (the standard library: the floor of the targets) or ``orjson`` (what the daemon uses)."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -215,15 +217,28 @@ def serve_floor(port: int, db: Path) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)")
     lock = threading.Lock()
 
+    if codec == "orjson":
+        import orjson
+
+        loads: Callable[[bytes], Any] = orjson.loads
+
+        def dumps(m: Any) -> str:
+            return orjson.dumps(m).decode()
+    else:
+        loads = json.loads
+
+        def dumps(m: Any) -> str:
+            return json.dumps(m, separators=(",", ":"))
+
     def store(messages: list[Any]) -> None:
-        rows = [(json.dumps(m, separators=(",", ":")),) for m in messages]
+        rows = [(dumps(m),) for m in messages]
         with lock:
             conn.execute("BEGIN")
             conn.executemany("INSERT INTO messages (payload) VALUES (?)", rows)
             conn.execute("COMMIT")
 
     async def batch(request: Request) -> Response:
-        body = json.loads(await request.body())
+        body = loads(await request.body())
         await run_in_threadpool(store, body["batch"])
         return JSONResponse({"success": True})
 
@@ -387,6 +402,15 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
             f"  floor   {floor['events_per_second']:>9,.0f} events/s (SQLite)"
             f"  p50 {floor['p50_ms']:.1f} ms  p99 {floor['p99_ms']:.1f} ms",
             f"  ratio   {result['ratio_to_floor']:.2f} of the floor  [{verdicts['ratio']} >= {FLOOR_RATIO_TARGET}]",
+        ]
+        floor_orjson = result.get("floor_orjson")
+        if floor_orjson is not None:
+            lines += [
+                f"  floor with orjson {floor_orjson['events_per_second']:,.0f} events/s"
+                f"  p50 {floor_orjson['p50_ms']:.1f} ms  p99 {floor_orjson['p99_ms']:.1f} ms;"
+                f" ratio to it {result['ratio_to_orjson_floor']:.2f} (for information: the daemon parses with orjson)",
+            ]
+        lines += [
             f"  stored  {ours['stored_messages']:,} messages; every item at the emulator"
             f" {ours['drain_seconds_after_load']} s after the load ended",
         ]
@@ -427,10 +451,10 @@ def main() -> int:
     )
     parser.add_argument("--no-burst", action="store_true", help="only the steady load (no throughput, no floor)")
     parser.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite", help="the daemon's store")
-    parser.add_argument("--floor-server", nargs=2, metavar=("PORT", "DB"), help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", nargs=3, metavar=("PORT", "DB", "CODEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_server:
-        serve_floor(int(args.floor_server[0]), Path(args.floor_server[1]))
+        serve_floor(int(args.floor_server[0]), Path(args.floor_server[1]), args.floor_server[2])
         return 0
 
     python = sys.executable
@@ -439,7 +463,7 @@ def main() -> int:
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
         work = Path(tmp)
-        emulator_port, daemon_port, floor_port = free_port(), free_port(), free_port()
+        emulator_port, daemon_port = free_port(), free_port()
         emulator_url = f"http://127.0.0.1:{emulator_port}"
         processes: list[subprocess.Popen[bytes]] = []
         store = Store(args.store, work, 0)
@@ -496,20 +520,30 @@ def main() -> int:
             stop(daemon)
 
             if bodies:
-                print("floor: throughput ...", file=sys.stderr)
-                floor_db = work / "floor.db"
-                floor = start(
-                    [python, str(Path(__file__).resolve()), "--floor-server", str(floor_port), str(floor_db)],
-                    work,
-                    work / "floor.log",
-                )
-                processes.append(floor)
-                wait_http(f"http://127.0.0.1:{floor_port}/healthz", floor)
-                load(floor_port, warmup, args.clients)
-                floor_run = summarise(load(floor_port, bodies, args.clients), args.events)
-                floor_run["stored_messages"] = count_rows(floor_db, "messages") - len(warmup) * args.batch
-                stop(floor)
+
+                def run_floor(codec: str) -> dict[str, Any]:
+                    print(f"floor ({codec}): throughput ...", file=sys.stderr)
+                    floor_db, port = work / f"floor-{codec}.db", free_port()
+                    floor = start(
+                        [python, str(Path(__file__).resolve()), "--floor-server", str(port), str(floor_db), codec],
+                        work,
+                        work / f"floor-{codec}.log",
+                    )
+                    processes.append(floor)
+                    wait_http(f"http://127.0.0.1:{port}/healthz", floor)
+                    load(port, warmup, args.clients)
+                    floor_run = summarise(load(port, bodies, args.clients), args.events)
+                    floor_run["stored_messages"] = count_rows(floor_db, "messages") - len(warmup) * args.batch
+                    stop(floor)
+                    return floor_run
+
+                floor_run = run_floor("json")
                 result["floor"] = floor_run
+                # For information: the same floor parsing and writing with orjson, as the daemon does.
+                result["floor_orjson"] = run_floor("orjson")
+                result["ratio_to_orjson_floor"] = round(
+                    result["daemon"]["events_per_second"] / result["floor_orjson"]["events_per_second"], 3
+                )
                 ratio = result["daemon"]["events_per_second"] / floor_run["events_per_second"]
                 result["ratio_to_floor"] = round(ratio, 3)
                 ok_throughput = (

@@ -26,13 +26,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+import orjson
 from sqlalchemy import Engine
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from audience_sync.group_writer import GroupWriter
-from audience_sync.realtime.messages import MAX_NESTING, MAX_REQUEST_BYTES, RequestError, prepare
+from audience_sync.realtime.messages import MAX_NESTING, MAX_REQUEST_BYTES, Prepared, RequestError, prepare
 from audience_sync.realtime.metrics import IngestCounters
 from audience_sync.store import outbox
 from audience_sync.timestamps import utcnow
@@ -124,7 +125,7 @@ def _error(status: int, code: str, message: str) -> Response:
 # --- the writer ------------------------------------------------------------------------------------------
 
 
-MessageRows = list[tuple[str, datetime, str]]
+MessageRows = Sequence[tuple[str, datetime, str]]
 """The messages of one request as stored: ``(message_id, received_at, payload JSON text)``."""
 
 MAX_GROUP_ROWS: Final = 10_000
@@ -210,7 +211,27 @@ def _finite(text: str) -> float:
     return value
 
 
+_DIGITS: Final = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))  # each digit to "0", the rest to " "
+_LONG_RUN: Final = b"0" * 19
+
+
+def _long_digit_run(raw: bytes) -> bool:
+    """Whether ``raw`` has 19 digits in a row (in C: a translation and a search)."""
+    return _LONG_RUN in raw.translate(_DIGITS)
+
+
 def _parse(raw: bytes) -> Any:
+    """The body's JSON: orjson reads the common body several times faster than the standard library;
+    anything else gets the standard library's reading (or its refusal), as before. orjson refuses what
+    the standard library reads differently (a byte order mark, UTF-16, an escaped lone surrogate,
+    infinity, NaN), and reads an integer beyond 64 bits as a float: a body with 19 digits in a row
+    anywhere (an integer of 18 digits always fits) is left to the standard library, which keeps it
+    exact."""
+    if not _long_digit_run(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
     except (ValueError, UnicodeDecodeError):
@@ -261,23 +282,30 @@ class _Ingest:
         allowed = request.headers.get("access-control-request-headers") or _DEFAULT_ALLOWED_HEADERS
         return Response(status_code=204, headers={**_PREFLIGHT, "Access-Control-Allow-Headers": allowed})
 
+    def prepare(self, raw: bytes, authorization: str | None, kind: str | None) -> Prepared:
+        """Parse, authenticate and validate one request's body. A function of its own so that the
+        parsed body is gone before the request waits for its commit: kept alive through that wait, the
+        objects of every request in flight outlived the garbage collector's young generations, and the
+        full collections they brought on cost about 2 µs per event in the burst benchmark."""
+        body = _parse(raw)
+        if not isinstance(body, dict):
+            raise RequestError(400, "invalid_json", "the body must be a JSON object")
+        body_key = body.get("writeKey")
+        basic_key = _basic_user(authorization)
+        if not _authorized(self.keys.encoded, (basic_key, body_key if isinstance(body_key, str) else None)):
+            raise RequestError(401, "unauthorized", "missing or unknown write key")
+        return prepare(body, kind, utcnow(), len(raw))
+
     async def ingest(self, request: Request, kind: str | None) -> Response:
         try:
             raw = await _read_body(request)
-            body = _parse(raw)
-            if not isinstance(body, dict):
-                raise RequestError(400, "invalid_json", "the body must be a JSON object")
-            body_key = body.get("writeKey")
-            basic_key = _basic_user(request.headers.get("authorization"))
-            if not _authorized(self.keys.encoded, (basic_key, body_key if isinstance(body_key, str) else None)):
-                raise RequestError(401, "unauthorized", "missing or unknown write key")
-            prepared = prepare(body, kind, utcnow(), len(raw))
+            prepared = self.prepare(raw, request.headers.get("authorization"), kind)
         except RequestError as exc:
             if self.metrics is not None:
                 self.metrics.request_rejected(exc.code, events=1 if exc.code == "invalid_message" and kind else 0)
             return _error(exc.status, exc.code, exc.message)
         if prepared.accepted:
-            rows = [(m.message_id, m.received_at, m.payload) for m in prepared.accepted]
+            rows: MessageRows = prepared.accepted  # an AcceptedMessage is the row itself
             try:
                 await asyncio.wrap_future(self.writer.submit(rows))
             except Exception as exc:

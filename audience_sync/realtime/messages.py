@@ -14,9 +14,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-from audience_sync.timestamps import iso
+import orjson
+
+from audience_sync.timestamps import as_utc, iso, iso_naive
 
 __all__ = [
     "MAX_BATCH_MESSAGES",
@@ -56,9 +58,9 @@ class RequestError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class AcceptedMessage:
-    """A message to store: its id, receive time and the JSON text of the whole message."""
+class AcceptedMessage(NamedTuple):
+    """A message to store: its id, receive time and the JSON text of the whole message; a plain tuple,
+    which is the row the store inserts (built once per message, on the hot path of ingestion)."""
 
     message_id: str
     received_at: datetime
@@ -83,10 +85,6 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
 
 
-def _absent(value: Any) -> bool:
-    return value is None or value == ""
-
-
 def _size(message: Any) -> int:
     try:
         text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
@@ -97,6 +95,21 @@ def _size(message: Any) -> int:
 
 class _Invalid(ValueError):
     pass
+
+
+def _encode(message: dict[str, Any]) -> bytes | None:
+    """The compact JSON text of ``message`` as UTF-8 (None: nested too deep to encode). orjson, several
+    times faster than the standard library; what it refuses (an integer beyond 64 bits, a lone
+    surrogate, nesting deeper than 254) goes to the standard library, which writes any of it (with
+    ``\\u`` escapes), as it did before."""
+    try:
+        return orjson.dumps(message)
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return _COMPACT.encode(message).encode()
+    except RecursionError:
+        return None
 
 
 def _string_id(message: dict[str, Any], key: str) -> bool:
@@ -121,17 +134,19 @@ _TYPE_SET: Final = frozenset(MESSAGE_TYPES)
 def _check(message: dict[str, Any]) -> None:
     kind = message.get("type")
     if type(kind) is not str or kind not in _TYPE_SET:
-        if _absent(kind):
+        if kind is None or kind == "":
             raise _Invalid("missing 'type'")
         if not isinstance(kind, str):
             raise _Invalid("'type' must be a string")
         raise _Invalid(f"unknown type {kind!r}: must be one of {', '.join(MESSAGE_TYPES)}")
-    has_user = _string_id(message, "userId")
-    if not _string_id(message, "anonymousId") and not has_user:
+    # A non-empty string is the common id: tested here first, without a call.
+    user, anonymous = message.get("userId"), message.get("anonymousId")
+    has_user = (type(user) is str and user != "") or _string_id(message, "userId")
+    if not ((type(anonymous) is str and anonymous != "") or _string_id(message, "anonymousId")) and not has_user:
         raise _Invalid("a message needs a 'userId' or an 'anonymousId'")
     if kind == "track":
         event = message.get("event")
-        if _absent(event):
+        if event is None or event == "":
             raise _Invalid("a track message needs an 'event'")
         if not isinstance(event, str):
             raise _Invalid("'event' must be a string")
@@ -147,7 +162,9 @@ def _check(message: dict[str, Any]) -> None:
 
 def _message_id(message: dict[str, Any]) -> str:
     value = message.get("messageId")
-    if _absent(value):
+    if type(value) is str and value != "":
+        pass  # the common case
+    elif value is None or value == "":
         value = str(uuid.uuid4())
     elif isinstance(value, int | float) and not isinstance(value, bool):
         value = str(value)
@@ -155,7 +172,7 @@ def _message_id(message: dict[str, Any]) -> str:
         raise _Invalid("'messageId' must be a string")
     if len(value) > MAX_MESSAGE_ID_LENGTH:
         raise _Invalid(f"'messageId' is longer than {MAX_MESSAGE_ID_LENGTH} characters")
-    if "\x00" in value or not _encodable(value):
+    if "\x00" in value or (not value.isascii() and not _encodable(value)):
         # Stored as a column of its own, where neither a NUL (PostgreSQL) nor a lone surrogate (any
         # database) can go: refused here rather than failing the whole request's write.
         raise _Invalid("'messageId' must be text without NUL characters or unpaired surrogates")
@@ -187,20 +204,20 @@ def _timestamps(message: dict[str, Any], request: _Request) -> None:
     ``timestamp = receivedAt - (sentAt - originalTimestamp)`` (clock-skew correction), else
     ``timestamp = originalTimestamp or receivedAt``."""
     original_text = message.get("timestamp")
-    if _absent(original_text):
+    if original_text is None or original_text == "":
         original_text = message.get("originalTimestamp")
     original: datetime | None = None
-    if not _absent(original_text):
+    if original_text is not None and original_text != "":
         original = _parse_time(original_text)
         if original is None:
             raise _Invalid("'timestamp' must be an ISO 8601 date-time")
         message["originalTimestamp"] = original_text
     sent_text = message.get("sentAt")
-    if _absent(sent_text):
+    if sent_text is None or sent_text == "":
         sent_text, sent = request.sent_text, request.sent
     else:
         sent = _parse_time(sent_text)
-    if not _absent(sent_text):
+    if sent_text is not None and sent_text != "":
         if sent is None:
             raise _Invalid("'sentAt' must be an ISO 8601 date-time")
         message["sentAt"] = sent_text
@@ -209,18 +226,14 @@ def _timestamps(message: dict[str, Any], request: _Request) -> None:
         message["timestamp"] = request.received_iso
         return
     try:
-        message["timestamp"] = iso(original if sent is None else request.received_at - (sent - original))
+        message["timestamp"] = iso(original) if sent is None else iso_naive(request.received_naive - (sent - original))
     except OverflowError:  # e.g. 0001-01-01 sent at 9999-12-31: the corrected time is before year 1
         raise _Invalid("'timestamp' (corrected by 'sentAt') is out of range: years 1 to 9999 only") from None
 
 
-def _merge_envelope(message: dict[str, Any], envelope: Mapping[str, Any]) -> None:
-    """Envelope ``context`` and ``integrations`` under the message's own keys (the message wins)."""
-    for key in _ENVELOPE_MERGED:
-        shared = envelope.get(key)
-        if isinstance(shared, dict) and shared:
-            own = message.get(key)
-            message[key] = {**shared, **own} if isinstance(own, dict) else dict(shared)
+def _shared(envelope: Mapping[str, Any]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The envelope's non-empty ``context`` and ``integrations`` (a batch's, for every message)."""
+    return tuple((key, shared) for key in _ENVELOPE_MERGED if isinstance(shared := envelope.get(key), dict) and shared)
 
 
 # What completing a message may remove (a per-message writeKey, a shorter type): a stored message this
@@ -232,50 +245,52 @@ class _Request:
     """The per-request context of :func:`_prepare_one`."""
 
     def __init__(self, envelope: Mapping[str, Any] | None, received_at: datetime, body_bytes: int) -> None:
-        self.envelope = envelope
+        # The envelope's context and integrations, merged under each message's own (the message wins).
+        self.shared = () if envelope is None else _shared(envelope)
         self.sent_text = None if envelope is None else envelope.get("sentAt")
         self.sent = _parse_time(self.sent_text)  # the envelope's, parsed once per request
         self.received_at = received_at
+        self.received_naive = as_utc(received_at).replace(tzinfo=None)  # naive arithmetic formats faster
         self.received_iso = iso(received_at)
         self.may_be_large = body_bytes > MAX_MESSAGE_BYTES
 
-    def check_size(self, original: dict[str, Any], what: str) -> None:
+    def check_size(self, original: dict[str, Any], index: int | None) -> None:
+        """Refuse the request if ``original`` (the message at ``index`` of a batch, None: the only one)
+        is over the limit."""
         if self.may_be_large and (size := _size(original)) > MAX_MESSAGE_BYTES:
-            raise _too_large(what, size)
+            raise _too_large("the message" if index is None else f"the message at index {index}", size)
 
-    def prepare_one(self, original: dict[str, Any], what: str) -> AcceptedMessage:
+    def prepare_one(self, original: dict[str, Any], index: int | None) -> AcceptedMessage:
         """Validate and complete one message (a copy: ``original`` stays as received)."""
-        return self.complete_one(original, what)[1]
+        return self.complete_one(original, index)[1]
 
-    def complete_one(self, original: dict[str, Any], what: str) -> tuple[dict[str, Any], AcceptedMessage]:
+    def complete_one(self, original: dict[str, Any], index: int | None) -> tuple[dict[str, Any], AcceptedMessage]:
         """:meth:`prepare_one`, with the completed copy of the message as well."""
         message = dict(original)
         try:
             _check(message)
             message_id = _message_id(message)
         except _Invalid:
-            self.check_size(original, what)  # a message over the limit refuses the request, valid or not
+            self.check_size(original, index)  # a message over the limit refuses the request, valid or not
             raise
         message["messageId"] = message_id
         message.pop("writeKey", None)
-        if self.envelope is not None:
-            _merge_envelope(message, self.envelope)
+        for key, shared in self.shared:
+            own = message.get(key)
+            message[key] = {**shared, **own} if isinstance(own, dict) else dict(shared)
         try:
             _timestamps(message, self)
         except _Invalid:
-            self.check_size(original, what)
+            self.check_size(original, index)
             raise
-        try:
-            payload = _COMPACT.encode(message)
-        except RecursionError:
-            payload = None
+        payload = _encode(message)
         if payload is None or (
-            payload.count("{") + payload.count("[") > MAX_NESTING and _nested_deeper(message, MAX_NESTING)
+            payload.count(b"{") + payload.count(b"[") > MAX_NESTING and _nested_deeper(message, MAX_NESTING)
         ):
             raise _Invalid(f"objects and arrays may nest at most {MAX_NESTING} levels deep")
         if len(payload) > MAX_MESSAGE_BYTES - _SIZE_SLACK:
-            self.check_size(original, what)
-        return message, AcceptedMessage(message_id, self.received_at, payload)
+            self.check_size(original, index)
+        return message, AcceptedMessage(message_id, self.received_at, payload.decode())
 
 
 _UNFORESEEN: Final = (ArithmeticError, LookupError, RecursionError, TypeError, ValueError)
@@ -304,7 +319,7 @@ def complete_messages(messages: Sequence[Any], received_at: datetime) -> list[di
             out.append("a message must be a JSON object")
             continue
         try:
-            out.append(request.complete_one(message, "the message")[0])
+            out.append(request.complete_one(message, None)[0])
         except _Invalid as exc:
             out.append(str(exc))
         except _UNFORESEEN as exc:
@@ -327,7 +342,7 @@ def prepare(body: Any, kind: str | None, received_at: datetime, body_bytes: int 
     if kind is not None:
         request = _Request(None, received_at, body_bytes)
         try:
-            result.accepted.append(request.prepare_one({**body, "type": kind}, "the message"))
+            result.accepted.append(request.prepare_one({**body, "type": kind}, None))
         except _Invalid as exc:
             raise RequestError(400, "invalid_message", str(exc)) from None
         except _UNFORESEEN as exc:
@@ -349,7 +364,7 @@ def prepare(body: Any, kind: str | None, received_at: datetime, body_bytes: int 
             result.rejected.append({"index": index, "message": "a message must be a JSON object"})
             continue
         try:
-            result.accepted.append(request.prepare_one(message, f"the message at index {index}"))
+            result.accepted.append(request.prepare_one(message, index))
         except _Invalid as exc:
             result.rejected.append({"index": index, "message": str(exc)})
         except _UNFORESEEN as exc:

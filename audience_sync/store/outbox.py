@@ -29,10 +29,12 @@ from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
 from audience_sync.store.dialect import (
     bind_value,
     claim_lock,
+    driver_execute,
     driver_executemany,
     insert_absent,
     insert_new,
     insert_returning_ids,
+    is_sqlite,
     write_transaction,
 )
 from audience_sync.store.tables import rt_deliveries, rt_message_ids, rt_messages
@@ -87,15 +89,39 @@ ids_seen = rt_message_ids
 def insert_messages(conn: Connection, rows: Sequence[tuple[str, datetime, str]]) -> None:
     """Insert accepted messages, ``(message_id, received_at, payload JSON text)``. A repeated id is
     stored too: routing finds it (:func:`route_messages`) and deletes it undelivered, so the insert
-    touches no index of random keys. The caller commits: a 200 is only answered after that commit."""
+    touches no index of random keys. The caller commits: a 200 is only answered after that commit.
+
+    SQLite: statements of many rows each (``VALUES (...), (...)``), not one statement per row: the
+    driver binds a statement's values in C and runs it in one step, without the GIL, where a statement
+    per row cost the writer thread 40% more CPU (3.9 against 2.8 µs per bench message) and gave up the
+    GIL and took it back for every row, competing with the event loop each time. Statements of 256,
+    128, ..., 1 rows only, so that the driver's statement cache holds every one it needs. PostgreSQL:
+    one statement, many rows (psycopg pipelines them)."""
     if not rows:
         return
     stamp = {at: bind_value(conn, m, "received_at", at) for at in {row[1] for row in rows}}
-    values = [(message_id, stamp[at], payload) for message_id, at, payload in rows]
-    driver_executemany(conn, _INSERT_MESSAGE, values)
+    if not is_sqlite(conn):
+        values = [(message_id, stamp[at], payload) for message_id, at, payload in rows]
+        driver_executemany(conn, _INSERT_MESSAGE, values)
+        return
+    start = 0
+    while start < len(rows):
+        size = _MESSAGES_PER_INSERT
+        while size > len(rows) - start:
+            size //= 2
+        params: list[Any] = []
+        for message_id, at, payload in rows[start : start + size]:
+            params += (message_id, stamp[at], payload)
+        driver_execute(conn, _INSERT_MESSAGES[size], params)
+        start += size
 
 
 _INSERT_MESSAGE: Final = f"INSERT INTO {m.name} (message_id, received_at, payload) VALUES (?, ?, ?)"
+_MESSAGES_PER_INSERT: Final = 256  # 768 values: under SQLite's oldest limit of 999 per statement
+_INSERT_MESSAGES: Final = {
+    size: f"INSERT INTO {m.name} (message_id, received_at, payload) VALUES " + ", ".join(["(?, ?, ?)"] * size)
+    for size in (2**k for k in range(_MESSAGES_PER_INSERT.bit_length()))
+}
 
 
 @dataclass(frozen=True)

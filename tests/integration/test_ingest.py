@@ -514,6 +514,29 @@ def test_envelope_merge_and_timestamps_are_stored(realtime: Realtime) -> None:
     assert len(message["messageId"]) == 36
 
 
+def test_values_are_stored_as_sent_and_a_large_batch_in_order(realtime: Realtime) -> None:
+    # orjson reads and writes the common body; the standard library takes what orjson would read
+    # differently (integers beyond 64 bits) or refuses (a lone surrogate): either way, what is stored is
+    # what was sent. A batch of 300 is inserted in statements of several rows each.
+    common = {"text": 'é 😀 \u2028 \x00 "q"', "id": 123456789012345678, "float": 0.1, "exp": 1e300, "list": [1, {}]}
+    batch = [
+        {"type": "track", "userId": f"u{i}", "event": "E", "messageId": f"m{i}", "properties": common}
+        for i in range(300)
+    ]
+    assert realtime.post("/v1/batch", {"batch": batch}).json()["accepted"] == 300
+    unusual = {"big": 2**70, "negative": -(2**63) - 1, "surrogate": "\ud800"}
+    assert (
+        realtime.post("/v1/track", {"userId": "u", "event": "E", "messageId": "last", "properties": unusual}).json()[
+            "accepted"
+        ]
+        == 1
+    )
+    stored = realtime.messages()
+    assert [m["messageId"] for m in stored] == [f"m{i}" for i in range(300)] + ["last"]
+    assert all(m["properties"] == common for m in stored[:300])
+    assert stored[300]["properties"] == unusual
+
+
 def test_a_repeated_message_id_is_acknowledged_but_delivered_once(realtime: Realtime) -> None:
     batch = [{"type": "identify", "userId": "u1", "messageId": "dup-1"}]
     for _ in range(3):
