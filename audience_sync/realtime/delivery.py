@@ -79,7 +79,7 @@ class DeliveryWorker:
     lease_seconds: float = 60.0
     """How long claimed items stay claimed without a heartbeat."""
     purge_every_seconds: float = 60.0
-    route_chunk: int = 500
+    route_chunk: int = 200
     """Messages routed per transaction."""
     route_budget_seconds: float = 0.25
     """Routing time per cycle before sending gets its turn (a large backlog does not starve sends)."""
@@ -269,18 +269,19 @@ class DeliveryWorker:
                         self._held[item.path] = []
                         self._held_since[item.path] = now
                     self._held[item.path].append(item)
+            if throttle and routing.messages:  # after every chunk: the routing thread calls again at once
+                self._yield_to_ingestion(time.thread_time() - cpu, stop)
             if routing.messages < self.route_chunk or time.monotonic() >= deadline:
                 return items
             if self._held_count() >= self.claim_limit:
                 return items  # claims enough for now: send them first (replicas route the rest)
-            if throttle:
-                self._yield_to_ingestion(time.thread_time() - cpu, stop)
 
     def _yield_to_ingestion(self, seconds: float, stop: threading.Event) -> None:
-        """Under heavy ingestion in this process, work only a share of the time (``seconds``: how long
-        the last piece of work took): routing and sending cost far more CPU than accepting, and in one
-        process they share the GIL with ingestion. Up to ``light_ingest_rate`` events/s nothing is held
-        back; above it the share falls in proportion, down to ``min_share``; the backlog drains after."""
+        """Under heavy ingestion by the daemon, work only a share of the time (``seconds``: how long the
+        last piece of work took): routing and sending cost far more CPU than accepting, and even in a
+        process of its own the worker shares the machine's cores (and SQLite's write lock) with
+        ingestion and with ODP's side. Up to ``light_ingest_rate`` events/s nothing is held back; above
+        it the share falls in proportion, down to ``min_share``; the backlog drains after."""
         rate = self.ingest_rate()
         if rate <= self.light_ingest_rate or seconds <= 0:
             return
