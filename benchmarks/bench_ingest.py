@@ -359,6 +359,11 @@ def steady(port: int, emulator: str, rate: float, seconds: float, batch: int, mi
         own = [arrivals[u][0] - sent_at[u][0] for u in users if u in arrivals]
         paths = sorted({arrivals[u][1] for u in users if u in arrivals})
         by_kind[kind] = {"events": len(users), "delivered": len(own), "paths": paths} | latency_figures(own)
+    windows: dict[int, list[float]] = {}
+    for u, (posted, _) in sent_at.items():
+        if u in arrivals:
+            windows.setdefault(int((posted - origin) // 10), []).append(arrivals[u][0] - posted)
+    timeline = [{"from_s": 10 * w, "events": len(own)} | latency_figures(own) for w, own in sorted(windows.items())]
     return {
         "rate": rate,
         "seconds": seconds,
@@ -371,6 +376,7 @@ def steady(port: int, emulator: str, rate: float, seconds: float, batch: int, mi
         "failures": len(failures),
         **latency_figures(latencies),
         "by_kind": by_kind,
+        "timeline": timeline,
     }
 
 
@@ -408,6 +414,10 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
             f"  p50 {figures['p50_ms']:.0f} ms  p99 {figures['p99_ms']:.0f} ms"
             for kind, figures in latency["by_kind"].items()
         ]
+        lines.append(
+            "    per 10 s of posting, p50/p99 ms: "
+            + ", ".join(f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in latency["timeline"])
+        )
     return "\n".join(lines)
 
 
