@@ -23,13 +23,16 @@ from typing import Any, Final, Protocol
 
 from sqlalchemy import Engine, bindparam, delete, func, literal_column, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
 from audience_sync.store.dialect import (
     bind_value,
     claim_lock,
+    driver_execute,
     driver_executemany,
+    id_list,
+    in_id_list,
     insert_absent,
     insert_new,
     insert_returning_ids,
@@ -185,42 +188,40 @@ def route_messages(
     routed. The items go in through the driver: each body is encoded once, here, and sent later as that
     text.
 
-    PostgreSQL replicas skip each other's locked messages (two replicas routing repeats of one id at
-    once wait on the id's key: one of them routes it). On SQLite the transaction holds the write lock
-    from its start; the routed mark is conditional all the same, and should another worker have routed
-    one of the messages meanwhile, nothing is written and the batch is retried.
+    The messages are taken and marked routed by one statement (``UPDATE ... RETURNING`` of the oldest
+    unrouted ids): PostgreSQL replicas skip each other's locked messages (two replicas routing repeats
+    of one id at once wait on the id's key: one of them routes it); on SQLite the transaction holds the
+    write lock from its start. Should routing fail, the transaction rolls back and the messages are
+    unrouted again.
     """
     now = now or utcnow()
-    for _ in range(5):
-        with write_transaction(engine) as conn:  # reads, then writes
-            query = claim_lock(
-                select(m.c.id, m.c.message_id, m.c.received_at, m.c.payload)
-                .where(m.c.routed_at.is_(None))
-                .order_by(m.c.id)
-                .limit(limit)
-            )
-            messages = [Message(r.id, r.message_id, r.received_at, r.payload) for r in conn.execute(query)]
-            if not messages:
-                return Routing(0, 0, [])
-            fresh, repeats = _first_of_each_id(conn, messages)
-            rows, sends = _new_rows(conn, route(fresh), now, claim_for) if fresh else ([], [])
-            ids = [message.id for message in fresh]
-            marked = conn.execute(
-                update(m).where(m.c.id.in_(ids), m.c.routed_at.is_(None)).values(routed_at=now)
-            ).rowcount
-            if repeats:
-                marked += conn.execute(delete(m).where(m.c.id.in_(repeats), m.c.routed_at.is_(None))).rowcount
-            if marked != len(messages):
-                conn.rollback()
-                continue
-            if claim_for is None:
-                # ``id`` never conflicts (it is not given): insert_new is the driver's executemany here.
-                insert_new(conn, t.name, _ITEM_COLUMNS, "id", rows)
-                return Routing(len(messages), len(rows), [])
-            new_ids = insert_returning_ids(conn, t.name, _ITEM_COLUMNS, rows)
-            claimed = [Claimed(new_ids[index], body, received_at, 1, path) for index, body, received_at, path in sends]
-            return Routing(len(messages), len(rows), claimed)
-    return Routing(0, 0, [])
+    with write_transaction(engine) as conn:  # reads, then writes
+        oldest = claim_lock(select(m.c.id).where(m.c.routed_at.is_(None)).order_by(m.c.id).limit(limit))
+        taken = (
+            update(m)
+            .where(m.c.id.in_(oldest))
+            .values(routed_at=now)
+            .returning(m.c.id, m.c.message_id, m.c.received_at, m.c.payload)
+        )
+        messages = sorted((Message(*row) for row in conn.execute(taken)), key=lambda message: message.id)
+        if not messages:
+            return Routing(0, 0, [])
+        fresh, repeats = _first_of_each_id(conn, messages)
+        if repeats:
+            driver_execute(conn, f"DELETE FROM {m.name} WHERE {in_id_list(conn, 'id')}", [_ids(conn, repeats)])
+        rows, sends = _new_rows(conn, route(fresh), now, claim_for) if fresh else ([], [])
+        if claim_for is None:
+            # ``id`` never conflicts (it is not given): insert_new is the driver's executemany here.
+            insert_new(conn, t.name, _ITEM_COLUMNS, "id", rows)
+            return Routing(len(messages), len(rows), [])
+        new_ids = insert_returning_ids(conn, t.name, _ITEM_COLUMNS, rows)
+        claimed = [Claimed(new_ids[index], body, received_at, 1, path) for index, body, received_at, path in sends]
+        return Routing(len(messages), len(rows), claimed)
+
+
+def _ids(conn: Connection, ids: Iterable[int]) -> str:
+    """Row ids bound as one parameter of :func:`~audience_sync.store.dialect.in_id_list`."""
+    return id_list(conn, ",".join(map(str, ids)))
 
 
 def _first_of_each_id(conn: Connection, messages: Sequence[Message]) -> tuple[list[Message], list[int]]:
@@ -397,17 +398,13 @@ def record_outcomes(
     """
     now = now or utcnow()
     with engine.begin() as conn:
-        if delivered:
-            conn.execute(
-                update(t)
-                .where(t.c.id.in_(list(delivered)))
-                .values(status=DELIVERED, owner=None, lease_until=None, error=None, http_status=None, updated_at=now)
-            )
-        held = (t.c.id == bindparam("b_id"), t.c.status == _S[SENDING], t.c.owner == owner)
+        if delivered:  # every batch ODP took: one statement with the ids as one parameter
+            updated_at = bind_value(conn, t, "updated_at", now)
+            driver_execute(conn, _delivered_sql(conn), [updated_at, _ids(conn, delivered)])
         if dead:
             stmt = (
                 update(t)
-                .where(*held)
+                .where(*_held_by(owner))
                 .values(
                     status=DEAD,
                     owner=None,
@@ -421,7 +418,7 @@ def record_outcomes(
         if retry:
             stmt = (
                 update(t)
-                .where(*held)
+                .where(*_held_by(owner))
                 .values(
                     status=PENDING,
                     owner=None,
@@ -436,6 +433,18 @@ def record_outcomes(
                 stmt,
                 [{"b_id": i, "b_error": e, "b_status": _http_status(e), "b_at": at} for i, e, at in retry],
             )
+
+
+def _held_by(owner: str) -> tuple[ColumnElement[bool], ...]:
+    """The item (``b_id``) is still ``owner``'s claim."""
+    return (t.c.id == bindparam("b_id"), t.c.status == _S[SENDING], t.c.owner == owner)
+
+
+def _delivered_sql(conn: Connection) -> str:
+    return (
+        f"UPDATE {t.name} SET status = '{DELIVERED}', owner = NULL, lease_until = NULL, error = NULL,"
+        f" http_status = NULL, updated_at = ? WHERE {in_id_list(conn, 'id')}"
+    )
 
 
 def _http_status(message: str) -> int | None:
