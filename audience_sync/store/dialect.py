@@ -219,6 +219,16 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         conn.commit()
 
 
+def relaxed_commit(conn: Connection) -> None:
+    """Let the open transaction's commit return before its WAL is flushed to disk (PostgreSQL's
+    ``synchronous_commit = off``, for this transaction only): a server crash may then lose it, as a
+    crash or power loss may lose SQLite's last commits in WAL mode with ``synchronous=NORMAL``. Only for
+    bookkeeping whose loss means work is done again, never lost: the database stays consistent, only
+    the transaction is as if it never ran. SQLite: nothing to do."""
+    if not is_sqlite(conn):
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+
+
 @contextmanager
 def migration_lock(conn: Connection) -> Iterator[None]:
     """Serialise migrations of replicas starting together.

@@ -36,6 +36,7 @@ from audience_sync.store.dialect import (
     insert_absent,
     insert_new,
     insert_returning_ids,
+    relaxed_commit,
     write_transaction,
 )
 from audience_sync.store.tables import rt_deliveries, rt_message_ids, rt_messages
@@ -395,9 +396,15 @@ def record_outcomes(
     read from the message (``"HTTP 400: ..."``). ``retry``: (id, message, available_at) back to pending.
     Dead and retried items are only changed while ``owner`` still holds them; a delivery is recorded
     whoever holds the item now (it did reach ODP).
+
+    The commit does not wait for the disk (:func:`~audience_sync.store.dialect.relaxed_commit`): outcomes
+    lost to a crash of the database server leave their items claimed, and they are sent again once the
+    lease runs out, as when the worker dies between the send and this record. On PostgreSQL that wait
+    was a quarter of a drain's time.
     """
     now = now or utcnow()
     with engine.begin() as conn:
+        relaxed_commit(conn)
         if delivered:  # every batch ODP took: one statement with the ids as one parameter
             updated_at = bind_value(conn, t, "updated_at", now)
             driver_execute(conn, _delivered_sql(conn), [updated_at, _ids(conn, delivered)])
