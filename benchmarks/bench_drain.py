@@ -155,8 +155,9 @@ def main() -> int:
         f"drain {args.messages:,} messages ({args.store}, x{args.repeat}): items/s median"
         f" {statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f}), runs"
         f" {', '.join(f'{r:,.0f}' for r in rates)}; CPU per 1,000 items: this process"
-        f" {statistics.median(cpu):.0f} ms, PostgreSQL's backends {statistics.median(server):.0f} ms;"
-        f" every item delivered: {ok}"
+        f" {statistics.median(cpu):.0f} ms"
+        + (f", PostgreSQL's backends {statistics.median(server):.0f} ms" if args.store == "postgresql" else "")
+        + f"; every item delivered: {ok}"
     )
     print(f"written to {path.relative_to(ROOT)}")
     return 0 if ok else 1
