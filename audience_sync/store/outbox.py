@@ -28,9 +28,9 @@ from sqlalchemy.sql.elements import ColumnClause, ColumnElement
 from audience_sync.statuses import DELIVERY_STATUSES, REPLAYABLE, DeliveryStatus
 from audience_sync.store.dialect import (
     bind_value,
+    bulk_load,
     claim_lock,
     driver_execute,
-    driver_executemany,
     id_list,
     in_id_list,
     insert_absent,
@@ -91,15 +91,17 @@ ids_seen = rt_message_ids
 def insert_messages(conn: Connection, rows: Sequence[tuple[str, datetime, str]]) -> None:
     """Insert accepted messages, ``(message_id, received_at, payload JSON text)``. A repeated id is
     stored too: routing finds it (:func:`route_messages`) and deletes it undelivered, so the insert
-    touches no index of random keys. The caller commits: a 200 is only answered after that commit."""
+    touches no index of random keys. The caller commits: a 200 is only answered after that commit.
+
+    PostgreSQL loads them by ``COPY``: an ``INSERT`` per row, even pipelined, cost the server about
+    twice the CPU per message at 100 rows (the daemon's delivery shares those two cores)."""
     if not rows:
         return
     stamp = {at: bind_value(conn, m, "received_at", at) for at in {row[1] for row in rows}}
-    values = [(message_id, stamp[at], payload) for message_id, at, payload in rows]
-    driver_executemany(conn, _INSERT_MESSAGE, values)
+    bulk_load(conn, m.name, _MESSAGE_COLUMNS, [(message_id, stamp[at], payload) for message_id, at, payload in rows])
 
 
-_INSERT_MESSAGE: Final = f"INSERT INTO {m.name} (message_id, received_at, payload) VALUES (?, ?, ?)"
+_MESSAGE_COLUMNS: Final = ("message_id", "received_at", "payload")
 
 
 @dataclass(frozen=True)
