@@ -402,7 +402,7 @@ def record_outcomes(
     The commit does not wait for the disk (:func:`~audience_sync.store.dialect.relaxed_commit`): outcomes
     lost to a crash of the database server leave their items claimed, and they are sent again once the
     lease runs out, as when the worker dies between the send and this record. On PostgreSQL that wait
-    was a quarter of a drain's time.
+    was longer than the ``UPDATE``'s own.
     """
     now = now or utcnow()
     with engine.begin() as conn:
