@@ -219,6 +219,16 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         conn.commit()
 
 
+def relaxed_commit(conn: Connection) -> None:
+    """Let the open transaction's commit return before its WAL is flushed to disk (PostgreSQL's
+    ``synchronous_commit = off``, for this transaction only): a server crash may then lose it, as a
+    crash or power loss may lose SQLite's last commits in WAL mode with ``synchronous=NORMAL``. Only for
+    bookkeeping whose loss means work is done again, never lost: the database stays consistent, only
+    the transaction is as if it never ran. SQLite: nothing to do."""
+    if not is_sqlite(conn):
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+
+
 @contextmanager
 def migration_lock(conn: Connection) -> Iterator[None]:
     """Serialise migrations of replicas starting together.
@@ -272,32 +282,35 @@ def insert_returning_ids(
 ) -> list[int]:
     """Insert ``rows`` (values as the dialect stores them) straight through the driver, in ``conn``'s
     transaction, which must hold the write lock on SQLite (:func:`write_transaction`); returns the new
-    rows' ``id`` (an auto-incremented primary key), in the order of ``rows``.
+    rows' ``id`` (an auto-incremented primary key), in the order of ``rows``, increasing.
 
-    PostgreSQL: psycopg's pipelined ``executemany`` with ``RETURNING id``. SQLite: ``executemany``, then
-    ``last_insert_rowid()``: under the write lock nobody else inserts, and SQLite gives a new row of an
-    ``INTEGER PRIMARY KEY`` table the largest id plus one, so the ids are the ``len(rows)`` ending there
-    (checked: a table whose ids ran out at 2**63 - 1 would make SQLite pick them at random).
+    PostgreSQL: the ids are drawn from the column's sequence first (one statement), then the rows go in
+    with them by ``COPY``: two statements whatever the number of rows, where an ``INSERT ... RETURNING``
+    per row cost the server one statement each (psycopg pipelines them, but each is parsed, planned and
+    answered). SQLite: ``executemany``, then ``last_insert_rowid()``: under the write lock nobody else
+    inserts, and SQLite gives a new row of an ``INTEGER PRIMARY KEY`` table the largest id plus one, so
+    the ids are the ``len(rows)`` ending there (checked: a table whose ids ran out at 2**63 - 1 would
+    make SQLite pick them at random).
     """
     if not rows:
         return []
+    if not is_sqlite(conn):
+        drawn = driver_rows(
+            conn, f"SELECT nextval(pg_get_serial_sequence('{table}', 'id')) FROM generate_series(1, ?)", [len(rows)]
+        )
+        ids = sorted(int(row[0]) for row in drawn)
+        bulk_load(conn, table, ("id", *columns), [(new_id, *row) for new_id, row in zip(ids, rows, strict=True)])
+        return ids
     sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
     cursor = _driver_cursor(conn)
     try:
-        if is_sqlite(conn):
-            cursor.executemany(sql, rows)
-            last = int(cursor.execute("SELECT last_insert_rowid()").fetchone()[0])
-            first = last - len(rows) + 1
-            found = cursor.execute(f"SELECT count(*) FROM {table} WHERE id BETWEEN ? AND ?", (first, last))
-            if int(found.fetchone()[0]) != len(rows):  # pragma: no cover - ids at the 64-bit limit
-                raise RuntimeError(f"{table}: the new rows' ids are not consecutive")
-            return list(range(first, last + 1))
-        cursor.executemany(_driver_sql(conn, sql + " RETURNING id"), rows, returning=True)
-        ids: list[int] = []
-        while True:
-            ids.extend(int(row[0]) for row in cursor.fetchall())
-            if not cursor.nextset():
-                return ids
+        cursor.executemany(sql, rows)
+        last = int(cursor.execute("SELECT last_insert_rowid()").fetchone()[0])
+        first = last - len(rows) + 1
+        found = cursor.execute(f"SELECT count(*) FROM {table} WHERE id BETWEEN ? AND ?", (first, last))
+        if int(found.fetchone()[0]) != len(rows):  # pragma: no cover - ids at the 64-bit limit
+            raise RuntimeError(f"{table}: the new rows' ids are not consecutive")
+        return list(range(first, last + 1))
     finally:
         cursor.close()
 
