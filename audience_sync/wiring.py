@@ -242,6 +242,13 @@ def profile_options(settings: Settings) -> ProfileOptions:
     )
 
 
+def delivery_setup(settings: Settings) -> tuple[Router, DeliveryOptions]:
+    """What the delivery worker routes with and how it batches and retries, at start and at a reload:
+    the enabled mappings (presets minus ``presets.disabled``, then ``[[mappings]]``), ``[odp]`` and
+    ``[realtime]``."""
+    return Router(mappings(settings)), delivery_options(settings)
+
+
 def delivery_worker(
     settings: Settings,
     engine: Engine,
@@ -252,14 +259,13 @@ def delivery_worker(
     now: Now = utcnow,
     alerts: Alerts | None = None,
 ) -> DeliveryWorker:
-    """The delivery worker of the configuration: the enabled mappings (presets minus
-    ``presets.disabled``, then ``[[mappings]]``), batching and retries of ``[odp]`` and ``[realtime]``."""
-    router = Router(mappings(settings))
+    """The delivery worker of the configuration (see :func:`delivery_setup`)."""
+    router, options = delivery_setup(settings)
     return DeliveryWorker(
         engine,
         client,
         router,
-        delivery_options(settings),
+        options,
         metrics=metrics,
         ingest_rate=ingest_rate,
         now=now,

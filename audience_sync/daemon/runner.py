@@ -47,11 +47,10 @@ from audience_sync.errors import AudienceSyncError, ConfigError
 from audience_sync.group_writer import GroupWriter
 from audience_sync.masking import SECRETS, MaskedStream
 from audience_sync.odp.client import OdpClient, SharedPacing
-from audience_sync.realtime.delivery import DeliveryOptions
 from audience_sync.realtime.ingest import IngestLoad, MessageRows, WriteKeys, ingest_routes, message_writer
 from audience_sync.realtime.metrics import register_realtime_metrics
 from audience_sync.realtime.profiler import ProfileOptions, ProfileRecorder, register_profile_metrics
-from audience_sync.realtime.routing import ResolvedMapping, Router
+from audience_sync.realtime.routing import ResolvedMapping
 from audience_sync.realtime.streamer import Streamer, StreamMetrics
 from audience_sync.store import migrate, outbox
 from audience_sync.store import runs as run_store
@@ -182,8 +181,6 @@ class Configured:
     audiences: list[Audience]
     schedules: dict[Audience, Schedule]
     mappings: list[ResolvedMapping]
-    router: Router
-    delivery: DeliveryOptions
     write_keys: list[str]
     admin_token: str | None
     webhooks: list[Webhook]
@@ -191,15 +188,12 @@ class Configured:
 
     @classmethod
     def of(cls, settings: Settings) -> Configured:
-        mappings = wiring.mappings(settings)
         token = settings.server.admin_token
         return cls(
             settings=settings,
             audiences=wiring.audiences(settings),
             schedules=wiring.schedules(settings),
-            mappings=mappings,
-            router=Router(mappings),
-            delivery=wiring.delivery_options(settings),
+            mappings=wiring.mappings(settings),
             write_keys=wiring.write_keys(settings),
             admin_token=token.get_secret_value() if token else None,
             webhooks=wiring.webhooks(settings),
@@ -534,7 +528,7 @@ def _deliver(link: ChildLink, spec: DeliverySpec) -> None:
 
             def configure(new: DeliverySpec) -> None:
                 SECRETS.add(new.settings.secret_values())
-                worker.reconfigure(Router(wiring.mappings(new.settings)), wiring.delivery_options(new.settings))
+                worker.reconfigure(*wiring.delivery_setup(new.settings))
                 alerts.replace(wiring.webhooks(new.settings))
 
             link.on_configure = configure

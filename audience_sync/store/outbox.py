@@ -124,7 +124,7 @@ def insert_messages(conn: Connection, rows: Sequence[tuple[str, datetime, str]])
 _MESSAGE_COLUMNS: Final = ("message_id", "received_at", "payload")
 _MESSAGES_PER_INSERT: Final = 256  # 768 values: under SQLite's oldest limit of 999 per statement
 _INSERT_MESSAGES: Final = {
-    size: f"INSERT INTO {m.name} (message_id, received_at, payload) VALUES " + ", ".join(["(?, ?, ?)"] * size)
+    size: f"INSERT INTO {m.name} ({', '.join(_MESSAGE_COLUMNS)}) VALUES " + ", ".join(["(?, ?, ?)"] * size)
     for size in (2**k for k in range(_MESSAGES_PER_INSERT.bit_length()))
 }
 
