@@ -8,9 +8,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,27 @@ import audience_sync.store.profile_tables  # noqa: F401  (registers the profile 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_DSN = os.environ.get("AUDIENCE_SYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_PG = os.environ.get("AUDIENCE_SYNC_REQUIRE_POSTGRES") == "1"
+
+
+def at_once(work: Callable[[Any], object], args: Sequence[Any], timeout: float) -> None:
+    """``work(arg)`` for each of ``args``, in threads released together (a barrier), each waited for up
+    to ``timeout`` seconds; fails with what any of them raised."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(args))
+
+    def run(arg: Any) -> None:
+        try:
+            start.wait()
+            work(arg)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(arg,)) for arg in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert errors == []
 
 
 def _pg_reachable() -> str | None:

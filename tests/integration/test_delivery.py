@@ -18,7 +18,7 @@ from audience_sync.odp.client import ClientOptions, OdpClient
 from audience_sync.store import outbox
 from audience_sync.store.tables import rt_deliveries
 from audience_sync.wiring import delivery_worker
-from tests.conftest import Database, Emulator, run_cli
+from tests.conftest import Database, Emulator, at_once, run_cli
 from tests.integration.test_ingest import Realtime, drain, realtime_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -185,26 +185,15 @@ def test_two_workers_never_send_an_item_twice(realtime: Realtime) -> None:
         worker.batch_size = 25
         worker.route_chunk = 100
     done: list[int] = [0, 0]
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
 
     def work(index: int) -> None:
-        try:
-            start.wait()
-            idle = 0
-            while idle < 3:
-                settled = workers[index].process_once()
-                done[index] += settled
-                idle = idle + 1 if settled == 0 else 0
-        except BaseException as exc:
-            errors.append(exc)
+        idle = 0
+        while idle < 3:
+            settled = workers[index].process_once()
+            done[index] += settled
+            idle = idle + 1 if settled == 0 else 0
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(50)
-    assert errors == []
+    at_once(work, [0, 1], timeout=50)
     sent = delivered_users(realtime)
     assert len(sent) == len(set(sent)) == len(users)
     assert all(n > 0 for n in done), done  # both workers did part of the work
@@ -352,22 +341,7 @@ def test_two_workers_routing_repeats_at_once_deliver_each_message_id_once(realti
     workers = [realtime.worker(), realtime.worker()]
     for worker in workers:
         worker.route_chunk = 50
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
-
-    def work(worker: Any) -> None:
-        try:
-            start.wait()
-            drain(worker)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(w,)) for w in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(50)
-    assert errors == []
+    at_once(drain, workers, timeout=50)
     sent = delivered_users(realtime)
     assert sorted(sent) == users
     assert {item["first_name"] for item in realtime.emulator.items()} == {"copy0"}  # the first of each id

@@ -23,7 +23,7 @@ from audience_sync.store.profile_tables import profile_events
 from audience_sync.store.profiles import find_profile, profile_summary
 from audience_sync.store.tables import rt_messages
 from audience_sync.timestamps import iso, utcnow
-from tests.conftest import Database, Emulator
+from tests.conftest import Database, Emulator, at_once
 from tests.integration.test_ingest import Realtime, drain, realtime_env
 
 ON = ProfileOptions(enabled=True)
@@ -210,22 +210,7 @@ def test_recorders_running_at_once_record_every_message_once(realtime: Realtime,
     ]
     for worker in workers:
         worker.batch = 50
-    start = threading.Barrier(recorders)
-    errors: list[BaseException] = []
-
-    def run(worker: ProfileRecorder) -> None:
-        start.wait()
-        try:
-            worker.drain()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert errors == []
+    at_once(ProfileRecorder.drain, workers, timeout=120)
     outcomes = [
         [r.get_sample_value("audience_sync_profile_messages_total", {"outcome": o}) or 0 for r in registries]
         for o in ("recorded", "duplicate")
